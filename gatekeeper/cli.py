@@ -1,0 +1,105 @@
+"""The command line: `gatekeeper serve`, `gatekeeper sim`, and the help that explains them."""
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from gatekeeper import __version__
+from gatekeeper.settings import ENV_PREFIX, Settings, SettingsError, load_settings
+from gatekeeper.sim.cli import add_sim_arguments, run_sim
+
+__all__ = ["main"]
+
+_DESCRIPTION = """\
+ASR Gatekeeper: a reverse proxy that keeps a self-hosted GPU Whisper server from running out
+of video memory. It lets at most ASR_MAX_CONCURRENT transcriptions reach the server, queues the
+next ones fairly, refuses beyond the queue with 503 and an honest Retry-After, and retries
+out-of-memory failures with longer delays."""
+
+_SERVE_EPILOG = f"""\
+Every flag has an environment variable ({ENV_PREFIX}<FLAG_NAME>, e.g. --max-concurrent is
+{ENV_PREFIX}MAX_CONCURRENT); a .env file in the working directory is read too. Flags win over the
+environment. Only --upstream-url / {ENV_PREFIX}UPSTREAM_URL is required.
+
+example:
+  gatekeeper serve --upstream-url http://whisper:9000 --max-concurrent 2"""
+
+
+def _flag(field: str) -> str:
+    return field.replace("_", "-")
+
+
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    for name, info in Settings.model_fields.items():
+        default = info.default if info.default is not None else "derived"
+        if name == "gated_paths":
+            default = ",".join(info.default)
+        elif name in ("oom_patterns", "stats_token", "spool_dir"):
+            default = "unset"
+        help_text = (info.description or "").replace("%", "%%")
+        if name != "upstream_url":
+            help_text += f" [{ENV_PREFIX}{name.upper()}, default: {default}]"
+        parser.add_argument(f"--{_flag(name)}", dest=name, metavar="VALUE", help=help_text)
+    parser.add_argument(
+        "--env-file",
+        default=".env",
+        metavar="PATH",
+        help="Environment file to read settings from (default: .env in the working directory).",
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gatekeeper",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="run the gatekeeper in front of a Whisper server",
+        description="Run the gatekeeper in front of a Whisper server.",
+        epilog=_SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_serve_arguments(serve)
+    sim = commands.add_parser(
+        "sim",
+        help="run the built-in Whisper simulator (a stand-in GPU server that really answers OOM)",
+        description="Run the Whisper simulator: a stand-in GPU Whisper server with a video-memory "
+        "model, for demos, tests and benchmarks.",
+    )
+    add_sim_arguments(sim)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gatekeeper.logs import configure_logging
+    from gatekeeper.server import serve
+
+    overrides: dict[str, Any] = {name: getattr(args, name) for name in Settings.model_fields}
+    flags = {name: _flag(name) for name, value in overrides.items() if value is not None}
+    try:
+        settings = load_settings(overrides, env_file=args.env_file, flags=flags)
+    except SettingsError as exc:
+        for line in exc.lines:
+            print(f"gatekeeper: {line}", file=sys.stderr)
+        return 2
+    configure_logging(fmt=settings.log_format, level=settings.log_level)
+    status: int = asyncio.run(serve(settings))
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `gatekeeper` command; returns the exit status."""
+    args = _build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return run_sim(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The asyncio mechanism that makes tasks wait: slots, a first-in first-out queue, hand-over.
+
+The decisions come from `admission.decide`; this module only keeps the books and wakes waiters.
+The one invariant everything rests on: `active` (slots held) never exceeds `limit`, whatever
+mix of timeouts, cancellations and errors happens. A slot is handed directly from the task that
+frees it to the first waiter, so nobody can slip in between.
+"""
+
+import asyncio
+import contextlib
+from collections import deque
+from dataclasses import dataclass
+
+from gatekeeper.admission import Admission, Decision, decide
+from gatekeeper.outcomes import RejectReason
+
+__all__ = ["Gate", "GateCounts", "Refused", "Ticket"]
+
+
+class Refused(Exception):
+    """A task may not run: it was refused at arrival, timed out in the queue, or we shut down."""
+
+    def __init__(self, reason: RejectReason, admission: Admission | None = None) -> None:
+        super().__init__(reason.value)
+        self.reason = reason
+        self.admission = admission
+
+
+@dataclass(frozen=True, slots=True)
+class GateCounts:
+    """One consistent reading of the gate's books."""
+
+    active: int
+    queued: int
+    limit: int
+    max_queue: int
+    shutting_down: bool
+
+
+class Ticket:
+    """One admitted task's place: first in the queue, then (once granted) a slot.
+
+    `leave()` gives back whatever the ticket holds; it is idempotent, so every exit path may
+    call it.
+    """
+
+    __slots__ = ("_gate", "_granted", "_left", "admission")
+
+    def __init__(self, gate: "Gate", admission: Admission) -> None:
+        self._gate = gate
+        self.admission = admission
+        self._granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._left = False
+
+    @property
+    def granted(self) -> bool:
+        """True once the ticket holds a slot."""
+        fut = self._granted
+        return fut.done() and not fut.cancelled() and fut.exception() is None
+
+    async def wait(self, max_wait: float) -> None:
+        """Wait for a slot at most `max_wait` seconds; raise Refused(queue_timeout/shutting_down).
+
+        Cancelling the caller takes the ticket out of the queue at once.
+        """
+        if self._left:
+            raise RuntimeError("ticket already left the gate")
+        if not self._granted.done():
+            try:
+                async with asyncio.timeout(max_wait):
+                    await asyncio.shield(self._granted)
+            except TimeoutError:
+                if not self._granted.done():
+                    self._gate._drop_waiter(self)
+                    self._granted.set_exception(Refused(RejectReason.QUEUE_TIMEOUT))
+                    self._left = True
+                    self._granted.exception()  # mark retrieved
+        self._granted.result()  # raises Refused if the gate refused us while waiting
+
+    def leave(self) -> None:
+        """Give back the slot, or the queue place, this ticket holds (no-op the second time)."""
+        if self._left:
+            return
+        self._left = True
+        if self._granted.done():
+            if self._granted.exception() is None:
+                self._gate._release()
+        else:
+            self._gate._drop_waiter(self)
+            self._granted.cancel()
+
+    def _grant(self) -> bool:
+        if self._granted.done():
+            return False
+        self._granted.set_result(None)
+        return True
+
+    def _refuse(self, reason: RejectReason) -> None:
+        if not self._granted.done():
+            self._granted.set_exception(Refused(reason))
+            self._left = True
+
+
+class Gate:
+    """Slots for tasks upstream, and the queue in front of them."""
+
+    def __init__(self, *, limit: int, max_queue: int) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self._limit = limit
+        self._max_queue = max_queue
+        self._active = 0
+        self._waiters: deque[Ticket] = deque()
+        self._shutting_down = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def counts(self) -> GateCounts:
+        return GateCounts(
+            self._active, len(self._waiters), self._limit, self._max_queue, self._shutting_down
+        )
+
+    def enter(self) -> Ticket:
+        """Admit one arriving task or raise Refused(queue_full/shutting_down).
+
+        The returned ticket already holds a slot when one was free and nobody waited.
+        """
+        admission = decide(
+            active=self._active,
+            queued=len(self._waiters),
+            limit=self._limit,
+            max_queue=self._max_queue,
+            shutting_down=self._shutting_down,
+        )
+        if admission.decision is Decision.REJECT:
+            assert admission.reason is not None
+            raise Refused(admission.reason, admission)
+        ticket = Ticket(self, admission)
+        self._idle.clear()
+        if admission.decision is Decision.START:
+            self._active += 1
+            ticket._grant()
+        else:
+            self._waiters.append(ticket)
+        return ticket
+
+    def set_limits(self, *, limit: int | None = None, max_queue: int | None = None) -> None:
+        """Change the limits live: lowering never stops running tasks, raising starts waiters."""
+        if limit is not None:
+            if limit < 1:
+                raise ValueError("limit must be at least 1")
+            self._limit = limit
+        if max_queue is not None:
+            self._max_queue = max_queue
+        self._hand_over()
+
+    def begin_shutdown(self) -> None:
+        """Refuse newcomers from now on; queued tasks keep their place and may still run."""
+        self._shutting_down = True
+
+    def refuse_waiting(self, reason: RejectReason = RejectReason.SHUTTING_DOWN) -> int:
+        """Refuse every task still in the queue (end of a shutdown grace period)."""
+        refused = 0
+        while self._waiters:
+            self._waiters.popleft()._refuse(reason)
+            refused += 1
+        self._check_idle()
+        return refused
+
+    async def wait_idle(self) -> None:
+        """Return once no task holds a slot or waits for one."""
+        await self._idle.wait()
+
+    def _release(self) -> None:
+        self._active -= 1
+        assert self._active >= 0, "slot released twice"
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        # First-in first-out: the oldest waiter gets the freed slot directly.
+        while self._waiters and self._active < self._limit:
+            if self._waiters.popleft()._grant():
+                self._active += 1
+        self._check_idle()
+
+    def _drop_waiter(self, ticket: Ticket) -> None:
+        with contextlib.suppress(ValueError):  # already handed a slot or refused
+            self._waiters.remove(ticket)
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if self._active == 0 and not self._waiters:
+            self._idle.set()

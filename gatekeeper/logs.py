@@ -1,0 +1,106 @@
+"""Log lines operators grep: the seed's `[ASR并发]` wording, then `key=value` facts.
+
+`ASR_LOG_FORMAT=json` writes the same facts as one JSON object a line.
+"""
+
+import json
+import logging
+import sys
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+__all__ = ["LOG_PREFIX", "Event", "configure_logging", "log_event", "logger"]
+
+LOG_PREFIX = "[ASR并发]"
+logger = logging.getLogger("gatekeeper")
+
+_FIELDS_ATTR = "gk_fields"
+_EVENT_ATTR = "gk_event"
+
+
+class Event(StrEnum):
+    """Every event the gatekeeper logs; the value is the seed's (Chinese) wording."""
+
+    START = "开始转录"
+    FINISH = "转录完成"
+    FAILED = "转录失败"
+    OOM = "显存不足"
+    COOLDOWN = "检测到最近OOM，延迟{delay}秒后开始"
+    QUEUE_FULL = "队列已满，拒绝任务"
+    QUEUE_TIMEOUT = "排队超时，拒绝任务"
+    SHUTDOWN_REFUSED = "服务正在关闭，拒绝任务"
+    RETRY = "重试转录"
+    TIMEOUT = "转录超时"
+    CRASH = "Whisper服务连接中断"
+    UPSTREAM_ERROR = "Whisper服务返回错误"
+    CLIENT_LEFT = "客户端已断开"
+    BODY_TOO_LARGE = "请求体过大，拒绝任务"
+    SERVING = "网关已启动"
+    DRAINING = "收到停止信号，等待任务完成"
+    STOPPED = "网关已停止"
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        text = f"{value:.3f}".rstrip("0").rstrip(".")
+        return text or "0"
+    text = str(value)
+    return text if text and " " not in text and "=" not in text else json.dumps(text)
+
+
+def _number(value: float) -> str:
+    return f"{value:.1f}".rstrip("0").rstrip(".") if value != int(value) else str(int(value))
+
+
+def log_event(event: Event, level: int = logging.INFO, **fields: Any) -> None:
+    """Log one event with its facts (`fields` become `key=value` pairs or JSON keys)."""
+    if not logger.isEnabledFor(level):
+        return
+    words = event.value
+    if "{delay}" in words:
+        words = words.format(delay=_number(float(fields.get("delay", 0.0))))
+    logger.log(level, "%s %s", LOG_PREFIX, words, extra={_FIELDS_ATTR: fields, _EVENT_ATTR: event})
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields: dict[str, Any] | None = getattr(record, _FIELDS_ATTR, None)
+        if fields:
+            line += " " + " ".join(f"{k}={_format_value(v)}" for k, v in fields.items())
+        return line
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        event: Event | None = getattr(record, _EVENT_ATTR, None)
+        data: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if event is not None:
+            data["event"] = event.name.lower()
+        fields: dict[str, Any] | None = getattr(record, _FIELDS_ATTR, None)
+        if fields:
+            data.update(fields)
+        if record.exc_info:
+            data["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(data, ensure_ascii=False, default=str)
+
+
+def configure_logging(*, fmt: str, level: str) -> None:
+    """Send every log line to stderr in the chosen format (called once, by the CLI)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # One access-log line per request would drown the task lines (and every scrape of /metrics
+    # would add one); the task lines already say what happened. DEBUG brings them back.
+    logging.getLogger("aiohttp.access").setLevel(logging.DEBUG if level == "DEBUG" else "WARNING")

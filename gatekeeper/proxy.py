@@ -1,0 +1,534 @@
+"""The proxy: pass-through requests, and tasks that wait, run upstream, retry and answer once.
+
+How a client that leaves is noticed: the server runs with aiohttp's `handler_cancellation`, so
+a dropped connection cancels the request handler.
+- While a task waits (uploading its body or queued) that cancellation takes it out of the queue
+  at once; it never reaches the Whisper server.
+- Once a task holds a slot, its work runs in a separate asyncio task (the *runner*) that the
+  handler only awaits through `asyncio.shield`. A cancelled handler marks the task "client gone";
+  the runner lets the current upstream attempt finish (the GPU is busy with it anyway),
+  discards the answer, makes no further attempts, and only then gives the slot back.
+"""
+
+import asyncio
+import logging
+import random
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from gatekeeper.admission import estimate_retry_after, queue_usage
+from gatekeeper.answers import (
+    ATTEMPTS_HEADER,
+    body_too_large,
+    refusal,
+    upstream_failure,
+    upstream_unreachable,
+)
+from gatekeeper.classify import OomMatcher, classify
+from gatekeeper.clock import Clock
+from gatekeeper.gate import Gate, Refused, Ticket
+from gatekeeper.headers import (
+    REQUEST_ID,
+    forward_request_headers,
+    forward_response_headers,
+)
+from gatekeeper.logs import Event, log_event
+from gatekeeper.outcomes import AttemptOutcome, RejectReason, TaskOutcome
+from gatekeeper.retry import RetryPolicy, parse_retry_after
+from gatekeeper.settings import Settings
+from gatekeeper.spool import BodyTooLarge, SpooledBody
+from gatekeeper.state import LiveState, TaskRecord
+from gatekeeper.upstream import AttemptResult, send, upstream_url
+
+__all__ = ["Proxy", "ProxyConfig"]
+
+_CLIENT_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """What the proxy needs from the settings, resolved once."""
+
+    upstream: str
+    gated_paths: tuple[str, ...]
+    max_body_size: int
+    spool_memory_size: int
+    spool_dir: str | None
+    queue_timeout: float
+    request_timeout: float
+    oom_window: float
+    oom_cooldown: float
+    retry: RetryPolicy
+    matcher: OomMatcher
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "ProxyConfig":
+        return cls(
+            upstream=settings.upstream_url,
+            gated_paths=settings.gated_paths,
+            max_body_size=settings.max_body_size,
+            spool_memory_size=settings.spool_memory_size,
+            spool_dir=str(settings.spool_dir) if settings.spool_dir else None,
+            queue_timeout=settings.queue_timeout,
+            request_timeout=settings.request_timeout,
+            oom_window=settings.oom_window_s,
+            oom_cooldown=settings.oom_cooldown_s,
+            retry=RetryPolicy(
+                max_retries=settings.max_retries,
+                base=settings.retry_delay,
+                jitter=settings.retry_jitter,
+                retry_on_timeout=settings.retry_on_timeout,
+            ),
+            matcher=settings.oom_matcher(),
+        )
+
+
+class _Task:
+    """Everything one admitted task carries from the handler into its runner."""
+
+    __slots__ = ("body", "gone", "headers", "record", "request", "ticket")
+
+    def __init__(
+        self,
+        request: web.Request,
+        record: TaskRecord,
+        ticket: Ticket,
+        body: SpooledBody,
+        headers: "aiohttp.typedefs.LooseHeaders",
+    ) -> None:
+        self.request = request
+        self.record = record
+        self.ticket = ticket
+        self.body = body
+        self.headers = headers
+        self.gone = asyncio.Event()
+
+
+class Proxy:
+    """Request handling for the whole app; owns the gate and the live state."""
+
+    def __init__(
+        self,
+        config: ProxyConfig,
+        *,
+        gate: Gate,
+        state: LiveState,
+        clock: Clock,
+        rng: random.Random,
+        session: Callable[[], aiohttp.ClientSession],
+    ) -> None:
+        self.config = config
+        self.gate = gate
+        self.state = state
+        self.clock = clock
+        self.rng = rng
+        self._session = session
+        self.runners: set[asyncio.Task[web.StreamResponse]] = set()
+
+    # -- routing -----------------------------------------------------------------------------
+
+    def is_task(self, path: str) -> bool:
+        return path.startswith(self.config.gated_paths)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.is_task(request.path):
+            return await self._task(request)
+        return await self._pass_through(request)
+
+    # -- pass-through ------------------------------------------------------------------------
+
+    async def _pass_through(self, request: web.Request) -> web.StreamResponse:
+        """Non-task paths go straight upstream: never queued, never retried."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.request_timeout
+        request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
+        headers = self._upstream_headers(request, request_id)
+        data = request.content if request.body_exists else None
+        try:
+            async with asyncio.timeout_at(deadline):
+                response = await self._session().request(
+                    request.method,
+                    upstream_url(self.config.upstream, request.raw_path),
+                    headers=headers,
+                    data=data,
+                    allow_redirects=False,
+                )
+        except TimeoutError:
+            return upstream_unreachable("no answer within ASR_REQUEST_TIMEOUT")
+        except (aiohttp.ClientError, OSError) as exc:
+            return upstream_unreachable(str(exc) or type(exc).__name__)
+        try:
+            answer, _ = await self._relay(request, response, b"", {}, deadline)
+            return answer
+        finally:
+            response.close()
+
+    def _upstream_headers(
+        self, request: web.Request, request_id: str
+    ) -> "aiohttp.typedefs.LooseHeaders":
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        client_ip = peer[0] if isinstance(peer, tuple) and peer else request.remote
+        return forward_request_headers(
+            request.headers,
+            client_ip=client_ip,
+            scheme=request.scheme,
+            host=request.host,
+            request_id=request_id,
+        )
+
+    # -- tasks: admission and waiting (in the request handler) -------------------------------
+
+    async def _task(self, request: web.Request) -> web.StreamResponse:
+        request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
+        record = TaskRecord(request_id, request.method, request.path, self.clock.monotonic())
+        limit = self.config.max_body_size
+        if request.content_length is not None and request.content_length > limit:
+            log_event(Event.BODY_TOO_LARGE, logging.WARNING, task_id=request_id, limit=limit)
+            return body_too_large(limit, request_id=request_id)
+        try:
+            ticket = self.gate.enter()
+        except Refused as refused:
+            return self._refuse(refused.reason, record)
+        self.state.task_admitted()
+        body = SpooledBody(
+            memory_limit=self.config.spool_memory_size,
+            directory=None if self.config.spool_dir is None else Path(self.config.spool_dir),
+        )
+        handed_over = False
+        try:
+            try:
+                await body.fill(request.content.iter_chunked(_CLIENT_CHUNK), max_size=limit)
+            except BodyTooLarge:
+                log_event(Event.BODY_TOO_LARGE, logging.WARNING, task_id=request_id, limit=limit)
+                self.state.task_ended(TaskOutcome.CLIENT_ERROR)
+                return body_too_large(limit, request_id=request_id)
+            waited = self.clock.monotonic() - record.arrived
+            try:
+                await ticket.wait(max(0.0, self.config.queue_timeout - waited))
+            except Refused as refused:
+                self.state.task_ended(TaskOutcome.REJECTED)
+                return self._refuse(refused.reason, record, admitted=True)
+            task = _Task(request, record, ticket, body, self._upstream_headers(request, request_id))
+            runner = asyncio.create_task(self._run(task), name=f"task-{request_id}")
+            handed_over = True
+            self.runners.add(runner)
+            runner.add_done_callback(self.runners.discard)
+            try:
+                return await asyncio.shield(runner)
+            except asyncio.CancelledError:
+                # The client left (or the server stops): the runner decides what that means.
+                task.gone.set()
+                raise
+        except asyncio.CancelledError:
+            if not handed_over:
+                queued = not ticket.granted
+                self.state.task_ended(TaskOutcome.CANCELLED)
+                log_event(
+                    Event.CLIENT_LEFT,
+                    task_id=request_id,
+                    stage="queued" if queued else "uploading",
+                    waited=self.clock.monotonic() - record.arrived,
+                )
+            raise
+        finally:
+            if not handed_over:
+                ticket.leave()
+                body.close()
+
+    def _refuse(
+        self, reason: RejectReason, record: TaskRecord, *, admitted: bool = False
+    ) -> web.Response:
+        snap = self.state.snapshot()
+        self.state.task_rejected(reason)
+        retry_after = estimate_retry_after(
+            reason=reason,
+            mean_service=snap.mean_service_seconds,
+            limit=snap.gate.limit,
+            queued=snap.gate.queued,
+        )
+        usage = snap.gate
+        event = {
+            RejectReason.QUEUE_FULL: Event.QUEUE_FULL,
+            RejectReason.QUEUE_TIMEOUT: Event.QUEUE_TIMEOUT,
+            RejectReason.SHUTTING_DOWN: Event.SHUTDOWN_REFUSED,
+        }[reason]
+        log_event(
+            event,
+            logging.WARNING,
+            task_id=record.task_id,
+            queued=f"{usage.queued}/{usage.max_queue}",
+            active=f"{usage.active}/{usage.limit}",
+            retry_after=retry_after,
+            **({"waited": self.clock.monotonic() - record.arrived} if admitted else {}),
+        )
+        return refusal(
+            reason,
+            retry_after=retry_after,
+            queue_usage=queue_usage(usage.queued, usage.max_queue),
+            request_id=record.task_id,
+        )
+
+    # -- tasks: the runner (holds the slot until the upstream work is over) ------------------
+
+    async def _run(self, task: _Task) -> web.StreamResponse:
+        record = task.record
+        record.started = self.clock.monotonic()
+        self.state.queue_waited(record.started - record.arrived)
+        try:
+            return await self._attempts(task)
+        finally:
+            task.ticket.leave()
+            task.body.close()
+            self.state.slot_held(self.clock.monotonic() - record.started)
+
+    async def _attempts(self, task: _Task) -> web.StreamResponse:
+        record, cfg = task.record, self.config
+        snap = self.state.snapshot()
+        last_oom = snap.last_oom_monotonic
+        if last_oom is not None and self.clock.monotonic() - last_oom < cfg.oom_window:
+            record.cooldown = cfg.oom_cooldown
+            log_event(Event.COOLDOWN, task_id=record.task_id, delay=cfg.oom_cooldown)
+            if await self._wait_or_gone(cfg.oom_cooldown, task):
+                return self._gone(task, "cooldown")
+        counts = self.gate.counts()
+        log_event(
+            Event.START,
+            task_id=record.task_id,
+            active=f"{counts.active}/{counts.limit}",
+            queued=counts.queued,
+            path=record.path,
+        )
+        loop = asyncio.get_running_loop()
+        url = upstream_url(cfg.upstream, task.request.raw_path)
+        while True:
+            record.attempts += 1
+            began = self.clock.monotonic()
+            deadline = loop.time() + cfg.request_timeout
+            result = await send(
+                self._session(),
+                method=task.request.method,
+                url=url,
+                headers=task.headers,  # type: ignore[arg-type]
+                body=task.body,
+                deadline=deadline,
+            )
+            outcome = classify(
+                status=result.status,
+                body=result.prefix,
+                content_type=result.response.headers.get("Content-Type")
+                if result.response is not None
+                else None,
+                error=result.error,
+                timed_out=result.timed_out,
+                matcher=cfg.matcher,
+            )
+            record.outcomes.append(outcome)
+            self.state.attempt_ended(
+                outcome,
+                self.clock.monotonic() - began,
+                wall=self.clock.wall(),
+                monotonic=self.clock.monotonic(),
+            )
+            self._log_attempt(task, outcome, result)
+            if outcome in (AttemptOutcome.OK, AttemptOutcome.CLIENT_ERROR) or not (
+                cfg.retry.should_retry(outcome, record.attempts) and not task.gone.is_set()
+            ):
+                return await self._finish(task, outcome, result, deadline)
+            delay = cfg.retry.delay(
+                outcome,
+                record.attempts,
+                unit_random=self.rng.random(),
+                upstream_retry_after=parse_retry_after(
+                    result.response.headers.get("Retry-After")
+                    if result.response is not None
+                    else None
+                ),
+            )
+            if result.response is not None:
+                await _discard(result.response, deadline)
+            record.retry_delay_total += delay
+            self.state.retry_scheduled(outcome, delay)
+            log_event(
+                Event.RETRY,
+                logging.WARNING,
+                task_id=record.task_id,
+                outcome=outcome.value,
+                attempt=record.attempts,
+                next_attempt=record.attempts + 1,
+                delay=delay,
+            )
+            if await self._wait_or_gone(delay, task):
+                return self._gone(task, "retry_delay")
+
+    async def _finish(
+        self, task: _Task, outcome: AttemptOutcome, result: AttemptResult, deadline: float
+    ) -> web.StreamResponse:
+        """Answer the client once with the last attempt's result, and count the task."""
+        record = task.record
+        extra = {ATTEMPTS_HEADER: str(record.attempts), REQUEST_ID: record.task_id}
+        if result.response is None:
+            answer: web.StreamResponse = upstream_failure(
+                outcome, attempts=record.attempts, request_id=record.task_id
+            )
+            delivered = not task.gone.is_set()
+        else:
+            try:
+                answer, delivered = await self._relay(
+                    task.request, result.response, result.prefix, extra, deadline, task.gone
+                )
+            finally:
+                result.response.close()
+        if task.gone.is_set() or not delivered:
+            task_outcome = TaskOutcome.CANCELLED
+        elif outcome is AttemptOutcome.OK:
+            task_outcome = TaskOutcome.SUCCESS
+        elif outcome is AttemptOutcome.CLIENT_ERROR:
+            task_outcome = TaskOutcome.CLIENT_ERROR
+        else:
+            task_outcome = TaskOutcome.FAILED
+        self.state.task_ended(task_outcome)
+        log_event(
+            Event.FINISH if task_outcome is TaskOutcome.SUCCESS else Event.FAILED,
+            logging.INFO if task_outcome is not TaskOutcome.FAILED else logging.WARNING,
+            task_id=record.task_id,
+            outcome=task_outcome.value,
+            last=outcome.value,
+            attempts=record.attempts,
+            status=result.status if result.status is not None else "-",
+            queue_wait=(record.started or record.arrived) - record.arrived,
+            duration=self.clock.monotonic() - record.arrived,
+            retry_delay=record.retry_delay_total,
+        )
+        return answer
+
+    def _gone(self, task: _Task, stage: str) -> web.StreamResponse:
+        record = task.record
+        self.state.task_ended(TaskOutcome.CANCELLED)
+        log_event(Event.CLIENT_LEFT, task_id=record.task_id, stage=stage, attempts=record.attempts)
+        # Nobody is listening; the answer only satisfies the handler's type.
+        return upstream_failure(
+            AttemptOutcome.CRASH, attempts=record.attempts, request_id=record.task_id
+        )
+
+    async def _wait_or_gone(self, seconds: float, task: _Task) -> bool:
+        """Sleep `seconds` (on the injected clock); True if the client left meanwhile."""
+        if task.gone.is_set():
+            return True
+        sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
+        watcher = asyncio.ensure_future(task.gone.wait())
+        try:
+            await asyncio.wait({sleeper, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            watcher.cancel()
+        return task.gone.is_set()
+
+    def _log_attempt(self, task: _Task, outcome: AttemptOutcome, result: AttemptResult) -> None:
+        record = task.record
+        if outcome is AttemptOutcome.OOM:
+            log_event(
+                Event.OOM,
+                logging.WARNING,
+                task_id=record.task_id,
+                oom_count=self.state.oom_errors,
+                attempt=record.attempts,
+                status=result.status,
+            )
+        elif outcome is AttemptOutcome.TIMEOUT:
+            log_event(
+                Event.TIMEOUT,
+                logging.WARNING,
+                task_id=record.task_id,
+                attempt=record.attempts,
+                timeout=self.config.request_timeout,
+            )
+        elif outcome is AttemptOutcome.CRASH:
+            log_event(
+                Event.CRASH,
+                logging.WARNING,
+                task_id=record.task_id,
+                attempt=record.attempts,
+                error=type(result.error).__name__ if result.error else "incomplete",
+            )
+        elif outcome is AttemptOutcome.ERROR:
+            log_event(
+                Event.UPSTREAM_ERROR,
+                logging.WARNING,
+                task_id=record.task_id,
+                attempt=record.attempts,
+                status=result.status,
+            )
+
+    # -- relaying an upstream answer ----------------------------------------------------------
+
+    async def _relay(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        prefix: bytes,
+        extra_headers: dict[str, str],
+        deadline: float,
+        gone: asyncio.Event | None = None,
+    ) -> tuple[web.StreamResponse, bool]:
+        """Stream the upstream answer to the client as it arrives; True if it all got there.
+
+        If the client is gone the rest is still read (and dropped) so the attempt really ends
+        before the slot is given back. If the upstream breaks off or the deadline passes
+        mid-answer, the client connection is cut, so the client sees a broken answer rather
+        than a silently short one.
+        """
+        headers = forward_response_headers(upstream.headers)
+        headers.update(extra_headers)
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason, headers=headers
+        )
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        client_ok = gone is None or not gone.is_set()
+        try:
+            async with asyncio.timeout_at(deadline):
+                if client_ok:
+                    client_ok = await _client_write(response.prepare(request))
+                if prefix and client_ok:
+                    client_ok = await _client_write(response.write(prefix))
+                async for chunk in upstream.content.iter_any():
+                    if client_ok:
+                        client_ok = await _client_write(response.write(chunk))
+                if client_ok:
+                    client_ok = await _client_write(response.write_eof())
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            _cut(request)
+            return response, False
+        return response, client_ok
+
+
+async def _client_write(write: "asyncio.Future[object] | object") -> bool:
+    """Await one write to the client; False (not an exception) when the client has gone."""
+    try:
+        await write  # type: ignore[misc]
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        return False
+    return True
+
+
+async def _discard(response: aiohttp.ClientResponse, deadline: float) -> None:
+    """Read an unwanted answer to its end (keeps the connection reusable), then close it."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            while await response.content.read(_CLIENT_CHUNK):
+                pass
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        pass
+    finally:
+        response.close()
+
+
+def _cut(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()

@@ -1,0 +1,90 @@
+"""Running the gatekeeper as a process: listen, serve, and drain on SIGTERM/SIGINT.
+
+Shutdown, in order: stop admitting (new tasks get 503 shutting_down, other paths still pass),
+let running and queued tasks finish for up to ASR_SHUTDOWN_GRACE seconds, then refuse whatever
+still waits with 503 shutting_down, stop what still runs, close the listener and exit 0.
+A second signal skips the grace period.
+"""
+
+import asyncio
+import contextlib
+import signal
+
+from aiohttp import web
+
+from gatekeeper.app import PROXY, build_app
+from gatekeeper.logs import Event, log_event
+from gatekeeper.outcomes import RejectReason
+from gatekeeper.settings import Settings
+
+__all__ = ["serve"]
+
+# Seconds aiohttp gives handlers to write their last answers once our own drain is over.
+_FINAL_FLUSH = 5.0
+
+
+async def serve(settings: Settings) -> int:
+    """Serve until a signal, drain, and return the exit status."""
+    app = build_app(settings)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,  # how a client that left is noticed (see proxy.py)
+        shutdown_timeout=_FINAL_FLUSH,
+        access_log_format='%a "%r" %s %b %Tfs "%{X-Request-ID}o"',
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    await site.start()
+    proxy = app[PROXY]
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    hurry = asyncio.Event()
+
+    def on_signal(signame: str) -> None:
+        if stop.is_set():
+            hurry.set()
+        else:
+            stop.set()
+        log_event(Event.DRAINING, signal=signame, grace=settings.shutdown_grace)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+
+    log_event(
+        Event.SERVING,
+        listen=f"http://{settings.host}:{settings.port}",
+        upstream=settings.upstream_url,
+        max_concurrent=settings.max_concurrent,
+        max_queue=settings.queue_limit,
+    )
+    try:
+        await stop.wait()
+        proxy.gate.begin_shutdown()
+        idle = asyncio.ensure_future(proxy.gate.wait_idle())
+        hurried = asyncio.ensure_future(hurry.wait())
+        await asyncio.wait(
+            {idle, hurried}, timeout=settings.shutdown_grace, return_when=asyncio.FIRST_COMPLETED
+        )
+        idle.cancel()
+        hurried.cancel()
+        refused = proxy.gate.refuse_waiting(RejectReason.SHUTTING_DOWN)
+        running = list(proxy.runners)
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running, timeout=_FINAL_FLUSH)
+        counts = proxy.gate.counts()
+        log_event(
+            Event.STOPPED,
+            refused_waiting=refused,
+            stopped_running=len(running),
+            active=counts.active,
+            queued=counts.queued,
+        )
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        await runner.cleanup()
+    return 0

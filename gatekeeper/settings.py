@@ -1,0 +1,268 @@
+"""Every setting of the gatekeeper, read once at the edge and passed down.
+
+This is the only module that reads the environment. Names, defaults and meanings follow the
+SPEC's settings table; anything added beyond it is marked "extra" in its description.
+"""
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from yarl import URL
+
+from gatekeeper.classify import OomMatcher
+
+__all__ = [
+    "DEFAULT_GATED_PATHS",
+    "ENV_PREFIX",
+    "Settings",
+    "SettingsError",
+    "load_settings",
+]
+
+ENV_PREFIX = "ASR_"
+DEFAULT_GATED_PATHS = ("/asr", "/detect-language", "/v1/audio/", "/inference")
+
+
+def _split_list(value: object) -> object:
+    """Split "a,b" or one item a line; a value holding a newline is split on newlines only.
+
+    That lets an OOM pattern contain a comma (`{1,3}`) when the operator writes one pattern a line.
+    """
+    if isinstance(value, str):
+        sep = "\n" if "\n" in value else ","
+        return [item.strip() for item in value.split(sep) if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """The gatekeeper's configuration (environment variables with the `ASR_` prefix)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+        validate_default=True,
+    )
+
+    upstream_url: str = Field(
+        description="Base URL of the Whisper server, e.g. http://whisper:9000 (required)."
+    )
+    host: str = Field("0.0.0.0", description="Address the gatekeeper listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the gatekeeper listens on.")
+    max_concurrent: int = Field(
+        1, ge=1, le=1024, description="Tasks sent to the Whisper server at once."
+    )
+    max_queue: int | None = Field(
+        None, ge=0, description="Tasks allowed to wait; beyond it, refuse. Default 10 × concurrent."
+    )
+    queue_timeout: float = Field(
+        600.0, gt=0, description="Seconds a task may wait in the queue before it is refused."
+    )
+    max_retries: int = Field(
+        3, ge=0, le=100, description="Retries after the first attempt (0 = never retry)."
+    )
+    retry_delay: float = Field(
+        10.0, ge=0, description="Base retry delay in seconds; every schedule derives from it."
+    )
+    retry_jitter: float = Field(
+        0.1, ge=0, lt=1, description="Each delay is multiplied by uniform(1-j, 1+j)."
+    )
+    retry_on_timeout: bool = Field(
+        False,
+        description="Extra: retry an attempt that hit ASR_REQUEST_TIMEOUT (off: the GPU may "
+        "still be working on it, a retry would double its load).",
+    )
+    request_timeout: float = Field(
+        300.0, gt=0, description="Seconds one upstream attempt may take, body upload included."
+    )
+    oom_window: float | None = Field(
+        None, ge=0, description="Seconds after an OOM during which new tasks cool down first."
+    )
+    oom_cooldown: float | None = Field(
+        None, ge=0, description="Seconds a task waits before starting inside the OOM window."
+    )
+    gated_paths: Annotated[tuple[str, ...], NoDecode] = Field(
+        DEFAULT_GATED_PATHS,
+        description="Path prefixes that are tasks (queued, limited, retried).",
+    )
+    oom_patterns: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="Extra regular expressions that mark an upstream error body as OOM."
+    )
+    max_body_size: int = Field(
+        1_073_741_824, ge=1, description="Largest request body accepted, in bytes (413 beyond)."
+    )
+    spool_memory_size: int = Field(
+        1_048_576,
+        ge=0,
+        description="Extra: request bodies up to this many bytes are kept in memory; larger "
+        "ones are spooled to a temporary file.",
+    )
+    spool_dir: Path | None = Field(
+        None, description="Extra: directory for spooled request bodies (default: system temp)."
+    )
+    shutdown_grace: float = Field(
+        30.0,
+        ge=0,
+        description="Extra: seconds running and queued tasks get to finish after SIGTERM.",
+    )
+    health_interval: float = Field(
+        5.0, gt=0, description="Extra: seconds between background checks of the Whisper server."
+    )
+    health_timeout: float = Field(
+        2.0, gt=0, description="Extra: seconds one health check may take."
+    )
+    stats_token: SecretStr | None = Field(
+        None, description="When set, /stats needs 'Authorization: Bearer <token>'."
+    )
+    log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Lowest level logged."
+    )
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        url = URL(value.strip())
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(
+                "must be an http:// or https:// URL with a host, e.g. http://whisper:9000"
+            )
+        if url.query_string or url.fragment:
+            raise ValueError("must not carry a query string or fragment")
+        return str(url).rstrip("/")
+
+    @field_validator("gated_paths", "oom_patterns", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("gated_paths")
+    @classmethod
+    def _check_paths(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for path in value:
+            if not path.startswith("/"):
+                raise ValueError(f"each prefix must start with '/', got {path!r}")
+        return value
+
+    @field_validator("oom_patterns")
+    @classmethod
+    def _check_patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        OomMatcher.from_patterns(value)  # raises ValueError naming the bad pattern
+        return value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _derive_defaults(self) -> Self:
+        # Derived defaults (SPEC): queue 10 × concurrency, OOM window 3 × delay,
+        # cool-down 1.5 × delay.
+        if self.max_queue is None:
+            object.__setattr__(self, "max_queue", 10 * self.max_concurrent)
+        if self.oom_window is None:
+            object.__setattr__(self, "oom_window", 3 * self.retry_delay)
+        if self.oom_cooldown is None:
+            object.__setattr__(self, "oom_cooldown", 1.5 * self.retry_delay)
+        return self
+
+    # Typed views of the derived values (never None after validation).
+    @property
+    def queue_limit(self) -> int:
+        assert self.max_queue is not None
+        return self.max_queue
+
+    @property
+    def oom_window_s(self) -> float:
+        assert self.oom_window is not None
+        return self.oom_window
+
+    @property
+    def oom_cooldown_s(self) -> float:
+        assert self.oom_cooldown is not None
+        return self.oom_cooldown
+
+    def oom_matcher(self) -> OomMatcher:
+        """The built-in OOM patterns plus the operator's."""
+        return OomMatcher.from_patterns(self.oom_patterns)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The effective settings as an operator may see them: secrets are never included."""
+        data = self.model_dump(mode="json", exclude={"stats_token"})
+        data["max_queue"] = self.queue_limit
+        data["oom_window"] = self.oom_window_s
+        data["oom_cooldown"] = self.oom_cooldown_s
+        data["stats_token_set"] = self.stats_token is not None
+        return data
+
+
+class SettingsError(Exception):
+    """Bad configuration; `lines` holds one operator-facing sentence per bad setting."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def _describe(field: str, flags: dict[str, str]) -> str:
+    name = ENV_PREFIX + field.upper()
+    flag = flags.get(field)
+    return f"{name} (--{flag})" if flag else name
+
+
+def _message(error: dict[str, Any]) -> str:
+    msg = str(error.get("msg", "is invalid"))
+    msg = re.sub(r"^Value error, ", "", msg)
+    if error.get("type") == "missing":
+        return "is required"
+    return msg[0].lower() + msg[1:] if msg else msg
+
+
+def load_settings(
+    overrides: dict[str, Any] | None = None,
+    *,
+    env_file: str | Path | None = ".env",
+    flags: dict[str, str] | None = None,
+) -> Settings:
+    """Build the settings from flags (`overrides`), the environment and the env file.
+
+    Raises SettingsError with one line per bad setting, naming the variable and the rule.
+    """
+    flags = flags or {}
+    kwargs = {k: v for k, v in (overrides or {}).items() if v is not None}
+    try:
+        return Settings(_env_file=env_file, **kwargs)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            loc = error.get("loc") or ("settings",)
+            field = str(loc[0])
+            given = error.get("input")
+            shown = "" if error.get("type") == "missing" or isinstance(given, dict) else f"={given}"
+            if field == "upstream_url" and error.get("type") == "missing":
+                lines.append(
+                    f"{_describe(field, flags)} is required: set it to the Whisper server's "
+                    "base URL, e.g. ASR_UPSTREAM_URL=http://whisper:9000"
+                )
+                continue
+            if field == "stats_token":
+                shown = ""
+            lines.append(f"{_describe(field, flags)}{shown} is invalid: {_message(dict(error))}")
+        raise SettingsError(lines) from None

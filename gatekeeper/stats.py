@@ -1,0 +1,41 @@
+"""The stats JSON (SPEC "Stats JSON"): the seed's ten fields first, then extras for operators."""
+
+from typing import Any
+
+from gatekeeper.admission import queue_usage
+from gatekeeper.clock import local_iso
+from gatekeeper.outcomes import RejectReason, TaskOutcome
+from gatekeeper.state import Snapshot
+
+__all__ = ["stats_document"]
+
+
+def stats_document(snap: Snapshot, *, extras: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build the stats JSON from one snapshot (dict order is the order operators see)."""
+    doc: dict[str, Any] = {
+        "max_concurrent": snap.gate.limit,
+        "active_tasks": snap.gate.active,
+        "queued_tasks": snap.gate.queued,
+        "total_tasks": snap.total_tasks,
+        "failed_tasks": snap.failed_tasks,
+        "rejected_tasks": snap.rejected_tasks,
+        "oom_errors": snap.oom_errors,
+        "last_oom": None if snap.last_oom_wall is None else local_iso(snap.last_oom_wall),
+        "success_rate": snap.success_rate,
+        "queue_usage": queue_usage(snap.gate.queued, snap.gate.max_queue),
+        # Extras after the seed's fields.
+        "max_queue": snap.gate.max_queue,
+        "succeeded_tasks": snap.tasks[TaskOutcome.SUCCESS],
+        "client_error_tasks": snap.tasks[TaskOutcome.CLIENT_ERROR],
+        "cancelled_tasks": snap.tasks[TaskOutcome.CANCELLED],
+        "rejected_after_queueing_tasks": snap.tasks[TaskOutcome.REJECTED],
+        "rejected_by_reason": {r.value: snap.rejected[r] for r in RejectReason},
+        "upstream_attempts": {o.value: n for o, n in snap.attempts.items()},
+        "retries": {o.value: n for o, n in snap.retries.items() if n},
+        "retry_delay_seconds_total": round(snap.retry_delay_seconds_total, 3),
+        "mean_service_seconds": round(snap.mean_service_seconds, 3),
+        "shutting_down": snap.gate.shutting_down,
+    }
+    if extras:
+        doc.update(extras)
+    return doc

@@ -1,0 +1,55 @@
+"""Shared fixtures: a fake upstream, and gatekeepers started in process on real sockets."""
+
+import os
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from gatekeeper.app import build_app
+from gatekeeper.clock import Clock
+from gatekeeper.settings import load_settings
+from tests.fakes import FakeUpstream
+
+GatekeeperFactory = Callable[..., Awaitable[tuple[str, web.Application]]]
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ASR_* variable of the developer's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith("ASR_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    fake = FakeUpstream()
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@pytest.fixture
+async def start_gatekeeper() -> AsyncIterator[GatekeeperFactory]:
+    """Start gatekeepers (aiohttp TestServer: real socket, handler cancellation on)."""
+    servers: list[TestServer] = []
+
+    async def start(
+        upstream_url: str, *, clock: Clock | None = None, seed: int = 1, **settings: Any
+    ) -> tuple[str, web.Application]:
+        config = load_settings(
+            {"upstream_url": upstream_url, "health_interval": 0.05, **settings}, env_file=None
+        )
+        app = build_app(config, clock=clock, rng=random.Random(seed))
+        server = TestServer(app)
+        await server.start_server()
+        servers.append(server)
+        return str(server.make_url("")).rstrip("/"), app
+
+    yield start
+    for server in servers:
+        await server.close()
