@@ -7,12 +7,15 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 from gatekeeper import __version__
 from gatekeeper.answers import json_answer
 from gatekeeper.clock import Clock, SystemClock, local_iso
 from gatekeeper.gate import Gate
 from gatekeeper.health import HealthProbe
+from gatekeeper.metrics import create_registry
 from gatekeeper.proxy import Proxy, ProxyConfig
 from gatekeeper.settings import Settings
 from gatekeeper.state import LiveState
@@ -22,6 +25,7 @@ from gatekeeper.upstream import create_session
 __all__ = [
     "HEALTH",
     "PROXY",
+    "REGISTRY",
     "SESSION",
     "SETTINGS",
     "STATE",
@@ -33,6 +37,7 @@ PROXY = web.AppKey("proxy", Proxy)
 STATE = web.AppKey("state", LiveState)
 HEALTH = web.AppKey("health", HealthProbe)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
 
 STATS_PATHS = ("/stats", "/api/recordings/stats/asr-concurrency")
 
@@ -47,7 +52,7 @@ def build_app(
     clock = clock or SystemClock()
     app = web.Application(handler_args={"max_field_size": 65536})
     gate = Gate(limit=settings.max_concurrent, max_queue=settings.queue_limit)
-    state = LiveState(gate)
+    state = LiveState(gate, now=clock.monotonic)
     proxy = Proxy(
         ProxyConfig.from_settings(settings),
         gate=gate,
@@ -64,7 +69,9 @@ def build_app(
         interval=settings.health_interval,
         timeout=settings.health_timeout,
         clock=clock,
+        on_status=state.set_upstream,
     )
+    app[REGISTRY] = create_registry(state.snapshot)
     started = time.time()
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -134,5 +141,6 @@ def build_app(
     for path in STATS_PATHS:
         app.router.add_get(path, stats)
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", make_aiohttp_handler(app[REGISTRY]))
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app

@@ -8,6 +8,7 @@ transcriptions.
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from yarl import URL
@@ -30,7 +31,16 @@ class UpstreamHealth:
 class HealthProbe:
     """Opens a TCP connection to the upstream every `interval` seconds."""
 
-    def __init__(self, upstream: str, *, interval: float, timeout: float, clock: Clock) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        interval: float,
+        timeout: float,
+        clock: Clock,
+        on_status: Callable[[UpstreamHealth], None] | None = None,
+    ) -> None:
+        self._on_status = on_status
         url = URL(upstream)
         self.host = url.host or "localhost"
         self.port = url.port or (443 if url.scheme == "https" else 80)
@@ -58,6 +68,8 @@ class HealthProbe:
             )
         except OSError as exc:
             self.status = UpstreamHealth(False, self.clock.wall(), None, exc.strerror or str(exc))
+        if self._on_status is not None:
+            self._on_status(self.status)
         return self.status
 
     async def _loop(self) -> None:

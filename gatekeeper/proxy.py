@@ -391,7 +391,7 @@ class Proxy:
             task_outcome = TaskOutcome.CLIENT_ERROR
         else:
             task_outcome = TaskOutcome.FAILED
-        self.state.task_ended(task_outcome)
+        self.state.task_ended(task_outcome, self.clock.monotonic() - record.arrived)
         log_event(
             Event.FINISH if task_outcome is TaskOutcome.SUCCESS else Event.FAILED,
             logging.INFO if task_outcome is not TaskOutcome.FAILED else logging.WARNING,
@@ -408,7 +408,7 @@ class Proxy:
 
     def _gone(self, task: _Task, stage: str) -> web.StreamResponse:
         record = task.record
-        self.state.task_ended(TaskOutcome.CANCELLED)
+        self.state.task_ended(TaskOutcome.CANCELLED, self.clock.monotonic() - record.arrived)
         log_event(Event.CLIENT_LEFT, task_id=record.task_id, stage=stage, attempts=record.attempts)
         # Nobody is listening; the answer only satisfies the handler's type.
         return upstream_failure(

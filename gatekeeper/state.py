@@ -3,19 +3,115 @@
 `/stats`, `/metrics` and the log lines all read `LiveState.snapshot()`, so they never disagree.
 """
 
+import bisect
+import math
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gatekeeper.admission import ServiceTimeEstimate
 from gatekeeper.gate import Gate, GateCounts
+from gatekeeper.health import UpstreamHealth
 from gatekeeper.outcomes import AttemptOutcome, RejectReason, TaskOutcome
 
-__all__ = ["LiveState", "Snapshot", "TaskRecord"]
+__all__ = [
+    "DURATION_BUCKETS",
+    "QUEUE_WAIT_BUCKETS",
+    "HistogramData",
+    "LiveState",
+    "Snapshot",
+    "TaskRecord",
+    "percentile",
+]
+
+# Transcriptions take from about a second (a short clip) to half an hour (a long meeting).
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    20,
+    30,
+    60,
+    120,
+    180,
+    300,
+    450,
+    600,
+    900,
+    1200,
+    1800,
+    2700,
+    3600,
+)
+# Queue waits go from nothing (a free slot) to the 600 s queue timeout and beyond.
+QUEUE_WAIT_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.005,
+    0.01,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+    600,
+    1200,
+)
+_HOUR = 3600.0
 
 # A prior for the service time before any task has finished: the seed's "a few minutes of
 # audio on a 3090" lands around here; replaced by the first measurement.
 SERVICE_TIME_PRIOR = 30.0
 _RECENT = 512
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramData:
+    """A histogram as plain numbers: per-bucket (not cumulative) counts, sum and count."""
+
+    buckets: tuple[float, ...]
+    counts: tuple[int, ...]  # len(buckets) + 1: the last one is +Inf
+    total: float
+    count: int
+
+    @classmethod
+    def empty(cls, buckets: tuple[float, ...]) -> "HistogramData":
+        return cls(buckets, (0,) * (len(buckets) + 1), 0.0, 0)
+
+    def observe(self, value: float) -> "HistogramData":
+        index = bisect.bisect_left(self.buckets, value)
+        counts = list(self.counts)
+        counts[index] += 1
+        return HistogramData(self.buckets, tuple(counts), self.total + value, self.count + 1)
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(le, cumulative count) pairs as Prometheus wants them, ending with +Inf."""
+        out, running = [], 0
+        for bound, n in zip((*self.buckets, math.inf), self.counts, strict=True):
+            running += n
+            out.append(("+Inf" if bound == math.inf else _le(bound), running))
+        return out
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+def percentile(values: tuple[float, ...], q: float) -> float | None:
+    """The q-quantile (0..1) of `values` by nearest rank; None when there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, math.ceil(q * len(ordered)) - 1)
+    return ordered[rank]
 
 
 @dataclass
@@ -51,6 +147,11 @@ class Snapshot:
     mean_service_seconds: float
     recent_queue_waits: tuple[float, ...]
     recent_upstream_durations: tuple[float, ...]
+    ooms_last_hour: int
+    queue_wait: HistogramData
+    upstream_duration: HistogramData
+    task_duration: HistogramData
+    upstream_up: bool | None
 
     @property
     def active_tasks(self) -> int:
@@ -79,8 +180,14 @@ class Snapshot:
 class LiveState:
     """Counters the proxy updates as tasks move; read only through `snapshot()`."""
 
-    def __init__(self, gate: Gate) -> None:
+    def __init__(self, gate: Gate, *, now: Callable[[], float]) -> None:
         self.gate = gate
+        self._now = now  # monotonic clock, for "in the last hour"
+        self.upstream_up: bool | None = None
+        self.oom_times: deque[float] = deque()
+        self.queue_wait = HistogramData.empty(QUEUE_WAIT_BUCKETS)
+        self.upstream_duration = HistogramData.empty(DURATION_BUCKETS)
+        self.task_duration = HistogramData.empty(DURATION_BUCKETS)
         self.total_tasks = 0
         self.tasks: Counter[TaskOutcome] = Counter()
         self.rejected: Counter[RejectReason] = Counter()
@@ -94,27 +201,37 @@ class LiveState:
         self.queue_waits: deque[float] = deque(maxlen=_RECENT)
         self.upstream_durations: deque[float] = deque(maxlen=_RECENT)
 
+    def set_upstream(self, health: "UpstreamHealth") -> None:
+        """The background probe's latest verdict (None until the first check)."""
+        self.upstream_up = health.up
+
     def task_admitted(self) -> None:
         self.total_tasks += 1
 
     def task_rejected(self, reason: RejectReason) -> None:
         self.rejected[reason] += 1
 
-    def task_ended(self, outcome: TaskOutcome) -> None:
+    def task_ended(self, outcome: TaskOutcome, seconds: float | None = None) -> None:
+        """A task ended; `seconds` (arrival to end) when it reached the Whisper server."""
         self.tasks[outcome] += 1
+        if seconds is not None:
+            self.task_duration = self.task_duration.observe(seconds)
 
     def queue_waited(self, seconds: float) -> None:
         self.queue_waits.append(seconds)
+        self.queue_wait = self.queue_wait.observe(seconds)
 
     def attempt_ended(
         self, outcome: AttemptOutcome, seconds: float, *, wall: float, monotonic: float
     ) -> None:
         self.attempts[outcome] += 1
         self.upstream_durations.append(seconds)
+        self.upstream_duration = self.upstream_duration.observe(seconds)
         if outcome is AttemptOutcome.OOM:
             self.oom_errors += 1
             self.last_oom_wall = wall
             self.last_oom_monotonic = monotonic
+            self.oom_times.append(monotonic)
 
     def retry_scheduled(self, outcome: AttemptOutcome, delay: float) -> None:
         self.retries[outcome] += 1
@@ -125,6 +242,9 @@ class LiveState:
         self.service = self.service.observe(seconds)
 
     def snapshot(self) -> Snapshot:
+        horizon = self._now() - _HOUR
+        while self.oom_times and self.oom_times[0] < horizon:
+            self.oom_times.popleft()
         return Snapshot(
             gate=self.gate.counts(),
             total_tasks=self.total_tasks,
@@ -139,4 +259,9 @@ class LiveState:
             mean_service_seconds=self.service.mean,
             recent_queue_waits=tuple(self.queue_waits),
             recent_upstream_durations=tuple(self.upstream_durations),
+            ooms_last_hour=len(self.oom_times),
+            queue_wait=self.queue_wait,
+            upstream_duration=self.upstream_duration,
+            task_duration=self.task_duration,
+            upstream_up=self.upstream_up,
         )

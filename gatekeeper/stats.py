@@ -4,10 +4,20 @@ from typing import Any
 
 from gatekeeper.admission import queue_usage
 from gatekeeper.clock import local_iso
-from gatekeeper.outcomes import RejectReason, TaskOutcome
-from gatekeeper.state import Snapshot
+from gatekeeper.outcomes import AttemptOutcome, RejectReason, TaskOutcome
+from gatekeeper.state import Snapshot, percentile
 
 __all__ = ["stats_document"]
+
+
+def _quantiles(values: tuple[float, ...]) -> dict[str, float | int | None]:
+    """p50/p95 over the recent window (the last few hundred tasks), in seconds."""
+
+    def q(p: float) -> float | None:
+        v = percentile(values, p)
+        return None if v is None else round(v, 3)
+
+    return {"p50": q(0.5), "p95": q(0.95), "window": len(values)}
 
 
 def stats_document(snap: Snapshot, *, extras: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -33,6 +43,11 @@ def stats_document(snap: Snapshot, *, extras: dict[str, Any] | None = None) -> d
         "upstream_attempts": {o.value: n for o, n in snap.attempts.items()},
         "retries": {o.value: n for o, n in snap.retries.items() if n},
         "retry_delay_seconds_total": round(snap.retry_delay_seconds_total, 3),
+        "timeouts": snap.attempts[AttemptOutcome.TIMEOUT],
+        "queue_timeouts": snap.rejected[RejectReason.QUEUE_TIMEOUT],
+        "oom_errors_last_hour": snap.ooms_last_hour,
+        "queue_wait_seconds": _quantiles(snap.recent_queue_waits),
+        "upstream_duration_seconds": _quantiles(snap.recent_upstream_durations),
         "mean_service_seconds": round(snap.mean_service_seconds, 3),
         "shutting_down": snap.gate.shutting_down,
     }

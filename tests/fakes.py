@@ -2,7 +2,8 @@
 
 Like aiohttp's examples/fake_server.py: a class owning its app, started on a free port. It counts
 requests in flight *at the upstream* (the only honest place to check the concurrency promise),
-hashes every request body it receives, and answers as each request's `X-Fake-*` headers say:
+hashes every request body it receives (`active` counts POSTs: the tests' tasks), and answers
+as each request's `X-Fake-*` headers say:
 
 - `X-Fake-Hold: <name>`: wait until the test calls `release(name)` (or forever);
 - `X-Fake-Status: <int>` / `X-Fake-Body: <text>` / `X-Fake-Content-Type`: the answer;
@@ -23,6 +24,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from aiohttp import web
+
+from tests.waiting import until
 
 __all__ = ["FakeUpstream", "Seen"]
 
@@ -74,7 +77,8 @@ class FakeUpstream:
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
         server = site._server
-        assert server is not None and server.sockets  # type: ignore[attr-defined]
+        assert server is not None
+        assert server.sockets
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
 
     async def stop(self) -> None:
@@ -83,13 +87,13 @@ class FakeUpstream:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    async def wait_active(self, n: int, timeout: float = 5.0) -> None:
-        """Wait until exactly `n` requests are in flight at the upstream."""
-        async with asyncio.timeout(timeout):
-            while self.active != n:
-                await asyncio.sleep(0.005)
+    async def wait_active(self, n: int) -> None:
+        """Wait until exactly `n` tasks are in flight at the upstream."""
+        await until(lambda: self.active == n)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method != "POST":  # tests send tasks as POST; GETs are pass-through traffic
+            return await self._answer(request)
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         try:

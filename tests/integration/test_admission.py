@@ -9,9 +9,12 @@ import pytest
 from gatekeeper.app import PROXY, STATE
 from tests.conftest import GatekeeperFactory
 from tests.fakes import FakeUpstream
+from tests.waiting import until
 
 
-async def _post(session: aiohttp.ClientSession, url: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+async def _post(
+    session: aiohttp.ClientSession, url: str, **headers: str
+) -> tuple[int, dict[str, str], bytes]:
     async with session.post(url, data=b"audio", headers=headers) as response:
         return response.status, dict(response.headers), await response.read()
 
@@ -24,7 +27,9 @@ async def test_limit_and_queue_admit_exactly_l_plus_q(
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         calls = [
-            asyncio.create_task(_post(session, f"{base}/asr?output=json", **{"X-Fake-Hold": "hold"}))
+            asyncio.create_task(
+                _post(session, f"{base}/asr?output=json", **{"X-Fake-Hold": "hold"})
+            )
             for _ in range(200)
         ]
         refusals = 0
@@ -42,7 +47,7 @@ async def test_limit_and_queue_admit_exactly_l_plus_q(
     assert (len(served), len(refused)) == (22, 178)
     assert upstream.max_active == 2
     assert len(upstream.seen) == 22
-    status, headers, body = refused[0]
+    _status, headers, body = refused[0]
     assert headers["X-Gatekeeper-Reason"] == "queue_full"
     assert headers["Content-Type"] == "application/json; charset=utf-8"
     assert 1 <= int(headers["Retry-After"]) <= 120
@@ -61,8 +66,10 @@ async def test_limit_and_queue_admit_exactly_l_plus_q(
         0,
         0,
     )
-    print(f"200 tasks, limit 2, queue 20: upstream max {upstream.max_active}, "
-          f"{len(served)} admitted, {len(refused)} refused")
+    print(
+        f"200 tasks, limit 2, queue 20: upstream max {upstream.max_active}, "
+        f"{len(served)} admitted, {len(refused)} refused"
+    )
 
 
 async def test_queue_is_first_in_first_out(
@@ -71,17 +78,26 @@ async def test_queue_is_first_in_first_out(
     """Queued tasks reach the upstream in the order they arrived."""
     base, app = await start_gatekeeper(upstream.url, max_concurrent=1, max_queue=10)
     async with aiohttp.ClientSession() as session:
-        first = asyncio.create_task(_post(session, f"{base}/asr", **{"X-Fake-Hold": "hold", "X-Request-ID": "first"}))
+        first = asyncio.create_task(
+            _post(session, f"{base}/asr", **{"X-Fake-Hold": "hold", "X-Request-ID": "first"})
+        )
         await upstream.wait_active(1)
         later = []
         for i in range(5):
-            later.append(asyncio.create_task(_post(session, f"{base}/asr", **{"X-Request-ID": f"t{i}"})))
-            async with asyncio.timeout(5):
-                while app[STATE].snapshot().queued_tasks != i + 1:
-                    await asyncio.sleep(0.005)
+            later.append(
+                asyncio.create_task(_post(session, f"{base}/asr", **{"X-Request-ID": f"t{i}"}))
+            )
+            await until(lambda n=i + 1: app[STATE].snapshot().queued_tasks == n)
         upstream.release("hold")
         await asyncio.gather(first, *later)
-    assert [s.headers["X-Request-ID"] for s in upstream.seen] == ["first", "t0", "t1", "t2", "t3", "t4"]
+    assert [s.headers["X-Request-ID"] for s in upstream.seen] == [
+        "first",
+        "t0",
+        "t1",
+        "t2",
+        "t3",
+        "t4",
+    ]
 
 
 async def test_retry_after_follows_measured_service_time(
@@ -116,9 +132,7 @@ async def test_non_task_paths_pass_while_queue_is_full(
             for _ in range(2)
         ]
         await upstream.wait_active(1)
-        async with asyncio.timeout(5):
-            while app[STATE].snapshot().queued_tasks != 1:
-                await asyncio.sleep(0.005)
+        await until(lambda: app[STATE].snapshot().queued_tasks == 1)
         assert (await _post(session, f"{base}/asr"))[0] == 503
         async with session.get(f"{base}/docs?x=1") as response:
             assert response.status == 200
@@ -143,7 +157,8 @@ async def test_queue_timeout_refuses_with_reason(
         await held
     assert [s.headers.get("X-Request-ID") for s in upstream.seen].count("late") == 0
     snap = app[STATE].snapshot()
-    assert snap.queued_tasks == 0 and snap.rejected_tasks == 1
+    assert snap.queued_tasks == 0
+    assert snap.rejected_tasks == 1
 
 
 async def test_disconnect_while_queued_never_reaches_upstream(
@@ -155,19 +170,15 @@ async def test_disconnect_while_queued_never_reaches_upstream(
         held = asyncio.create_task(_post(session, f"{base}/asr", **{"X-Fake-Hold": "hold"}))
         await upstream.wait_active(1)
         port = int(base.rsplit(":", 1)[1])
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
             b"POST /asr HTTP/1.1\r\nHost: x\r\nX-Request-ID: quitter\r\n"
             b"Content-Length: 5\r\n\r\naudio"
         )
         await writer.drain()
-        async with asyncio.timeout(5):
-            while app[STATE].snapshot().queued_tasks != 1:
-                await asyncio.sleep(0.005)
+        await until(lambda: app[STATE].snapshot().queued_tasks == 1)
         writer.close()
-        async with asyncio.timeout(5):
-            while app[STATE].snapshot().queued_tasks != 0:
-                await asyncio.sleep(0.005)
+        await until(lambda: app[STATE].snapshot().queued_tasks == 0)
         upstream.release("hold")
         assert (await held)[0] == 200
         assert (await _post(session, f"{base}/asr"))[0] == 200
@@ -182,7 +193,7 @@ async def test_disconnect_while_running_keeps_the_slot(
     """A client that hangs up mid-transcription keeps its slot until the upstream finishes."""
     base, app = await start_gatekeeper(upstream.url, max_concurrent=1, max_queue=5)
     port = int(base.rsplit(":", 1)[1])
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(
         b"POST /asr HTTP/1.1\r\nHost: x\r\nX-Fake-Hold: hold\r\nContent-Length: 5\r\n\r\naudio"
     )
@@ -200,7 +211,8 @@ async def test_disconnect_while_running_keeps_the_slot(
     assert upstream.max_active == 1
     assert not app[PROXY].runners
     snap = app[STATE].snapshot()
-    assert snap.tasks["cancelled"] == 1 and snap.tasks["success"] == 1  # type: ignore[index]
+    assert snap.tasks["cancelled"] == 1
+    assert snap.tasks["success"] == 1
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])

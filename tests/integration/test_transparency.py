@@ -1,8 +1,8 @@
 """Bytes in = bytes out: bodies, paths, query strings and headers cross the proxy unchanged."""
 
 import asyncio
-import io
 import hashlib
+import io
 import json
 import os
 
@@ -21,19 +21,25 @@ async def test_50mb_multipart_upload_arrives_byte_exact(
     audio = os.urandom(50 * 1024 * 1024)
     boundary = "gatekeeper-test-boundary"
     raw = (
-        f"--{boundary}\r\n"
-        'Content-Disposition: form-data; name="audio_file"; filename="meeting.wav"\r\n'
-        "Content-Type: audio/wav\r\n\r\n"
-    ).encode() + audio + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f"--{boundary}\r\n"
+            'Content-Disposition: form-data; name="audio_file"; filename="meeting.wav"\r\n'
+            "Content-Type: audio/wav\r\n\r\n"
+        ).encode()
+        + audio
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     content_type = f"multipart/form-data; boundary={boundary}"
-    async with aiohttp.ClientSession() as session:
-        async with session.post(
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
             f"{base}/asr?output=json",
             data=io.BytesIO(raw),
             headers={"Content-Type": content_type},
-        ) as response:
-            assert response.status == 200
-            answer = await response.json()
+        ) as response,
+    ):
+        assert response.status == 200
+        answer = await response.json()
     assert answer["sha256"] == hashlib.sha256(raw).hexdigest()
     assert answer["size"] == len(raw)
     assert upstream.seen[0].headers["Content-Length"] == str(len(raw))
@@ -96,7 +102,8 @@ async def test_path_query_and_headers_pass_unchanged(
     assert seen.headers["X-Forwarded-Proto"] == "http"
     assert seen.headers["X-Forwarded-Host"] == "asr.example"
     assert seen.headers["X-Request-ID"] == "backend-42"
-    assert "User-Agent" not in seen.headers and "Accept-Encoding" not in seen.headers
+    assert "User-Agent" not in seen.headers
+    assert "Accept-Encoding" not in seen.headers
     text = head.decode()
     assert text.startswith("HTTP/1.1 200")
     assert "X-Request-ID: backend-42" in text
@@ -133,18 +140,20 @@ async def test_sse_answer_streams_chunk_by_chunk(
 ) -> None:
     """A streamed answer reaches the client event by event, before the upstream has finished."""
     base, _ = await start_gatekeeper(upstream.url)
-    async with aiohttp.ClientSession() as session:
-        async with session.post(
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
             f"{base}/v1/audio/transcriptions", data=b"x", headers={"X-Fake-SSE": "3"}
-        ) as response:
-            assert response.headers["Content-Type"] == "text/event-stream"
-            first = await asyncio.wait_for(response.content.readuntil(b"\n\n"), 5)
-            assert json.loads(first.removeprefix(b"data: "))["segment"] == 0
-            upstream.release("sse1")
-            second = await asyncio.wait_for(response.content.readuntil(b"\n\n"), 5)
-            assert json.loads(second.removeprefix(b"data: "))["segment"] == 1
-            upstream.release("sse2")
-            rest = await response.read()
+        ) as response,
+    ):
+        assert response.headers["Content-Type"] == "text/event-stream"
+        first = await asyncio.wait_for(response.content.readuntil(b"\n\n"), 5)
+        assert json.loads(first.removeprefix(b"data: "))["segment"] == 0
+        upstream.release("sse1")
+        second = await asyncio.wait_for(response.content.readuntil(b"\n\n"), 5)
+        assert json.loads(second.removeprefix(b"data: "))["segment"] == 1
+        upstream.release("sse2")
+        rest = await response.read()
     assert b'"segment": 2' in rest
 
 
@@ -158,9 +167,12 @@ async def test_attempt_timeout_gives_504_json(
             assert r.status == 504
             assert r.headers["X-Gatekeeper-Attempts"] == "1"
             doc = await r.json()
-    assert doc["reason"] == "timeout" and doc["attempts"] == 1 and doc["error"]
+    assert doc["reason"] == "timeout"
+    assert doc["attempts"] == 1
+    assert doc["error"]
     snap = app[STATE].snapshot()
-    assert snap.failed_tasks == 1 and snap.active_tasks == 0
+    assert snap.failed_tasks == 1
+    assert snap.active_tasks == 0
 
 
 async def test_refused_connection_gives_502_json(start_gatekeeper: GatekeeperFactory) -> None:

@@ -1,0 +1,118 @@
+"""Prometheus metrics, built at scrape time from one snapshot of the live state.
+
+Nothing is counted twice: the collector reads `LiveState.snapshot()`, the same object `/stats`
+and the log lines use, so the three views can never disagree. Each app gets its own registry
+(never the global one), so several gatekeepers in one test process do not share numbers.
+"""
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from gatekeeper.outcomes import AttemptOutcome, RejectReason, TaskOutcome
+from gatekeeper.state import HistogramData, Snapshot
+
+__all__ = ["PREFIX", "SnapshotCollector", "create_registry"]
+
+PREFIX = "asr_gatekeeper_"
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(PREFIX + name, doc, value=value)
+
+
+def _counter(name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(PREFIX + name, doc, labels=[label])
+    for key, value in values.items():
+        family.add_metric([key], value)
+    return family
+
+
+def _histogram(name: str, doc: str, data: HistogramData) -> HistogramMetricFamily:
+    return HistogramMetricFamily(
+        PREFIX + name, doc, buckets=data.cumulative(), sum_value=data.total
+    )
+
+
+class SnapshotCollector(Collector):
+    """Emits every gatekeeper metric from one snapshot taken at scrape time."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        gate = snap.gate
+        yield _gauge("max_concurrent", "Tasks allowed upstream at once.", gate.limit)
+        yield _gauge(
+            "active_tasks", "Tasks holding a slot (upstream or between attempts).", gate.active
+        )
+        yield _gauge("queued_tasks", "Admitted tasks waiting for a slot.", gate.queued)
+        yield _gauge("max_queue", "Tasks allowed to wait before refusals start.", gate.max_queue)
+        yield _gauge(
+            "upstream_up",
+            "1 when the Whisper server accepted the last connection check, else 0.",
+            1 if snap.upstream_up else 0,
+        )
+        yield _gauge("shutting_down", "1 while draining after SIGTERM.", int(gate.shutting_down))
+        yield _gauge(
+            "last_oom_timestamp_seconds",
+            "Unix time of the last upstream out-of-memory answer (0: none yet).",
+            snap.last_oom_wall or 0.0,
+        )
+        yield _counter(
+            "tasks_total",
+            "Admitted tasks that ended, by outcome.",
+            "outcome",
+            {o.value: snap.tasks[o] for o in TaskOutcome},
+        )
+        yield _counter(
+            "rejected_total",
+            "Refusals (503 服务繁忙), by reason.",
+            "reason",
+            {r.value: snap.rejected[r] for r in RejectReason},
+        )
+        yield _counter(
+            "upstream_attempts_total",
+            "Attempts sent to the Whisper server, by outcome.",
+            "outcome",
+            {o.value: snap.attempts[o] for o in AttemptOutcome},
+        )
+        yield _counter(
+            "retries_total",
+            "Retries scheduled, by the outcome that caused them.",
+            "outcome",
+            {o.value: snap.retries[o] for o in AttemptOutcome if o.is_failure},
+        )
+        oom = CounterMetricFamily(
+            PREFIX + "oom_errors", "Upstream attempts that ended in out-of-memory."
+        )
+        oom.add_metric([], snap.oom_errors)
+        yield oom
+        yield _histogram(
+            "queue_wait_seconds", "Time from arrival to getting a slot.", snap.queue_wait
+        )
+        yield _histogram(
+            "upstream_duration_seconds",
+            "Duration of one upstream attempt, upload included.",
+            snap.upstream_duration,
+        )
+        yield _histogram(
+            "task_duration_seconds",
+            "Time from arrival to the end of a task that reached the Whisper server.",
+            snap.task_duration,
+        )
+
+
+def create_registry(snapshot: Callable[[], Snapshot]) -> CollectorRegistry:
+    """A registry of this app's own, holding only the snapshot collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(snapshot))
+    return registry

@@ -1,0 +1,123 @@
+"""Settings: defaults from the seed, derived values, and clear errors for bad values."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gatekeeper.settings import SettingsError, load_settings
+
+
+def _load(**values: object):  # type: ignore[no-untyped-def]
+    return load_settings({"upstream_url": "http://whisper:9000", **values}, env_file=None)
+
+
+def test_defaults_follow_the_seed() -> None:
+    """Unset values take the seed's numbers, and derived ones follow their base."""
+    s = _load()
+    assert (s.max_concurrent, s.queue_limit, s.max_retries, s.retry_delay) == (1, 10, 3, 10.0)
+    assert (s.request_timeout, s.queue_timeout) == (300.0, 600.0)
+    assert (s.oom_window_s, s.oom_cooldown_s) == (30.0, 15.0)
+    assert s.gated_paths == ("/asr", "/detect-language", "/v1/audio/", "/inference")
+    assert s.max_body_size == 1073741824
+
+
+def test_derived_defaults_move_with_their_base() -> None:
+    """max_queue is 10 × concurrency, the OOM window and cool-down 3× and 1.5× the delay."""
+    s = _load(max_concurrent=2, retry_delay=4)
+    assert (s.queue_limit, s.oom_window_s, s.oom_cooldown_s) == (20, 12.0, 6.0)
+    assert _load(max_concurrent=2, max_queue=0).queue_limit == 0
+
+
+def test_environment_and_env_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """ASR_* variables and a .env file are read; flags win over both."""
+    env_file = tmp_path / ".env"
+    env_file.write_text("ASR_UPSTREAM_URL=http://file:9000\nASR_MAX_CONCURRENT=3\n")
+    monkeypatch.setenv("ASR_MAX_CONCURRENT", "2")
+    monkeypatch.setenv("ASR_GATED_PATHS", "/asr, /custom/")
+    s = load_settings({}, env_file=env_file)
+    assert s.upstream_url == "http://file:9000"
+    assert s.max_concurrent == 2  # the environment beats the file
+    assert s.gated_paths == ("/asr", "/custom/")
+    assert load_settings({"max_concurrent": 5}, env_file=env_file).max_concurrent == 5
+
+
+def test_oom_patterns_split_on_commas_or_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A value with newlines is one pattern a line, so a pattern may contain a comma."""
+    monkeypatch.setenv("ASR_OOM_PATTERNS", "a{1,3}b\n^Internal Server Error$")
+    assert _load().oom_patterns == ("a{1,3}b", "^Internal Server Error$")
+    monkeypatch.setenv("ASR_OOM_PATTERNS", "foo,bar")
+    assert _load().oom_patterns == ("foo", "bar")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        (
+            "max_concurrent",
+            0,
+            "ASR_MAX_CONCURRENT=0 is invalid: input should be greater than or equal to 1",
+        ),
+        ("max_concurrent", "abc", "ASR_MAX_CONCURRENT=abc is invalid"),
+        (
+            "upstream_url",
+            "whisper:9000",
+            "ASR_UPSTREAM_URL=whisper:9000 is invalid: must be an http://",
+        ),
+        ("retry_delay", -1, "ASR_RETRY_DELAY=-1 is invalid"),
+        ("retry_jitter", 1.5, "ASR_RETRY_JITTER=1.5 is invalid"),
+        ("max_queue", -1, "ASR_MAX_QUEUE=-1 is invalid"),
+        ("gated_paths", "asr", "ASR_GATED_PATHS"),
+        ("oom_patterns", "(unclosed", "invalid OOM pattern '(unclosed'"),
+        ("log_format", "xml", "ASR_LOG_FORMAT=xml is invalid"),
+        ("port", 70000, "ASR_PORT=70000 is invalid"),
+    ],
+)
+def test_bad_values_name_the_variable_and_rule(field: str, value: object, words: str) -> None:
+    """A bad value gives one line naming the variable, the value and the rule."""
+    with pytest.raises(SettingsError) as info:
+        _load(**{field: value})
+    assert len(info.value.lines) == 1
+    assert words in info.value.lines[0]
+
+
+def test_missing_upstream_says_what_to_set() -> None:
+    """Without ASR_UPSTREAM_URL the error says how to set it."""
+    with pytest.raises(SettingsError) as info:
+        load_settings({}, env_file=None)
+    assert "ASR_UPSTREAM_URL" in info.value.lines[0]
+    assert "required" in info.value.lines[0]
+
+
+def test_token_never_appears_in_public_settings() -> None:
+    """The stats token is reported as set, never shown."""
+    public = _load(stats_token="s3cret").public_dict()
+    assert "s3cret" not in repr(public)
+    assert public["stats_token_set"] is True
+
+
+def test_cli_exits_2_with_one_clear_line(tmp_path: Path) -> None:
+    """`gatekeeper serve` with a bad value prints one line naming it and exits 2, no traceback."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gatekeeper",
+            "serve",
+            "--upstream-url",
+            "http://w:9000",
+            "--max-concurrent",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        "gatekeeper: ASR_MAX_CONCURRENT (--max-concurrent)=0 is invalid: "
+        "input should be greater than or equal to 1"
+    ]
