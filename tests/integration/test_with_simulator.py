@@ -128,9 +128,11 @@ async def test_bare_internal_server_error_needs_the_operator_pattern(
             status, _, body = await _transcribe(session, base, 5, **{"X-Sim-Fail": "oom"})
         assert (status, body) == (500, b"Internal Server Error")  # relayed unchanged
         results[patterns] = app[STATE].snapshot().attempts
-    assert results[()][AttemptOutcome.ERROR] == 2 and results[()][AttemptOutcome.OOM] == 0
+    assert results[()][AttemptOutcome.ERROR] == 2
+    assert results[()][AttemptOutcome.OOM] == 0
     hidden = results[("^Internal Server Error$",)]
-    assert hidden[AttemptOutcome.OOM] == 2 and hidden[AttemptOutcome.ERROR] == 0
+    assert hidden[AttemptOutcome.OOM] == 2
+    assert hidden[AttemptOutcome.ERROR] == 0
 
 
 async def test_crash_and_restart_is_survived(
