@@ -69,6 +69,8 @@ def build_app(
         interval=settings.health_interval,
         timeout=settings.health_timeout,
         clock=clock,
+        path=settings.health_path,
+        busy=lambda: gate.counts().active > 0,
         on_status=state.set_upstream,
     )
     app[REGISTRY] = create_registry(state.snapshot)
@@ -122,6 +124,7 @@ def build_app(
         ok = status.up is True and not snap.gate.shutting_down
         upstream = {
             "url": settings.upstream_url,
+            "state": status.state.value,
             "reachable": status.up,
             "checked_at": None if status.checked_at is None else local_iso(status.checked_at),
             "latency_seconds": None if status.latency is None else round(status.latency, 4),

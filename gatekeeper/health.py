@@ -2,34 +2,51 @@
 
 The default probe only opens a TCP connection: whisper-asr-webservice answers nothing at all
 while it transcribes (its event loop is blocked), so a probe that waits for an HTTP answer would
-call a busy server "down". The probe never goes through the gate, so it never queues behind
-transcriptions.
+call a busy server "down". With `ASR_HEALTH_PATH` set the probe also asks that path, with a short
+timeout; a server that does not answer in time *while tasks run* is reported busy, not down.
+The probe never goes through the gate, so it never queues behind transcriptions.
 """
 
 import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 
+import aiohttp
 from yarl import URL
 
 from gatekeeper.clock import Clock
 
-__all__ = ["HealthProbe", "UpstreamHealth"]
+__all__ = ["HealthProbe", "UpstreamHealth", "UpstreamState"]
+
+
+class UpstreamState(StrEnum):
+    UNKNOWN = "unknown"  # not probed yet
+    UP = "up"
+    BUSY = "busy"  # accepts connections, too busy transcribing to answer the health path
+    DOWN = "down"
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamHealth:
     """The last probe's verdict."""
 
-    up: bool | None  # None: not probed yet
+    state: UpstreamState
     checked_at: float | None  # wall-clock seconds
     latency: float | None
     error: str | None
 
+    @property
+    def up(self) -> bool | None:
+        """True when reachable (busy counts), False when down, None before the first check."""
+        if self.state is UpstreamState.UNKNOWN:
+            return None
+        return self.state is not UpstreamState.DOWN
+
 
 class HealthProbe:
-    """Opens a TCP connection to the upstream every `interval` seconds."""
+    """Checks the upstream every `interval` seconds: TCP connect, then optionally an HTTP path."""
 
     def __init__(
         self,
@@ -38,39 +55,68 @@ class HealthProbe:
         interval: float,
         timeout: float,
         clock: Clock,
+        path: str | None = None,
+        busy: Callable[[], bool] = lambda: False,
         on_status: Callable[[UpstreamHealth], None] | None = None,
     ) -> None:
-        self._on_status = on_status
         url = URL(upstream)
         self.host = url.host or "localhost"
         self.port = url.port or (443 if url.scheme == "https" else 80)
+        self.url = None if path is None else URL(upstream.rstrip("/") + path, encoded=True)
         self.interval = interval
         self.timeout = timeout
         self.clock = clock
-        self.status = UpstreamHealth(None, None, None, None)
+        self._busy = busy
+        self._on_status = on_status
+        self.status = UpstreamHealth(UpstreamState.UNKNOWN, None, None, None)
         self._task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
 
     async def check(self) -> UpstreamHealth:
         """Probe once now and remember the verdict."""
         began = self.clock.monotonic()
+        state, error = await self._probe()
+        latency = self.clock.monotonic() - began if state is UpstreamState.UP else None
+        self.status = UpstreamHealth(state, self.clock.wall(), latency, error)
+        if self._on_status is not None:
+            self._on_status(self.status)
+        return self.status
+
+    async def _probe(self) -> tuple[UpstreamState, str | None]:
         try:
             async with asyncio.timeout(self.timeout):
                 _, writer = await asyncio.open_connection(self.host, self.port)
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
-            self.status = UpstreamHealth(
-                True, self.clock.wall(), self.clock.monotonic() - began, None
-            )
         except TimeoutError:
-            self.status = UpstreamHealth(
-                False, self.clock.wall(), None, f"no TCP connection within {self.timeout:g} s"
-            )
+            return UpstreamState.DOWN, f"no TCP connection within {self.timeout:g} s"
         except OSError as exc:
-            self.status = UpstreamHealth(False, self.clock.wall(), None, exc.strerror or str(exc))
-        if self._on_status is not None:
-            self._on_status(self.status)
-        return self.status
+            return UpstreamState.DOWN, exc.strerror or str(exc) or type(exc).__name__
+        if self.url is None:
+            return UpstreamState.UP, None
+        return await self._probe_http(self.url)
+
+    async def _probe_http(self, url: URL) -> tuple[UpstreamState, str | None]:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout), trust_env=False
+            )
+        try:
+            async with self._session.get(url, allow_redirects=False) as response:
+                await response.read()
+                if response.status >= 500:
+                    return UpstreamState.DOWN, f"{url.path} answered HTTP {response.status}"
+                return UpstreamState.UP, None
+        except TimeoutError:
+            if self._busy():
+                return (
+                    UpstreamState.BUSY,
+                    f"{url.path} gave no answer within {self.timeout:g} s while tasks run",
+                )
+            return UpstreamState.DOWN, f"{url.path} gave no answer within {self.timeout:g} s"
+        except aiohttp.ClientError as exc:
+            return UpstreamState.DOWN, str(exc) or type(exc).__name__
 
     async def _loop(self) -> None:
         while True:
@@ -86,3 +132,6 @@ class HealthProbe:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

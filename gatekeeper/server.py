@@ -13,7 +13,7 @@ import signal
 from aiohttp import web
 
 from gatekeeper.app import PROXY, build_app
-from gatekeeper.logs import Event, log_event
+from gatekeeper.logs import LOG_PREFIX, Event, log_event, logger
 from gatekeeper.outcomes import RejectReason
 from gatekeeper.settings import Settings
 
@@ -58,6 +58,13 @@ async def serve(settings: Settings) -> int:
         max_concurrent=settings.max_concurrent,
         max_queue=settings.queue_limit,
     )
+    if settings.stats_token is None:
+        logger.warning(
+            "%s ASR_STATS_TOKEN is not set: /stats is open to anyone who can reach port %d; "
+            "set a token or restrict /stats in nginx",
+            LOG_PREFIX,
+            settings.port,
+        )
     try:
         await stop.wait()
         proxy.gate.begin_shutdown()

@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     health_interval: float = Field(
         5.0, gt=0, description="Extra: seconds between background checks of the Whisper server."
     )
+    health_path: str | None = Field(
+        None,
+        description="Extra: also GET this path of the Whisper server in health checks (e.g. "
+        "/health); by default only a TCP connection is opened.",
+    )
     health_timeout: float = Field(
         2.0, gt=0, description="Extra: seconds one health check may take."
     )
@@ -146,6 +151,13 @@ class Settings(BaseSettings):
     @classmethod
     def _split(cls, value: object) -> object:
         return _split_list(value)
+
+    @field_validator("health_path")
+    @classmethod
+    def _check_health_path(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError(f"must start with '/', got {value!r}")
+        return value or None
 
     @field_validator("gated_paths")
     @classmethod
