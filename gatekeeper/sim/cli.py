@@ -132,6 +132,11 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=None, help="seed for the random jitter (default: none)"
     )
     misc.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log one line per request (off by default: task lines say enough)",
+    )
+    misc.add_argument(
         "--jitter",
         type=float,
         default=d.jitter,
@@ -166,6 +171,8 @@ def run_sim(args: argparse.Namespace) -> int:
         print(f"gatekeeper sim: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if not getattr(args, "access_log", False):
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     try:
         asyncio.run(_serve(config, args.host, args.port))
     except OSError as exc:
