@@ -3,65 +3,12 @@
 import asyncio
 import contextlib
 import json
-import os
 import signal
-import socket
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import aiohttp
 
 from tests.fakes import FakeUpstream
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@asynccontextmanager
-async def gatekeeper_process(
-    upstream_url: str, *args: str
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    """Run `python -m gatekeeper serve` on a free port until it listens."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ASR_")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gatekeeper",
-        "serve",
-        "--upstream-url",
-        upstream_url,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--env-file",
-        os.devnull,
-        *args,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with asyncio.timeout(20):
-            while True:
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", port)
-                    writer.close()
-                    break
-                except OSError:
-                    assert proc.returncode is None, "gatekeeper exited during start-up"
-                    await asyncio.sleep(0.05)
-        yield proc, base
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+from tests.processes import gatekeeper_process
 
 
 async def _post(

@@ -1,0 +1,83 @@
+"""Real processes for tests: `gatekeeper serve` and `gatekeeper sim` on free loopback ports."""
+
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+__all__ = ["free_port", "gatekeeper_process", "sim_process", "wait_for_port"]
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def wait_for_port(
+    port: int, proc: asyncio.subprocess.Process | None = None, within: float = 30.0
+) -> None:
+    """Wait until something accepts TCP connections on `port` (fail if `proc` exits first)."""
+    async with asyncio.timeout(within):
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                return
+            except OSError:
+                if proc is not None and proc.returncode is not None:
+                    msg = f"process exited with {proc.returncode} during start-up"
+                    raise RuntimeError(msg) from None
+                await asyncio.sleep(0.05)
+
+
+def _clean_env(extra: dict[str, str] | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASR_")}
+    env.update(extra or {})
+    return env
+
+
+@asynccontextmanager
+async def gatekeeper_process(
+    upstream_url: str, *args: str, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """Run `python -m gatekeeper serve` on a free port until it listens; stderr is piped."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gatekeeper", "serve",
+        "--upstream-url", upstream_url, "--host", "127.0.0.1", "--port", str(port),
+        "--env-file", os.devnull, *args,
+        stderr=asyncio.subprocess.PIPE,
+        env=_clean_env(env),
+    )  # fmt: skip
+    try:
+        await wait_for_port(port, proc)
+        yield proc, f"http://127.0.0.1:{port}"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+@asynccontextmanager
+async def sim_process(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """Run `python -m gatekeeper sim` on a free port until it listens."""
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gatekeeper", "sim", "--host", "127.0.0.1", "--port", str(port),
+        *args,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=_clean_env(None),
+    )  # fmt: skip
+    try:
+        await wait_for_port(port, proc)
+        yield proc, f"http://127.0.0.1:{port}"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
