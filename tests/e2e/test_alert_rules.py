@@ -1,0 +1,266 @@
+"""The Prometheus alert rules and scrape config, checked and unit-tested with the real promtool.
+
+promtool is a required tool here, like nginx for the other e2e tests: when it is missing the
+tests fail and say how to install it, they never skip.
+"""
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).parents[2]
+PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
+ALERTS = PROMETHEUS_DIR / "alerts.yml"
+ALERTS_TEST = PROMETHEUS_DIR / "alerts_test.yml"
+CONFIG = PROMETHEUS_DIR / "prometheus.yml"
+
+# The alerts the operator guide asks for ("监控告警", "第4步：调优") and the issue names.
+REQUIRED_ALERTS = {
+    "AsrOomFrequent",
+    "AsrQueueOftenFull",
+    "AsrSuccessRateLow",
+    "AsrUpstreamDown",
+    "AsrQueueNearlyFull",
+}
+
+# The metrics contract (SPEC.md, "Metrics"): name -> {label: allowed values}.
+_TASK_OUTCOMES = {"success", "failed", "client_error", "cancelled", "rejected"}
+_REJECT_REASONS = {"queue_full", "queue_timeout", "shutting_down"}
+_ATTEMPT_OUTCOMES = {"ok", "client_error", "oom", "crash", "error", "timeout"}
+_RETRY_OUTCOMES = {"oom", "crash", "error", "timeout"}
+EXPORTED_METRICS: dict[str, dict[str, set[str]]] = {
+    "asr_gatekeeper_max_concurrent": {},
+    "asr_gatekeeper_active_tasks": {},
+    "asr_gatekeeper_queued_tasks": {},
+    "asr_gatekeeper_max_queue": {},
+    "asr_gatekeeper_upstream_up": {},
+    "asr_gatekeeper_last_oom_timestamp_seconds": {},
+    "asr_gatekeeper_shutting_down": {},
+    "asr_gatekeeper_tasks_total": {"outcome": _TASK_OUTCOMES},
+    "asr_gatekeeper_rejected_total": {"reason": _REJECT_REASONS},
+    "asr_gatekeeper_upstream_attempts_total": {"outcome": _ATTEMPT_OUTCOMES},
+    "asr_gatekeeper_oom_errors_total": {},
+    "asr_gatekeeper_retries_total": {"outcome": _RETRY_OUTCOMES},
+    "asr_gatekeeper_queue_wait_seconds": {},
+    "asr_gatekeeper_upstream_duration_seconds": {},
+    "asr_gatekeeper_task_duration_seconds": {},
+}
+HISTOGRAMS = {
+    "asr_gatekeeper_queue_wait_seconds",
+    "asr_gatekeeper_upstream_duration_seconds",
+    "asr_gatekeeper_task_duration_seconds",
+}
+# Labels whose values the contract fixes; any other label (job, instance, le) is free.
+_CONTRACT_LABELS = {"outcome", "reason"}
+
+_METRIC = re.compile(r"(asr_gatekeeper_[a-z_]+)(\{[^}]*\})?")
+_MATCHER = re.compile(r'([a-zA-Z_]\w*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
+
+
+def contract_violations(text: str) -> list[str]:
+    """Metric names and outcome/reason values in `text` that the gatekeeper does not export."""
+    problems: list[str] = []
+    for match in _METRIC.finditer(text):
+        name, selector = match.group(1), match.group(2) or ""
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        metric = base if base in HISTOGRAMS else name
+        if metric not in EXPORTED_METRICS:
+            problems.append(f"unknown metric {name}")
+            continue
+        for label, op, value in _MATCHER.findall(selector):
+            if label not in _CONTRACT_LABELS:
+                continue
+            allowed = EXPORTED_METRICS[metric].get(label)
+            if allowed is None:
+                problems.append(f"{name} has no label {label}")
+                continue
+            # Plain alternatives of a regex matcher ("success|failed") are checked too.
+            words = value.split("|") if op in ("=~", "!~") else [value]
+            for word in words:
+                if re.fullmatch(r"[a-z_]+", word) and word not in allowed:
+                    problems.append(f'{name}{{{label}{op}"{value}"}}: no {label} "{word}"')
+    return problems
+
+
+def alert_names(text: str) -> list[str]:
+    return re.findall(r"^\s*-\s*alert:\s*(\S+)\s*$", text, flags=re.MULTILINE)
+
+
+def alert_blocks(text: str) -> dict[str, str]:
+    """Each alert's rule text, from its `- alert:` line to the next rule."""
+    parts = re.split(r"^(?=\s*-\s*(?:alert|record):)", text, flags=re.MULTILINE)
+    blocks: dict[str, str] = {}
+    for part in parts:
+        head = re.match(r"\s*-\s*alert:\s*(\S+)", part)
+        if head:
+            blocks[head.group(1)] = part
+    return blocks
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.fail(
+            "promtool is not on PATH. It ships with Prometheus: on Debian/Ubuntu run "
+            "`apt-get install -y prometheus` (the project's setup script does this), or put the "
+            "promtool binary from a Prometheus release on PATH. These tests do not skip.",
+            pytrace=False,
+        )
+    return path
+
+
+def run_promtool(promtool: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [promtool, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def assert_success(result: subprocess.CompletedProcess[str]) -> None:
+    command = " ".join(result.args)
+    assert result.returncode == 0, (
+        f"`{command}` exited with {result.returncode}:\n"
+        f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
+    )
+
+
+def test_alert_rules_pass_promtool_check(promtool: str) -> None:
+    """promtool accepts alerts.yml with every lint check fatal."""
+    result = run_promtool(promtool, "check", "rules", "--lint=all", "--lint-fatal", ALERTS)
+    assert_success(result)
+
+
+def test_promtool_counts_every_rule_the_file_declares(promtool: str) -> None:
+    """promtool loads exactly the rules these tests see, so the text checks below miss none."""
+    result = run_promtool(promtool, "check", "rules", ALERTS)
+    assert_success(result)
+    text = ALERTS.read_text(encoding="utf-8")
+    declared = len(re.findall(r"^\s*-\s*(?:alert|record):", text, flags=re.MULTILINE))
+    found = re.search(r"SUCCESS: (\d+) rules found", result.stdout + result.stderr)
+    assert found is not None, result.stdout + result.stderr
+    assert int(found.group(1)) == declared
+
+
+def test_alert_rule_unit_tests_pass(promtool: str) -> None:
+    """Every scenario in alerts_test.yml fires or stays quiet as written."""
+    assert_success(run_promtool(promtool, "test", "rules", ALERTS_TEST))
+
+
+def test_prometheus_config_is_valid_and_loads_the_alert_rules(promtool: str) -> None:
+    """promtool accepts prometheus.yml and finds alerts.yml next to it through rule_files.
+
+    rule_files is relative, so the same file works here and mounted in /etc/prometheus/.
+    """
+    result = run_promtool(promtool, "check", "config", "--lint-fatal", CONFIG)
+    assert_success(result)
+    output = result.stdout + result.stderr
+    assert "SUCCESS: 1 rule files found" in output, output
+    assert f"Checking {ALERTS}" in output, output
+
+
+def test_prometheus_scrapes_the_gatekeeper_job(promtool: str) -> None:
+    """Prometheus scrapes gatekeeper:8000/metrics every 15 s as job asr-gatekeeper."""
+    # Static targets arrive at once; promtool otherwise waits its full 30 s timeout.
+    result = run_promtool(
+        promtool, "check", "service-discovery", "--timeout=2s", CONFIG, "asr-gatekeeper"
+    )
+    assert_success(result)
+    targets = json.loads(result.stdout)
+    assert [target["labels"] for target in targets] == [
+        {
+            "__address__": "gatekeeper:8000",
+            "__metrics_path__": "/metrics",
+            "__scheme__": "http",
+            "__scrape_interval__": "15s",
+            "__scrape_timeout__": "10s",
+            # The alert rules' unit tests and annotations use these two labels.
+            "instance": "gatekeeper:8000",
+            "job": "asr-gatekeeper",
+        }
+    ]
+
+
+def test_every_alert_the_guide_asks_for_exists() -> None:
+    """alerts.yml defines the five alerts named in the issue, each exactly once."""
+    names = alert_names(ALERTS.read_text(encoding="utf-8"))
+    assert len(names) == len(set(names)), f"duplicate alert names: {names}"
+    assert set(names) >= REQUIRED_ALERTS, f"missing: {REQUIRED_ALERTS - set(names)}"
+
+
+def test_alert_rules_reference_only_exported_metrics() -> None:
+    """Every asr_gatekeeper_ metric and outcome/reason value in alerts.yml is in the contract."""
+    text = ALERTS.read_text(encoding="utf-8")
+    assert _METRIC.search(text), "no gatekeeper metric found at all"
+    assert contract_violations(text) == []
+
+
+def test_every_alert_tells_the_operator_what_to_do() -> None:
+    """Each alert has a severity and Chinese summary, description and action annotations."""
+    blocks = alert_blocks(ALERTS.read_text(encoding="utf-8"))
+    assert set(blocks) == set(alert_names(ALERTS.read_text(encoding="utf-8")))
+    for name, block in blocks.items():
+        assert re.search(r"severity:\s*(warning|critical)\s*$", block, re.M), name
+        for key in ("summary", "description", "action"):
+            found = re.search(rf"^\s*{key}:", block, re.M)
+            assert found, f"{name} has no {key} annotation"
+        assert re.search(r"[\u4e00-\u9fff]", block), f"{name} has no Chinese text"
+        assert "{{ $value" in block or "{{ $labels" in block, f"{name} templates nothing"
+
+
+def test_alert_annotations_keep_the_guides_words() -> None:
+    """The OOM, queue and success-rate alerts say what the operator guide says."""
+    blocks = alert_blocks(ALERTS.read_text(encoding="utf-8"))
+    assert "ASR OOM频繁，建议降低并发" in blocks["AsrOomFrequent"]
+    assert "nvidia-smi" in blocks["AsrOomFrequent"]
+    assert "ASR队列频繁满载，建议提高并发" in blocks["AsrQueueOftenFull"]
+    assert "没有OOM" in blocks["AsrQueueOftenFull"]
+    assert "成功率<90%：必须降低并发" in blocks["AsrSuccessRateLow"]
+    assert "curl http://whisper-service-url/health" in blocks["AsrUpstreamDown"]
+    assert "docker logs" in blocks["AsrUpstreamDown"]
+
+
+def test_every_alert_has_firing_and_quiet_unit_tests() -> None:
+    """alerts_test.yml makes every alert fire at least once and stay quiet at least once."""
+    text = ALERTS_TEST.read_text(encoding="utf-8")
+    cases = re.findall(r"alertname:\s*(\S+)\s*\n\s*exp_alerts:[ \t]*(\[\])?", text)
+    fires = {name for name, empty in cases if not empty}
+    quiet = {name for name, empty in cases if empty}
+    names = set(alert_names(ALERTS.read_text(encoding="utf-8")))
+    assert names - fires == set(), "alerts never shown firing"
+    assert names - quiet == set(), "alerts never shown staying quiet"
+    assert "exp_annotations:" in text
+    assert "exp_labels:" in text
+
+
+def test_contract_check_catches_misspelled_metrics_and_labels() -> None:
+    """The metric check is not vacuous: typos in names or label values are reported."""
+    assert contract_violations("increase(asr_gatekeeper_oom_error_total[1h]) > 5") == [
+        "unknown metric asr_gatekeeper_oom_error_total"
+    ]
+    assert contract_violations('asr_gatekeeper_tasks_total{outcome=~"success|faild"}') != []
+    assert contract_violations('asr_gatekeeper_rejected_total{outcome="queue_full"}') != []
+    assert contract_violations("asr_gatekeeper_queue_wait_seconds_bucket{le='1'}") == []
+    assert contract_violations("asr_gatekeeper_max_concurrent_bucket") != []
+
+
+def test_promtool_check_rejects_a_broken_rule(promtool: str, tmp_path: Path) -> None:
+    """promtool really parses the expressions: a broken one makes the check fail."""
+    broken = tmp_path / "broken.yml"
+    broken.write_text(
+        "groups:\n  - name: broken\n    rules:\n      - alert: Broken\n"
+        "        expr: increase(asr_gatekeeper_oom_errors_total[1h] > 5\n",
+        encoding="utf-8",
+    )
+    result = run_promtool(promtool, "check", "rules", broken)
+    assert result.returncode != 0, result.stdout + result.stderr

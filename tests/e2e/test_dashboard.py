@@ -1,0 +1,413 @@
+"""The provisioned Grafana dashboard: its shape, and every query checked with the real promtool.
+
+Grafana is not needed: the queries are PromQL, and promtool both parses them (as recording
+rules) and runs them against synthetic gatekeeper series (as unit-tested alert rules).
+"""
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).parents[2]
+GRAFANA_DIR = ROOT / "deploy" / "grafana"
+DASHBOARD = GRAFANA_DIR / "dashboards" / "asr-gatekeeper.json"
+DATASOURCE_PROVISIONING = GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml"
+DASHBOARD_PROVISIONING = GRAFANA_DIR / "provisioning" / "dashboards" / "gatekeeper.yml"
+DATASOURCE_UID = "prometheus"
+
+# The metrics contract (SPEC.md, "Metrics"): name -> {label: allowed values}.
+_TASK_OUTCOMES = {"success", "failed", "client_error", "cancelled", "rejected"}
+_REJECT_REASONS = {"queue_full", "queue_timeout", "shutting_down"}
+_ATTEMPT_OUTCOMES = {"ok", "client_error", "oom", "crash", "error", "timeout"}
+_RETRY_OUTCOMES = {"oom", "crash", "error", "timeout"}
+GAUGES = {
+    "asr_gatekeeper_max_concurrent": 2,
+    "asr_gatekeeper_active_tasks": 2,
+    "asr_gatekeeper_queued_tasks": 3,
+    "asr_gatekeeper_max_queue": 20,
+    "asr_gatekeeper_upstream_up": 1,
+    "asr_gatekeeper_last_oom_timestamp_seconds": 1_738_117_800,
+    "asr_gatekeeper_shutting_down": 0,
+}
+COUNTERS: dict[str, tuple[str, set[str]] | None] = {
+    "asr_gatekeeper_tasks_total": ("outcome", _TASK_OUTCOMES),
+    "asr_gatekeeper_rejected_total": ("reason", _REJECT_REASONS),
+    "asr_gatekeeper_upstream_attempts_total": ("outcome", _ATTEMPT_OUTCOMES),
+    "asr_gatekeeper_oom_errors_total": None,
+    "asr_gatekeeper_retries_total": ("outcome", _RETRY_OUTCOMES),
+}
+HISTOGRAMS = {
+    "asr_gatekeeper_queue_wait_seconds",
+    "asr_gatekeeper_upstream_duration_seconds",
+    "asr_gatekeeper_task_duration_seconds",
+}
+EXPORTED_METRICS = set(GAUGES) | set(COUNTERS) | HISTOGRAMS
+
+# Grafana's built-in interval variables, replaced by a plausible value before checking.
+_BUILTIN_INTERVALS = {"__rate_interval": "5m", "__interval": "1m", "__range": "1h"}
+
+_METRIC = re.compile(r"(asr_gatekeeper_[a-z_]+)(\{[^}]*\})?")
+_MATCHER = re.compile(r'([a-zA-Z_]\w*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
+_SERIES_LABELS = 'job="asr-gatekeeper", instance="gatekeeper:8000"'
+
+
+def contract_violations(text: str) -> list[str]:
+    """Metric names and outcome/reason values in `text` that the gatekeeper does not export."""
+    problems: list[str] = []
+    for match in _METRIC.finditer(text):
+        name, selector = match.group(1), match.group(2) or ""
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        metric = base if base in HISTOGRAMS else name
+        if metric not in EXPORTED_METRICS:
+            problems.append(f"unknown metric {name}")
+            continue
+        for label, op, value in _MATCHER.findall(selector):
+            if label not in {"outcome", "reason"}:
+                continue
+            contract = COUNTERS.get(metric)
+            if contract is None or contract[0] != label:
+                problems.append(f"{name} has no label {label}")
+                continue
+            words = value.split("|") if op in ("=~", "!~") else [value]
+            for word in words:
+                if re.fullmatch(r"[a-z_]+", word) and word not in contract[1]:
+                    problems.append(f'{name}{{{label}{op}"{value}"}}: no {label} "{word}"')
+    return problems
+
+
+def load_dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text(encoding="utf-8"))
+
+
+def all_panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every panel, including those nested in collapsed rows."""
+    for panel in dashboard["panels"]:
+        yield panel
+        yield from panel.get("panels", [])
+
+
+def query_panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    return [panel for panel in all_panels(dashboard) if panel["type"] != "row"]
+
+
+def all_exprs(node: Any) -> Iterator[str]:
+    """Every PromQL `expr` anywhere in the dashboard: panel targets and annotations."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "expr" and isinstance(value, str):
+                yield value
+            else:
+                yield from all_exprs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from all_exprs(item)
+
+
+def substitute_variables(expr: str, dashboard_variables: set[str]) -> str:
+    """Replace Grafana variables so promtool sees plain PromQL; unknown ones stay and fail."""
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        if name in _BUILTIN_INTERVALS:
+            return _BUILTIN_INTERVALS[name]
+        if name in dashboard_variables:
+            return ".*"  # dashboard variables sit in regex label matchers (instance=~"$instance")
+        return match.group(0)
+
+    return re.sub(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)", replace, expr)
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(where, PromQL) for every query in the dashboard, variables substituted."""
+    dashboard = load_dashboard()
+    variables = {variable["name"] for variable in dashboard["templating"]["list"]}
+    queries = [
+        (f"panel {panel['title']!r} target {target['refId']}", target["expr"])
+        for panel in query_panels(dashboard)
+        for target in panel["targets"]
+    ]
+    queries += [
+        (f"annotation {annotation['name']!r}", annotation["expr"])
+        for annotation in dashboard["annotations"]["list"]
+        if "expr" in annotation
+    ]
+    assert len(queries) == len(list(all_exprs(dashboard))), "an expr sits somewhere unexpected"
+    return [(where, substitute_variables(expr, variables)) for where, expr in queries]
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.fail(
+            "promtool is not on PATH. It ships with Prometheus: on Debian/Ubuntu run "
+            "`apt-get install -y prometheus` (the project's setup script does this), or put the "
+            "promtool binary from a Prometheus release on PATH. These tests do not skip.",
+            pytrace=False,
+        )
+    return path
+
+
+def run_promtool(promtool: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [promtool, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def promql_errors(promtool: str, exprs: list[str], directory: Path) -> str | None:
+    """promtool's complaint about any of `exprs`, or None when all of them parse.
+
+    promtool has no "parse this expression" command, so each expression becomes a recording
+    rule and the file goes through `promtool check rules`. JSON is valid YAML.
+    """
+    rules = [{"record": f"dashboard:check:{i}", "expr": expr} for i, expr in enumerate(exprs)]
+    path = directory / "dashboard_exprs.yml"
+    path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}), "utf-8")
+    result = run_promtool(promtool, "check", "rules", path)
+    if result.returncode == 0:
+        return None
+    return f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+
+
+def traffic_series() -> list[dict[str, str]]:
+    """Two hours of a busy gatekeeper: every exported series, every counter growing."""
+    series = [
+        {"series": f"{name}{{{_SERIES_LABELS}}}", "values": f"{value}x120"}
+        for name, value in GAUGES.items()
+    ]
+    for name, labelled in COUNTERS.items():
+        if labelled is None:
+            series.append({"series": f"{name}{{{_SERIES_LABELS}}}", "values": "0+1x120"})
+            continue
+        label, values = labelled
+        series += [
+            {"series": f'{name}{{{_SERIES_LABELS}, {label}="{value}"}}', "values": "0+1x120"}
+            for value in sorted(values)
+        ]
+    for name in sorted(HISTOGRAMS):
+        for step, le in enumerate(("0.5", "5", "60", "600", "+Inf"), start=1):
+            series.append(
+                {
+                    "series": f'{name}_bucket{{{_SERIES_LABELS}, le="{le}"}}',
+                    "values": f"0+{step}x120",
+                }
+            )
+        series.append({"series": f"{name}_sum{{{_SERIES_LABELS}}}", "values": "0+300x120"})
+        series.append({"series": f"{name}_count{{{_SERIES_LABELS}}}", "values": "0+5x120"})
+    return series
+
+
+def run_promtool_unit_test(
+    promtool: str, directory: Path, rules: list[dict[str, Any]], tests: list[dict[str, Any]]
+) -> subprocess.CompletedProcess[str]:
+    (directory / "rules.yml").write_text(
+        json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}), "utf-8"
+    )
+    test_file = directory / "rules_test.yml"
+    test_file.write_text(
+        json.dumps({"rule_files": ["rules.yml"], "evaluation_interval": "1m", "tests": tests}),
+        "utf-8",
+    )
+    return run_promtool(promtool, "test", "rules", test_file)
+
+
+def panel_expr(title: str) -> str:
+    dashboard = load_dashboard()
+    variables = {variable["name"] for variable in dashboard["templating"]["list"]}
+    (panel,) = (panel for panel in query_panels(dashboard) if panel["title"] == title)
+    (target,) = panel["targets"]
+    return substitute_variables(target["expr"], variables)
+
+
+def test_dashboard_is_the_provisioned_asr_gatekeeper_dashboard() -> None:
+    """The JSON is a current Grafana dashboard with a fixed uid and title."""
+    dashboard = load_dashboard()
+    assert dashboard["uid"] == "asr-gatekeeper"
+    assert dashboard["title"] == "ASR Gatekeeper"
+    assert 36 <= dashboard["schemaVersion"] <= 41
+    assert dashboard["id"] is None  # provisioned dashboards get their id from Grafana
+    ids = [panel["id"] for panel in all_panels(dashboard)]
+    assert len(ids) == len(set(ids)), f"duplicate panel ids: {ids}"
+
+
+def test_panels_do_not_overlap() -> None:
+    """Every panel fits the 24-column grid and no two panels cover the same cell."""
+    taken: dict[tuple[int, int], str] = {}
+    for panel in all_panels(load_dashboard()):
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in taken, f"{panel['title']!r} overlaps {taken[(x, y)]!r}"
+                taken[(x, y)] = panel["title"]
+
+
+def test_every_panel_queries_the_provisioned_prometheus() -> None:
+    """Every panel has PromQL targets on the datasource with uid "prometheus"."""
+    dashboard = load_dashboard()
+    panels = query_panels(dashboard)
+    assert panels
+    for panel in panels:
+        assert panel["datasource"]["uid"] == DATASOURCE_UID, panel["title"]
+        assert panel["targets"], f"{panel['title']!r} has no targets"
+        for target in panel["targets"]:
+            assert target["datasource"] == {"type": "prometheus", "uid": DATASOURCE_UID}
+            assert target["expr"].strip(), f"{panel['title']!r} has an empty query"
+    for variable in dashboard["templating"]["list"]:
+        assert variable["datasource"]["uid"] == DATASOURCE_UID, variable["name"]
+    for annotation in dashboard["annotations"]["list"]:
+        if "expr" in annotation:
+            assert annotation["datasource"]["uid"] == DATASOURCE_UID, annotation["name"]
+
+
+def test_grafana_provisioning_matches_the_dashboard() -> None:
+    """Grafana provisions the datasource uid the dashboard uses and loads the dashboard dir."""
+    datasource = DATASOURCE_PROVISIONING.read_text(encoding="utf-8")
+    assert re.search(rf"^\s*uid:\s*{DATASOURCE_UID}\s*$", datasource, re.M), datasource
+    assert re.search(r"^\s*type:\s*prometheus\s*$", datasource, re.M), datasource
+    assert re.search(r"^\s*url:\s*http://prometheus:9090\s*$", datasource, re.M), datasource
+    provider = DASHBOARD_PROVISIONING.read_text(encoding="utf-8")
+    assert re.search(r"^\s*path:\s*/var/lib/grafana/dashboards\s*$", provider, re.M), provider
+    assert re.search(r"^\s*type:\s*file\s*$", provider, re.M), provider
+
+
+def test_dashboard_shows_every_exported_metric() -> None:
+    """Every metric the gatekeeper exports is on some panel."""
+    shown = {match.group(1) for _, expr in dashboard_queries() for match in _METRIC.finditer(expr)}
+    shown_bases = {re.sub(r"_(bucket|sum|count)$", "", name) for name in shown}
+    assert EXPORTED_METRICS - (shown | shown_bases) == set()
+
+
+def test_dashboard_shows_the_latency_percentiles() -> None:
+    """Queue wait and upstream duration p50/p95 and task duration p95 come from _bucket rates."""
+    exprs = [re.sub(r"\s+", " ", expr) for _, expr in dashboard_queries()]
+    wanted = [
+        ("0.5", "asr_gatekeeper_queue_wait_seconds"),
+        ("0.95", "asr_gatekeeper_queue_wait_seconds"),
+        ("0.5", "asr_gatekeeper_upstream_duration_seconds"),
+        ("0.95", "asr_gatekeeper_upstream_duration_seconds"),
+        ("0.95", "asr_gatekeeper_task_duration_seconds"),
+    ]
+    for quantile, metric in wanted:
+        pattern = (
+            rf"histogram_quantile\({re.escape(quantile)}, sum by \(le\) "
+            rf"\(rate\({metric}_bucket\{{[^}}]*\}}\[5m\]\)\)\)"
+        )
+        assert any(re.search(pattern, expr) for expr in exprs), f"no p{quantile} of {metric}"
+
+
+def test_dashboard_queries_reference_only_exported_metrics() -> None:
+    """Every metric name and outcome/reason value in the dashboard is in the contract."""
+    for where, expr in dashboard_queries():
+        assert contract_violations(expr) == [], where
+    # Descriptions and the variable query name metrics too.
+    assert contract_violations(DASHBOARD.read_text(encoding="utf-8")) == []
+
+
+def test_every_dashboard_query_is_valid_promql(promtool: str, tmp_path: Path) -> None:
+    """promtool parses every query once Grafana's variables are substituted."""
+    queries = dashboard_queries()
+    for where, expr in queries:
+        assert "$" not in expr, f"{where}: unsubstituted variable in {expr}"
+    assert promql_errors(promtool, [expr for _, expr in queries], tmp_path) is None
+
+
+def test_every_dashboard_query_returns_data(promtool: str, tmp_path: Path) -> None:
+    """Against a busy gatekeeper's series, every panel and annotation query has a result."""
+    queries = dashboard_queries()
+    rules = [
+        {"alert": f"DashboardQuery{i}", "expr": f"count({expr}) > 0"}
+        for i, (_, expr) in enumerate(queries)
+    ]
+    checks = [
+        {"eval_time": "90m", "alertname": f"DashboardQuery{i}", "exp_alerts": [{"exp_labels": {}}]}
+        for i in range(len(queries))
+    ]
+    tests = [{"interval": "1m", "input_series": traffic_series(), "alert_rule_test": checks}]
+    result = run_promtool_unit_test(promtool, tmp_path, rules, tests)
+    legend = "\n".join(f"DashboardQuery{i}: {where}" for i, (where, _) in enumerate(queries))
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{legend}"
+
+
+def test_overview_stats_compute_what_the_stats_json_shows(promtool: str, tmp_path: Path) -> None:
+    """Success rate is success ÷ (success + failed), blank without tasks; last OOM is in ms."""
+    success_rate = panel_expr("成功率 (1h)")
+    last_oom = panel_expr("最近一次 OOM")
+
+    def tasks(success: str, failed: str, extra: str = "0x120") -> list[dict[str, str]]:
+        name = "asr_gatekeeper_tasks_total"
+        return [
+            {"series": f'{name}{{{_SERIES_LABELS}, outcome="success"}}', "values": success},
+            {"series": f'{name}{{{_SERIES_LABELS}, outcome="failed"}}', "values": failed},
+            {"series": f'{name}{{{_SERIES_LABELS}, outcome="client_error"}}', "values": extra},
+        ]
+
+    def expect(expr: str, *values: float) -> dict[str, Any]:
+        samples = [{"labels": "{}", "value": value} for value in values]
+        return {"expr": expr, "eval_time": "90m", "exp_samples": samples}
+
+    oom_at = f"asr_gatekeeper_last_oom_timestamp_seconds{{{_SERIES_LABELS}}}"
+    tests = [
+        # 89 successes, 11 failures and 50 client errors a minute: 89 %.
+        {
+            "interval": "1m",
+            "input_series": tasks("0+89x120", "0+11x120", "0+50x120"),
+            "promql_expr_test": [expect(success_rate, 0.89)],
+        },
+        # Nothing finished: "no data" (the panel says 无任务), not 0 % or NaN.
+        {
+            "interval": "1m",
+            "input_series": [*tasks("0x120", "0x120"), {"series": oom_at, "values": "0x120"}],
+            "promql_expr_test": [expect(success_rate), expect(last_oom)],
+        },
+        # Only successes and no failed series at all: 100 %, not "no data".
+        {
+            "interval": "1m",
+            "input_series": tasks("0+1x120", "_x120"),
+            "promql_expr_test": [expect(success_rate, 1.0)],
+        },
+        # Only failures and no success series at all: 0 %, not "no data".
+        {
+            "interval": "1m",
+            "input_series": tasks("_x120", "0+1x120"),
+            "promql_expr_test": [expect(success_rate, 0.0)],
+        },
+        {
+            "interval": "1m",
+            "input_series": [{"series": oom_at, "values": "1738117800x120"}],
+            "promql_expr_test": [expect(last_oom, 1_738_117_800_000)],
+        },
+    ]
+    result = run_promtool_unit_test(promtool, tmp_path, [], tests)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+
+
+def test_query_checks_reject_broken_and_misspelled_queries(promtool: str, tmp_path: Path) -> None:
+    """The checks are not vacuous: a syntax error, a typo'd metric or label value is caught."""
+    good = "sum(rate(asr_gatekeeper_oom_errors_total[5m]))"
+    assert promql_errors(promtool, [good], tmp_path) is None
+    broken = "sum(rate(asr_gatekeeper_oom_errors_total[5m])"
+    error = promql_errors(promtool, [good, broken], tmp_path)
+    assert error is not None
+    assert "dashboard:check:1" in error or "parse error" in error, error
+    assert contract_violations("rate(asr_gatekeeper_oom_error_total[5m])") == [
+        "unknown metric asr_gatekeeper_oom_error_total"
+    ]
+    assert contract_violations('asr_gatekeeper_rejected_total{reason="queue_ful"}') != []
+    assert contract_violations("rate(asr_gatekeeper_queue_wait_seconds_bucket[5m])") == []
+    assert contract_violations("asr_gatekeeper_active_tasks_bucket") != []
+    assert substitute_variables("rate(x[$__rate_interval])", set()) == "rate(x[5m])"
+    assert substitute_variables('x{instance=~"$instance"}', {"instance"}) == 'x{instance=~".*"}'
+    assert substitute_variables('x{instance=~"$nope"}', {"instance"}) == 'x{instance=~"$nope"}'
