@@ -16,6 +16,7 @@ from gatekeeper.outcomes import AttemptOutcome, RejectReason
 __all__ = [
     "ATTEMPTS_HEADER",
     "REASON_HEADER",
+    "body_timeout",
     "body_too_large",
     "json_answer",
     "refusal",
@@ -100,6 +101,23 @@ def body_too_large(limit: int, *, request_id: str) -> web.Response:
             "detail": f"the request body exceeds ASR_MAX_BODY_SIZE={limit} bytes",
         },
         headers={REQUEST_ID: request_id, REASON_HEADER: "body_too_large", "Connection": "close"},
+    )
+
+
+def body_timeout(seconds: float, *, request_id: str) -> web.Response:
+    """408 for a client that stopped sending its body (its queue place or slot is freed)."""
+    return json_answer(
+        408,
+        {
+            "error": "上传超时",
+            "reason": "client_body_timeout",
+            "detail": f"no request body data for {seconds:g} s (ASR_CLIENT_BODY_TIMEOUT)",
+        },
+        headers={
+            REQUEST_ID: request_id,
+            REASON_HEADER: "client_body_timeout",
+            "Connection": "close",
+        },
     )
 
 

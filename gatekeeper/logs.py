@@ -10,6 +10,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from aiohttp.http_exceptions import BadHttpMessage
+
 __all__ = ["LOG_PREFIX", "Event", "configure_logging", "log_event", "logger"]
 
 LOG_PREFIX = "[ASR并发]"
@@ -36,6 +38,7 @@ class Event(StrEnum):
     UPSTREAM_ERROR = "Whisper服务返回错误"
     CLIENT_LEFT = "客户端已断开"
     BODY_TOO_LARGE = "请求体过大，拒绝任务"
+    BODY_TIMEOUT = "上传超时，释放排队位置"
     SERVING = "网关已启动"
     DRAINING = "收到停止信号，等待任务完成"
     STOPPED = "网关已停止"
@@ -91,6 +94,27 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(data, ensure_ascii=False, default=str)
 
 
+class _MalformedRequestFilter(logging.Filter):
+    """Turn aiohttp's traceback for a malformed request into one warning line.
+
+    A client sending garbage (bad framing, a header flood) is refused with 400 by the HTTP
+    parser; that is the client's problem, not an error in the gatekeeper, and a full traceback
+    at ERROR level would page someone for nothing.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, BadHttpMessage):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "%s 拒绝格式错误的请求 error=%s",
+                (LOG_PREFIX, json.dumps(exc.message, ensure_ascii=False)),
+                None,
+                None,
+            )
+        return True
+
+
 def configure_logging(*, fmt: str, level: str) -> None:
     """Send every log line to stderr in the chosen format (called once, by the CLI)."""
     handler = logging.StreamHandler(sys.stderr)
@@ -98,6 +122,7 @@ def configure_logging(*, fmt: str, level: str) -> None:
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.addFilter(_MalformedRequestFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

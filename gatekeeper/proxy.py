@@ -24,6 +24,7 @@ from aiohttp import web
 from gatekeeper.admission import estimate_retry_after, queue_usage
 from gatekeeper.answers import (
     ATTEMPTS_HEADER,
+    body_timeout,
     body_too_large,
     refusal,
     upstream_failure,
@@ -41,7 +42,7 @@ from gatekeeper.logs import Event, log_event
 from gatekeeper.outcomes import AttemptOutcome, RejectReason, TaskOutcome
 from gatekeeper.retry import RetryPolicy, parse_retry_after
 from gatekeeper.settings import Settings
-from gatekeeper.spool import BodyTooLarge, SpooledBody
+from gatekeeper.spool import BodyTimeout, BodyTooLarge, SpooledBody
 from gatekeeper.state import LiveState, TaskRecord
 from gatekeeper.upstream import AttemptResult, send, upstream_url
 
@@ -61,6 +62,7 @@ class ProxyConfig:
     spool_dir: str | None
     queue_timeout: float
     request_timeout: float
+    client_body_timeout: float
     oom_window: float
     oom_cooldown: float
     retry: RetryPolicy
@@ -76,6 +78,7 @@ class ProxyConfig:
             spool_dir=str(settings.spool_dir) if settings.spool_dir else None,
             queue_timeout=settings.queue_timeout,
             request_timeout=settings.request_timeout,
+            client_body_timeout=settings.client_body_timeout,
             oom_window=settings.oom_window_s,
             oom_cooldown=settings.oom_cooldown_s,
             retry=RetryPolicy(
@@ -202,11 +205,25 @@ class Proxy:
         handed_over = False
         try:
             try:
-                await body.fill(request.content.iter_chunked(_CLIENT_CHUNK), max_size=limit)
+                await body.fill(
+                    request.content.readany,
+                    max_size=limit,
+                    idle_timeout=self.config.client_body_timeout,
+                )
             except BodyTooLarge:
                 log_event(Event.BODY_TOO_LARGE, logging.WARNING, task_id=request_id, limit=limit)
                 self.state.task_ended(TaskOutcome.CLIENT_ERROR)
                 return body_too_large(limit, request_id=request_id)
+            except BodyTimeout as stalled:
+                log_event(
+                    Event.BODY_TIMEOUT,
+                    logging.WARNING,
+                    task_id=request_id,
+                    received=body.size,
+                    timeout=stalled.seconds,
+                )
+                self.state.task_ended(TaskOutcome.CLIENT_ERROR)
+                return body_timeout(stalled.seconds, request_id=request_id)
             waited = self.clock.monotonic() - record.arrived
             try:
                 await ticket.wait(max(0.0, self.config.queue_timeout - waited))

@@ -8,6 +8,7 @@ A second signal skips the grace period.
 
 import asyncio
 import contextlib
+import resource
 import signal
 
 from aiohttp import web
@@ -23,8 +24,21 @@ __all__ = ["serve"]
 _FINAL_FLUSH = 5.0
 
 
+def _raise_open_file_limit() -> None:
+    """Use the hard limit for open files: every queued upload holds a socket and maybe a file.
+
+    Like nginx's worker_rlimit_nofile; thousands of idle or queued clients must not starve
+    /health of descriptors.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def serve(settings: Settings) -> int:
     """Serve until a signal, drain, and return the exit status."""
+    _raise_open_file_limit()
     app = build_app(settings)
     runner = web.AppRunner(
         app,

@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     upstream_url: str = Field(
         description="Base URL of the Whisper server, e.g. http://whisper:9000 (required)."
     )
-    host: str = Field("0.0.0.0", description="Address the gatekeeper listens on.")
+    host: str = Field("0.0.0.0", min_length=1, description="Address the gatekeeper listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the gatekeeper listens on.")
     max_concurrent: int = Field(
         1, ge=1, le=1024, description="Tasks sent to the Whisper server at once."
@@ -101,6 +101,12 @@ class Settings(BaseSettings):
     )
     max_body_size: int = Field(
         1_073_741_824, ge=1, description="Largest request body accepted, in bytes (413 beyond)."
+    )
+    client_body_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Extra: seconds a client may pause while sending its body before it gets "
+        "408 and its place is freed (like nginx's client_body_timeout).",
     )
     spool_memory_size: int = Field(
         1_048_576,
@@ -151,6 +157,18 @@ class Settings(BaseSettings):
     @classmethod
     def _split(cls, value: object) -> object:
         return _split_list(value)
+
+    @field_validator("spool_dir")
+    @classmethod
+    def _check_spool_dir(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"must be an existing directory, got {str(value)!r}")
+        return value
+
+    @field_validator("stats_token", mode="before")
+    @classmethod
+    def _empty_token_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("health_path")
     @classmethod

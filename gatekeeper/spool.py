@@ -5,12 +5,13 @@ unlinked on Linux, so nothing is left on disk even if the process dies). Memory 
 whatever the upload size.
 """
 
+import asyncio
 import tempfile
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import IO
 
-__all__ = ["BodyTooLarge", "SpooledBody"]
+__all__ = ["BodyTimeout", "BodyTooLarge", "SpooledBody"]
 
 _READ_CHUNK = 256 * 1024
 
@@ -23,6 +24,14 @@ class BodyTooLarge(Exception):
         self.limit = limit
 
 
+class BodyTimeout(Exception):
+    """The client stopped sending its body for longer than ASR_CLIENT_BODY_TIMEOUT."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no request body data for {seconds:g} s")
+        self.seconds = seconds
+
+
 class SpooledBody:
     """One task's request body: written once from the client, read back once per attempt."""
 
@@ -33,9 +42,23 @@ class SpooledBody:
         self.size = 0
         self.complete = False
 
-    async def fill(self, chunks: AsyncIterable[bytes], *, max_size: int) -> None:
-        """Copy the client's body in, refusing it as soon as it grows past `max_size`."""
-        async for chunk in chunks:
+    async def fill(
+        self, read: Callable[[], Awaitable[bytes]], *, max_size: int, idle_timeout: float
+    ) -> None:
+        """Copy the client's body in until `read()` returns b"".
+
+        Refuses the body as soon as it grows past `max_size` (BodyTooLarge), and gives up when
+        the client sends nothing for `idle_timeout` seconds (BodyTimeout) — like nginx's
+        client_body_timeout, a slow but steady upload is fine, a stalled one is not.
+        """
+        while True:
+            try:
+                async with asyncio.timeout(idle_timeout):
+                    chunk = await read()
+            except TimeoutError:
+                raise BodyTimeout(idle_timeout) from None
+            if not chunk:
+                break
             self.size += len(chunk)
             if self.size > max_size:
                 raise BodyTooLarge(max_size)

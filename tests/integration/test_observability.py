@@ -271,3 +271,21 @@ def test_text_log_lines_read_like_the_seed(capsys: pytest.CaptureFixture[str]) -
         "[ASR并发] 显存不足 task_id=abc oom_count=1",
         "[ASR并发] 队列已满，拒绝任务 task_id=xyz queued=20/20",
     ]
+
+
+def test_malformed_request_is_one_warning_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """aiohttp's traceback for a malformed request becomes one warning line, not an ERROR."""
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    configure_logging(fmt="text", level="INFO")
+    try:
+        try:
+            raise BadHttpMessage("Too many headers received")
+        except BadHttpMessage:
+            logging.getLogger("aiohttp.server").exception("Error handling request")
+    finally:
+        logging.getLogger().handlers.clear()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert " WARNING [ASR并发] 拒绝格式错误的请求 error=" in lines[0]
+    assert "Too many headers received" in lines[0]

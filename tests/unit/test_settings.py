@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gatekeeper.settings import SettingsError, load_settings
+from gatekeeper.settings import Settings, SettingsError, load_settings
 
 
 def _load(**values: object):  # type: ignore[no-untyped-def]
@@ -80,6 +80,56 @@ def test_bad_values_name_the_variable_and_rule(field: str, value: object, words:
         _load(**{field: value})
     assert len(info.value.lines) == 1
     assert words in info.value.lines[0]
+
+
+BAD_VALUES: dict[str, list[object]] = {
+    "upstream_url": ["whisper:9000", "ftp://w", "http://", "http://w:9000/?q=1"],
+    "host": [""],
+    "port": [0, 70000, "eighty"],
+    "max_concurrent": [0, -1, "two", 2000],
+    "max_queue": [-1, "x"],
+    "queue_timeout": [0, -5, "soon"],
+    "max_retries": [-1, 1000, "x"],
+    "retry_delay": [-1, "x"],
+    "retry_jitter": [-0.1, 1, 1.5],
+    "retry_on_timeout": ["maybe"],
+    "request_timeout": [0, "x"],
+    "oom_window": [-1, "x"],
+    "oom_cooldown": [-1, "x"],
+    "gated_paths": ["asr", "/asr,v1"],
+    "oom_patterns": ["(unclosed", "[a-"],
+    "max_body_size": [0, -1, "1GB"],
+    "client_body_timeout": [0, "x"],
+    "spool_memory_size": [-1, "x"],
+    "spool_dir": ["/nonexistent/spool"],
+    "shutdown_grace": [-1, "x"],
+    "health_interval": [0, "x"],
+    "health_path": ["health"],
+    "health_timeout": [0, "x"],
+    "log_format": ["xml"],
+    "log_level": ["LOUD"],
+}
+# Every value is accepted for these: any token string is a valid secret.
+ANY_VALUE = {"stats_token"}
+
+
+def test_every_setting_has_bad_values_tested() -> None:
+    """The table below covers every setting that can be wrong."""
+    assert set(BAD_VALUES) | ANY_VALUE == set(Settings.model_fields)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [(f, v) for f, values in BAD_VALUES.items() for v in values]
+)
+def test_every_bad_value_is_refused_with_its_name(field: str, value: object) -> None:
+    """Each invalid value of each setting is refused with one line naming the variable."""
+    base: dict[str, object] = {"upstream_url": "http://whisper:9000"}
+    with pytest.raises(SettingsError) as info:
+        load_settings({**base, field: value}, env_file=None)
+    assert len(info.value.lines) == 1
+    line = info.value.lines[0]
+    assert line.startswith(f"ASR_{field.upper()}")
+    assert "is invalid" in line
 
 
 def test_missing_upstream_says_what_to_set() -> None:
