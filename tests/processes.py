@@ -64,9 +64,11 @@ async def gatekeeper_process(
 
 
 @asynccontextmanager
-async def sim_process(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    """Run `python -m gatekeeper sim` on a free port until it listens."""
-    port = free_port()
+async def sim_process(
+    *args: str, port: int | None = None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """Run `python -m gatekeeper sim` on `port` (default: a free one) until it listens."""
+    port = port or free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gatekeeper", "sim", "--host", "127.0.0.1", "--port", str(port),
         *args,

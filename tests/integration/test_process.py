@@ -8,7 +8,7 @@ import signal
 import aiohttp
 
 from tests.fakes import FakeUpstream
-from tests.processes import gatekeeper_process
+from tests.processes import free_port, gatekeeper_process, sim_process
 
 
 async def _post(
@@ -83,3 +83,31 @@ async def test_second_signal_exits_at_once(upstream: FakeUpstream) -> None:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 15) == 0
         running.cancel()
+
+
+async def test_upstream_down_at_start_then_recovers() -> None:
+    """Started with the Whisper server down: degraded, 502 after retries, healthy once it is up."""
+    port = free_port()
+    upstream = f"http://127.0.0.1:{port}"
+    async with gatekeeper_process(
+        upstream, "--max-retries", "1", "--retry-delay", "0.05", "--health-interval", "0.1"
+    ) as (_, base):
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{base}/health") as response:
+                assert response.status == 503
+                assert (await response.json())["upstream"]["state"] in ("down", "unknown")
+            status, headers, body = await _post(session, f"{base}/asr")
+            assert status == 502
+            assert headers["X-Gatekeeper-Attempts"] == "2"
+            assert json.loads(body)["reason"] == "crash"
+            async with sim_process(port=port):
+                async with asyncio.timeout(10):
+                    while True:
+                        async with session.get(f"{base}/health") as response:
+                            if response.status == 200:
+                                break
+                        await asyncio.sleep(0.05)
+                form = aiohttp.FormData()
+                form.add_field("audio_file", b"RIFF", filename="a.wav")
+                async with session.post(f"{base}/asr", data=form) as response:
+                    assert response.status == 200
