@@ -1,45 +1,69 @@
 """The aiohttp application: routes, shared objects under typed keys, resources with a lifetime."""
 
 import hmac
+import json
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
+from pydantic import SecretStr
 
 from gatekeeper import __version__
 from gatekeeper.answers import json_answer
 from gatekeeper.clock import Clock, SystemClock, local_iso
+from gatekeeper.control import RELOADABLE, Controller
 from gatekeeper.gate import Gate
 from gatekeeper.health import HealthProbe
 from gatekeeper.metrics import create_registry
 from gatekeeper.proxy import Proxy, ProxyConfig
-from gatekeeper.settings import Settings
+from gatekeeper.settings import Settings, SettingsError
 from gatekeeper.state import LiveState
 from gatekeeper.stats import stats_document
 from gatekeeper.upstream import create_session
 
 __all__ = [
+    "CONTROL",
     "HEALTH",
     "PROXY",
     "REGISTRY",
     "SESSION",
-    "SETTINGS",
     "STATE",
     "build_app",
 ]
 
-SETTINGS = web.AppKey("settings", Settings)
 PROXY = web.AppKey("proxy", Proxy)
 STATE = web.AppKey("state", LiveState)
 HEALTH = web.AppKey("health", HealthProbe)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
+CONTROL = web.AppKey("control", Controller)
 
 STATS_PATHS = ("/stats", "/api/recordings/stats/asr-concurrency")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _bearer_guard(token: SecretStr | None, realm: str, handler: Handler) -> Handler:
+    """Wrap `handler` so it needs `Authorization: Bearer <token>` (compared in constant time)."""
+    if token is None:
+        return handler
+    expected = f"Bearer {token.get_secret_value()}".encode()
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            return json_answer(
+                401,
+                {"error": "unauthorized", "detail": "send 'Authorization: Bearer <token>'"},
+                headers={"WWW-Authenticate": f'Bearer realm="{realm}"'},
+            )
+        return await handler(request)
+
+    return guarded
 
 
 def build_app(
@@ -51,7 +75,7 @@ def build_app(
     """Wire the gatekeeper together; `clock` and `rng` are injectable for tests."""
     clock = clock or SystemClock()
     app = web.Application(handler_args={"max_field_size": 65536})
-    gate = Gate(limit=settings.max_concurrent, max_queue=settings.queue_limit)
+    gate = Gate(limit=settings.start_limit, max_queue=settings.queue_limit)
     state = LiveState(gate, now=clock.monotonic)
     proxy = Proxy(
         ProxyConfig.from_settings(settings),
@@ -61,9 +85,10 @@ def build_app(
         rng=rng or random.Random(),
         session=lambda: app[SESSION],
     )
-    app[SETTINGS] = settings
+    control = Controller(settings, on_change=proxy.reconfigure)
     app[STATE] = state
     app[PROXY] = proxy
+    app[CONTROL] = control
     app[HEALTH] = HealthProbe(
         settings.upstream_url,
         interval=settings.health_interval,
@@ -89,36 +114,18 @@ def build_app(
 
     app.cleanup_ctx.extend([session_ctx, health_ctx])
 
-    async def stats(request: web.Request) -> web.Response:
-        token = settings.stats_token
-        if token is not None:
-            given = request.headers.get("Authorization", "")
-            expected = f"Bearer {token.get_secret_value()}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                return json_answer(
-                    401,
-                    {
-                        "error": "unauthorized",
-                        "detail": "send 'Authorization: Bearer <ASR_STATS_TOKEN>'",
-                    },
-                    headers={"WWW-Authenticate": 'Bearer realm="asr-gatekeeper"'},
-                )
-        snap = state.snapshot()
-        return json_answer(
-            200,
-            stats_document(
-                snap,
-                extras={
-                    "upstream_up": app[HEALTH].status.up,
-                    "uptime_seconds": round(time.time() - started, 1),
-                    "started_at": local_iso(started),
-                    "version": __version__,
-                    "settings": settings.public_dict(),
-                },
-            ),
-        )
+    async def stats(request: web.Request) -> web.StreamResponse:
+        extras = {
+            "upstream_up": app[HEALTH].status.up,
+            "uptime_seconds": round(time.time() - started, 1),
+            "started_at": local_iso(started),
+            "version": __version__,
+            **proxy.adaptive_stats(),
+            "settings": control.settings.public_dict(),
+        }
+        return json_answer(200, stats_document(state.snapshot(), extras=extras))
 
-    async def health(request: web.Request) -> web.Response:
+    async def health(request: web.Request) -> web.StreamResponse:
         status = app[HEALTH].status
         snap = state.snapshot()
         ok = status.up is True and not snap.gate.shutting_down
@@ -141,9 +148,57 @@ def build_app(
             },
         )
 
+    async def admin_get(request: web.Request) -> web.StreamResponse:
+        return json_answer(
+            200,
+            {"settings": control.settings.public_dict(), "reloadable": sorted(RELOADABLE)},
+        )
+
+    async def admin_patch(request: web.Request) -> web.StreamResponse:
+        try:
+            patch = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            patch = None
+        if not isinstance(patch, dict):
+            return json_answer(
+                400,
+                {
+                    "error": "bad request",
+                    "detail": 'send a JSON object, e.g. {"max_concurrent": 2}',
+                },
+            )
+        try:
+            changes = control.apply(patch, who=request.remote or "unknown", via="admin_api")
+        except SettingsError as exc:
+            return json_answer(400, {"error": "invalid settings", "problems": exc.lines})
+        return json_answer(
+            200,
+            {
+                "changed": {c.name: {"old": c.old, "new": c.new} for c in changes},
+                "settings": control.settings.public_dict(),
+            },
+        )
+
+    async def admin_absent(request: web.Request) -> web.StreamResponse:
+        return json_answer(
+            404,
+            {"error": "not found", "detail": "live configuration is off: set ASR_ADMIN_TOKEN"},
+        )
+
+    stats_handler = _bearer_guard(settings.stats_token, "asr-gatekeeper stats", stats)
     for path in STATS_PATHS:
-        app.router.add_get(path, stats)
+        app.router.add_get(path, stats_handler)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", make_aiohttp_handler(app[REGISTRY]))
+    if settings.admin_token is None:
+        app.router.add_route("*", "/admin/config", admin_absent)
+    else:
+        app.router.add_get(
+            "/admin/config", _bearer_guard(settings.admin_token, "asr-gatekeeper admin", admin_get)
+        )
+        app.router.add_patch(
+            "/admin/config",
+            _bearer_guard(settings.admin_token, "asr-gatekeeper admin", admin_patch),
+        )
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app

@@ -89,7 +89,11 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"gatekeeper: {line}", file=sys.stderr)
         return 2
     configure_logging(fmt=settings.log_format, level=settings.log_level)
-    status: int = asyncio.run(serve(settings))
+
+    def reload() -> Settings:
+        return load_settings(overrides, env_file=args.env_file, flags=flags)
+
+    status: int = asyncio.run(serve(settings, reload))
     return status
 
 

@@ -54,6 +54,11 @@ class SnapshotCollector(Collector):
         yield _gauge(
             "active_tasks", "Tasks holding a slot (upstream or between attempts).", gate.active
         )
+        yield _gauge(
+            "upstream_in_flight",
+            "Attempts at the Whisper server right now (active minus tasks between attempts).",
+            snap.upstream_in_flight,
+        )
         yield _gauge("queued_tasks", "Admitted tasks waiting for a slot.", gate.queued)
         yield _gauge("max_queue", "Tasks allowed to wait before refusals start.", gate.max_queue)
         yield _gauge(

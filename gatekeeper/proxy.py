@@ -132,6 +132,17 @@ class Proxy:
         self.rng = rng
         self._session = session
         self.runners: set[asyncio.Task[web.StreamResponse]] = set()
+        # Called after every classified attempt with the number of attempts then upstream.
+        self.on_attempt: Callable[[AttemptOutcome, int], None] | None = None
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Take new settings live: running tasks keep theirs, new attempts use the new ones."""
+        self.config = ProxyConfig.from_settings(settings)
+        self.gate.set_limits(limit=settings.start_limit, max_queue=settings.queue_limit)
+
+    def adaptive_stats(self) -> dict[str, object]:
+        """The adaptive limit's state for /stats (empty when the limit is fixed)."""
+        return {}
 
     # -- routing -----------------------------------------------------------------------------
 
@@ -326,48 +337,54 @@ class Proxy:
             record.attempts += 1
             began = self.clock.monotonic()
             deadline = loop.time() + cfg.request_timeout
-            result = await send(
-                self._session(),
-                method=task.request.method,
-                url=url,
-                headers=task.headers,  # type: ignore[arg-type]
-                body=task.body,
-                deadline=deadline,
-            )
-            outcome = classify(
-                status=result.status,
-                body=result.prefix,
-                content_type=result.response.headers.get("Content-Type")
-                if result.response is not None
-                else None,
-                error=result.error,
-                timed_out=result.timed_out,
-                matcher=cfg.matcher,
-            )
-            record.outcomes.append(outcome)
-            self.state.attempt_ended(
-                outcome,
-                self.clock.monotonic() - began,
-                wall=self.clock.wall(),
-                monotonic=self.clock.monotonic(),
-            )
-            self._log_attempt(task, outcome, result)
-            if outcome in (AttemptOutcome.OK, AttemptOutcome.CLIENT_ERROR) or not (
-                cfg.retry.should_retry(outcome, record.attempts) and not task.gone.is_set()
-            ):
-                return await self._finish(task, outcome, result, deadline)
-            delay = cfg.retry.delay(
-                outcome,
-                record.attempts,
-                unit_random=self.rng.random(),
-                upstream_retry_after=parse_retry_after(
-                    result.response.headers.get("Retry-After")
+            # The GPU is busy with this attempt from the request until its answer is fully read.
+            in_flight = self.state.upstream_began()
+            try:
+                result = await send(
+                    self._session(),
+                    method=task.request.method,
+                    url=url,
+                    headers=task.headers,  # type: ignore[arg-type]
+                    body=task.body,
+                    deadline=deadline,
+                )
+                outcome = classify(
+                    status=result.status,
+                    body=result.prefix,
+                    content_type=result.response.headers.get("Content-Type")
                     if result.response is not None
-                    else None
-                ),
-            )
-            if result.response is not None:
-                await _discard(result.response, deadline)
+                    else None,
+                    error=result.error,
+                    timed_out=result.timed_out,
+                    matcher=cfg.matcher,
+                )
+                record.outcomes.append(outcome)
+                self.state.attempt_ended(
+                    outcome,
+                    self.clock.monotonic() - began,
+                    wall=self.clock.wall(),
+                    monotonic=self.clock.monotonic(),
+                )
+                self._log_attempt(task, outcome, result)
+                self._observe(outcome, in_flight)
+                if outcome in (AttemptOutcome.OK, AttemptOutcome.CLIENT_ERROR) or not (
+                    cfg.retry.should_retry(outcome, record.attempts) and not task.gone.is_set()
+                ):
+                    return await self._finish(task, outcome, result, deadline)
+                delay = cfg.retry.delay(
+                    outcome,
+                    record.attempts,
+                    unit_random=self.rng.random(),
+                    upstream_retry_after=parse_retry_after(
+                        result.response.headers.get("Retry-After")
+                        if result.response is not None
+                        else None
+                    ),
+                )
+                if result.response is not None:
+                    await _discard(result.response, deadline)
+            finally:
+                self.state.upstream_ended()
             record.retry_delay_total += delay
             self.state.retry_scheduled(outcome, delay)
             log_event(
@@ -381,6 +398,11 @@ class Proxy:
             )
             if await self._wait_or_gone(delay, task):
                 return self._gone(task, "retry_delay")
+
+    def _observe(self, outcome: AttemptOutcome, in_flight: int) -> None:
+        """Feed one attempt's outcome to the adaptive limit, if there is one."""
+        if self.on_attempt is not None:
+            self.on_attempt(outcome, in_flight)
 
     async def _finish(
         self, task: _Task, outcome: AttemptOutcome, result: AttemptResult, deadline: float

@@ -8,15 +8,17 @@ A second signal skips the grace period.
 
 import asyncio
 import contextlib
+import json
 import resource
 import signal
+from collections.abc import Callable
 
 from aiohttp import web
 
-from gatekeeper.app import PROXY, build_app
+from gatekeeper.app import CONTROL, PROXY, build_app
 from gatekeeper.logs import LOG_PREFIX, Event, log_event, logger
 from gatekeeper.outcomes import RejectReason
-from gatekeeper.settings import Settings
+from gatekeeper.settings import Settings, SettingsError
 
 __all__ = ["serve"]
 
@@ -36,8 +38,11 @@ def _raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def serve(settings: Settings) -> int:
-    """Serve until a signal, drain, and return the exit status."""
+async def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
+    """Serve until a signal, drain, and return the exit status.
+
+    `reload` re-reads the settings (environment and env file, flags still winning) on SIGHUP.
+    """
     _raise_open_file_limit()
     app = build_app(settings)
     runner = web.AppRunner(
@@ -64,6 +69,19 @@ async def serve(settings: Settings) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
+
+    def on_hangup() -> None:
+        if reload is None:
+            return
+        try:
+            app[CONTROL].reload(reload(), via="sighup")
+        except SettingsError as exc:
+            for line in exc.lines:
+                logger.error(
+                    "%s 配置重载失败，保留当前配置 problem=%s", LOG_PREFIX, json.dumps(line)
+                )
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
 
     log_event(
         Event.SERVING,
@@ -104,7 +122,7 @@ async def serve(settings: Settings) -> int:
             queued=counts.queued,
         )
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
         await runner.cleanup()

@@ -26,6 +26,7 @@ __all__ = [
     "Settings",
     "SettingsError",
     "load_settings",
+    "validate_settings",
 ]
 
 ENV_PREFIX = "ASR_"
@@ -62,6 +63,21 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="Port the gatekeeper listens on.")
     max_concurrent: int = Field(
         1, ge=1, le=1024, description="Tasks sent to the Whisper server at once."
+    )
+    adaptive: bool = Field(
+        False,
+        description="Extra: let the gatekeeper tune its own limit between ASR_MIN_CONCURRENT "
+        "and ASR_MAX_CONCURRENT, lowering it on OOM and raising it after stable stretches.",
+    )
+    min_concurrent: int = Field(
+        1, ge=1, le=1024, description="Extra: lowest limit the adaptive mode may choose."
+    )
+    initial_concurrent: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Extra: limit the adaptive mode starts from (default: ASR_MIN_CONCURRENT, "
+        "the seed's conservative start).",
     )
     max_queue: int | None = Field(
         None, ge=0, description="Tasks allowed to wait; beyond it, refuse. Default 10 × concurrent."
@@ -136,6 +152,11 @@ class Settings(BaseSettings):
     stats_token: SecretStr | None = Field(
         None, description="When set, /stats needs 'Authorization: Bearer <token>'."
     )
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Extra: when set, GET/PATCH /admin/config (with 'Authorization: Bearer "
+        "<token>') changes limits and retry settings live; unset, /admin/config answers 404.",
+    )
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Lowest level logged."
@@ -165,7 +186,7 @@ class Settings(BaseSettings):
             raise ValueError(f"must be an existing directory, got {str(value)!r}")
         return value
 
-    @field_validator("stats_token", mode="before")
+    @field_validator("stats_token", "admin_token", mode="before")
     @classmethod
     def _empty_token_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -211,6 +232,13 @@ class Settings(BaseSettings):
             object.__setattr__(self, "oom_window", 3 * self.retry_delay)
         if self.oom_cooldown is None:
             object.__setattr__(self, "oom_cooldown", 1.5 * self.retry_delay)
+        if self.adaptive:
+            start = self.initial_concurrent or self.min_concurrent
+            if not self.min_concurrent <= start <= self.max_concurrent:
+                raise ValueError(
+                    "ASR_MIN_CONCURRENT ≤ ASR_INITIAL_CONCURRENT ≤ ASR_MAX_CONCURRENT must hold "
+                    f"(got {self.min_concurrent} ≤ {start} ≤ {self.max_concurrent})"
+                )
         return self
 
     # Typed views of the derived values (never None after validation).
@@ -233,13 +261,21 @@ class Settings(BaseSettings):
         """The built-in OOM patterns plus the operator's."""
         return OomMatcher.from_patterns(self.oom_patterns)
 
+    @property
+    def start_limit(self) -> int:
+        """The limit to start with: fixed, or the adaptive mode's starting point."""
+        if not self.adaptive:
+            return self.max_concurrent
+        return self.initial_concurrent or self.min_concurrent
+
     def public_dict(self) -> dict[str, Any]:
         """The effective settings as an operator may see them: secrets are never included."""
-        data = self.model_dump(mode="json", exclude={"stats_token"})
+        data = self.model_dump(mode="json", exclude={"stats_token", "admin_token"})
         data["max_queue"] = self.queue_limit
         data["oom_window"] = self.oom_window_s
         data["oom_cooldown"] = self.oom_cooldown_s
         data["stats_token_set"] = self.stats_token is not None
+        data["admin_token_set"] = self.admin_token is not None
         return data
 
 
@@ -262,7 +298,38 @@ def _message(error: dict[str, Any]) -> str:
     msg = re.sub(r"^Value error, ", "", msg)
     if error.get("type") == "missing":
         return "is required"
-    return msg[0].lower() + msg[1:] if msg else msg
+    # "Input should be…" reads better mid-sentence as "input should be…"; names stay as they are.
+    return msg[0].lower() + msg[1:] if msg[1:2].islower() else msg
+
+
+def _problems(exc: ValidationError, flags: dict[str, str]) -> list[str]:
+    lines = []
+    for error in exc.errors():
+        loc = error.get("loc") or ()
+        field = str(loc[0]) if loc else ""
+        if field not in Settings.model_fields:  # a rule across several settings
+            lines.append(f"settings are inconsistent: {_message(dict(error))}")
+            continue
+        given = error.get("input")
+        shown = "" if error.get("type") == "missing" or isinstance(given, dict) else f"={given}"
+        if field == "upstream_url" and error.get("type") == "missing":
+            lines.append(
+                f"{_describe(field, flags)} is required: set it to the Whisper server's "
+                "base URL, e.g. ASR_UPSTREAM_URL=http://whisper:9000"
+            )
+            continue
+        if field in ("stats_token", "admin_token"):
+            shown = ""
+        lines.append(f"{_describe(field, flags)}{shown} is invalid: {_message(dict(error))}")
+    return lines
+
+
+def validate_settings(data: dict[str, Any]) -> Settings:
+    """Settings from plain values only (no environment, no file): for live changes."""
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise SettingsError(_problems(exc, {})) from None
 
 
 def load_settings(
@@ -280,19 +347,4 @@ def load_settings(
     try:
         return Settings(_env_file=env_file, **kwargs)
     except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            loc = error.get("loc") or ("settings",)
-            field = str(loc[0])
-            given = error.get("input")
-            shown = "" if error.get("type") == "missing" or isinstance(given, dict) else f"={given}"
-            if field == "upstream_url" and error.get("type") == "missing":
-                lines.append(
-                    f"{_describe(field, flags)} is required: set it to the Whisper server's "
-                    "base URL, e.g. ASR_UPSTREAM_URL=http://whisper:9000"
-                )
-                continue
-            if field == "stats_token":
-                shown = ""
-            lines.append(f"{_describe(field, flags)}{shown} is invalid: {_message(dict(error))}")
-        raise SettingsError(lines) from None
+        raise SettingsError(_problems(exc, flags)) from None

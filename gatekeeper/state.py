@@ -152,6 +152,7 @@ class Snapshot:
     upstream_duration: HistogramData
     task_duration: HistogramData
     upstream_up: bool | None
+    upstream_in_flight: int
 
     @property
     def active_tasks(self) -> int:
@@ -184,6 +185,7 @@ class LiveState:
         self.gate = gate
         self._now = now  # monotonic clock, for "in the last hour"
         self.upstream_up: bool | None = None
+        self.upstream_in_flight = 0
         self.oom_times: deque[float] = deque()
         self.queue_wait = HistogramData.empty(QUEUE_WAIT_BUCKETS)
         self.upstream_duration = HistogramData.empty(DURATION_BUCKETS)
@@ -204,6 +206,14 @@ class LiveState:
     def set_upstream(self, health: "UpstreamHealth") -> None:
         """The background probe's latest verdict (None until the first check)."""
         self.upstream_up = health.up
+
+    def upstream_began(self) -> int:
+        """An attempt is being sent; returns how many are upstream now, this one included."""
+        self.upstream_in_flight += 1
+        return self.upstream_in_flight
+
+    def upstream_ended(self) -> None:
+        self.upstream_in_flight -= 1
 
     def task_admitted(self) -> None:
         self.total_tasks += 1
@@ -264,4 +274,5 @@ class LiveState:
             upstream_duration=self.upstream_duration,
             task_duration=self.task_duration,
             upstream_up=self.upstream_up,
+            upstream_in_flight=self.upstream_in_flight,
         )

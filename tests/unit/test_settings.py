@@ -88,6 +88,9 @@ BAD_VALUES: dict[str, list[object]] = {
     "port": [0, 70000, "eighty"],
     "max_concurrent": [0, -1, "two", 2000],
     "max_queue": [-1, "x"],
+    "adaptive": ["sometimes"],
+    "min_concurrent": [0, "x"],
+    "initial_concurrent": [0, "x"],
     "queue_timeout": [0, -5, "soon"],
     "max_retries": [-1, 1000, "x"],
     "retry_delay": [-1, "x"],
@@ -110,7 +113,7 @@ BAD_VALUES: dict[str, list[object]] = {
     "log_level": ["LOUD"],
 }
 # Every value is accepted for these: any token string is a valid secret.
-ANY_VALUE = {"stats_token"}
+ANY_VALUE = {"stats_token", "admin_token"}
 
 
 def test_every_setting_has_bad_values_tested() -> None:
