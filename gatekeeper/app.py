@@ -1,5 +1,7 @@
 """The aiohttp application: routes, shared objects under typed keys, resources with a lifetime."""
 
+import asyncio
+import contextlib
 import hmac
 import json
 import random
@@ -19,7 +21,7 @@ from gatekeeper.control import RELOADABLE, Controller
 from gatekeeper.gate import Gate
 from gatekeeper.health import HealthProbe
 from gatekeeper.metrics import create_registry
-from gatekeeper.proxy import Proxy, ProxyConfig
+from gatekeeper.proxy import Proxy, ProxyConfig, adaptive_from_settings
 from gatekeeper.settings import Settings, SettingsError
 from gatekeeper.state import LiveState
 from gatekeeper.stats import stats_document
@@ -43,6 +45,7 @@ REGISTRY = web.AppKey("registry", CollectorRegistry)
 CONTROL = web.AppKey("control", Controller)
 
 STATS_PATHS = ("/stats", "/api/recordings/stats/asr-concurrency")
+_ADAPTIVE_TICK = 5.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -85,6 +88,7 @@ def build_app(
         rng=rng or random.Random(),
         session=lambda: app[SESSION],
     )
+    proxy.adaptive = adaptive_from_settings(settings, clock.monotonic)
     control = Controller(settings, on_change=proxy.reconfigure)
     app[STATE] = state
     app[PROXY] = proxy
@@ -112,7 +116,20 @@ def build_app(
         yield
         await app[HEALTH].stop()
 
-    app.cleanup_ctx.extend([session_ctx, health_ctx])
+    async def adaptive_ctx(app: web.Application) -> AsyncIterator[None]:
+        # Time alone can raise an adaptive limit (a stretch grown stable, a faded ceiling).
+        async def ticker() -> None:
+            while True:
+                await asyncio.sleep(_ADAPTIVE_TICK)
+                proxy.tick()
+
+        task = asyncio.create_task(ticker(), name="adaptive-tick")
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.extend([session_ctx, health_ctx, adaptive_ctx])
 
     async def stats(request: web.Request) -> web.StreamResponse:
         extras = {

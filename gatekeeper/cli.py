@@ -7,8 +7,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from gatekeeper import __version__
+from gatekeeper.check_config import add_check_config_arguments, run_check_config
 from gatekeeper.settings import ENV_PREFIX, Settings, SettingsError, load_settings
 from gatekeeper.sim.cli import add_sim_arguments, run_sim
+from gatekeeper.tune import add_tune_arguments, run_tune
 
 __all__ = ["main"]
 
@@ -66,6 +68,20 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_serve_arguments(serve)
+    check = commands.add_parser(
+        "check-config",
+        help="print the worst-case time of one task; check nginx/proxy timeouts against it",
+        description="Print how long one task may take in the worst case with the current "
+        "settings, and check that the proxy in front waits at least that long.",
+    )
+    add_check_config_arguments(check)
+    tune = commands.add_parser(
+        "tune",
+        help="stress-test a Whisper server at concurrency 1, 2, 3, ... and recommend a limit",
+        description="The seed guide's stress test as a command: step the concurrency against a "
+        "Whisper server, measure OOMs, latency and throughput, and recommend ASR_MAX_CONCURRENT.",
+    )
+    add_tune_arguments(tune)
     sim = commands.add_parser(
         "sim",
         help="run the built-in Whisper simulator (a stand-in GPU server that really answers OOM)",
@@ -102,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "check-config":
+        return run_check_config(args)
+    if args.command == "tune":
+        return run_tune(args)
     return run_sim(args)
 
 

@@ -33,6 +33,9 @@ RELOADABLE = frozenset(
         "adaptive",
         "min_concurrent",
         "initial_concurrent",
+        "adaptive_stable_successes",
+        "adaptive_stable_seconds",
+        "adaptive_fade_seconds",
     }
 )
 

@@ -19,7 +19,10 @@ from prometheus_client.registry import Collector
 from gatekeeper.outcomes import AttemptOutcome, RejectReason, TaskOutcome
 from gatekeeper.state import HistogramData, Snapshot
 
-__all__ = ["PREFIX", "SnapshotCollector", "create_registry"]
+__all__ = ["LIMIT_CHANGE_KINDS", "PREFIX", "SnapshotCollector", "create_registry"]
+
+# The causes the adaptive limit reports (LimitChange.kind); listed so every series exists at 0.
+LIMIT_CHANGE_KINDS = ("oom", "crash", "stable", "ceiling_faded")
 
 PREFIX = "asr_gatekeeper_"
 
@@ -95,6 +98,12 @@ class SnapshotCollector(Collector):
             "Retries scheduled, by the outcome that caused them.",
             "outcome",
             {o.value: snap.retries[o] for o in AttemptOutcome if o.is_failure},
+        )
+        yield _counter(
+            "limit_changes_total",
+            "Changes of the adaptive limit, by what caused them.",
+            "reason",
+            {kind: snap.limit_changes.get(kind, 0) for kind in LIMIT_CHANGE_KINDS},
         )
         oom = CounterMetricFamily(
             PREFIX + "oom_errors", "Upstream attempts that ended in out-of-memory."

@@ -21,6 +21,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from gatekeeper.adaptive import AdaptiveLimit, AdaptiveParams, LimitChange
 from gatekeeper.admission import estimate_retry_after, queue_usage
 from gatekeeper.answers import (
     ATTEMPTS_HEADER,
@@ -46,7 +47,7 @@ from gatekeeper.spool import BodyTimeout, BodyTooLarge, SpooledBody
 from gatekeeper.state import LiveState, TaskRecord
 from gatekeeper.upstream import AttemptResult, send, upstream_url
 
-__all__ = ["Proxy", "ProxyConfig"]
+__all__ = ["Proxy", "ProxyConfig", "adaptive_from_settings"]
 
 _CLIENT_CHUNK = 64 * 1024
 
@@ -91,6 +92,26 @@ class ProxyConfig:
         )
 
 
+def _adaptive_params(settings: Settings) -> AdaptiveParams | None:
+    if not settings.adaptive:
+        return None
+    return AdaptiveParams(
+        minimum=settings.min_concurrent,
+        maximum=settings.max_concurrent,
+        stable_successes=settings.adaptive_stable_successes,
+        stable_seconds=settings.adaptive_stable_seconds,
+        fade_seconds=settings.adaptive_fade_seconds,
+    )
+
+
+def adaptive_from_settings(settings: Settings, now: Callable[[], float]) -> AdaptiveLimit | None:
+    """The adaptive limit a fresh gatekeeper starts with, or None for a fixed limit."""
+    params = _adaptive_params(settings)
+    if params is None:
+        return None
+    return AdaptiveLimit(params, initial=settings.start_limit, now=now)
+
+
 class _Task:
     """Everything one admitted task carries from the handler into its runner."""
 
@@ -132,17 +153,51 @@ class Proxy:
         self.rng = rng
         self._session = session
         self.runners: set[asyncio.Task[web.StreamResponse]] = set()
-        # Called after every classified attempt with the number of attempts then upstream.
-        self.on_attempt: Callable[[AttemptOutcome, int], None] | None = None
+        self.adaptive: AdaptiveLimit | None = None
 
     def reconfigure(self, settings: Settings) -> None:
-        """Take new settings live: running tasks keep theirs, new attempts use the new ones."""
+        """Take new settings live: running tasks keep theirs, new attempts use the new ones.
+
+        Switching the adaptive mode on, or changing its bounds, starts it afresh from the
+        current limit (moved into the new bounds); switching it off fixes the limit at
+        ASR_MAX_CONCURRENT.
+        """
         self.config = ProxyConfig.from_settings(settings)
-        self.gate.set_limits(limit=settings.start_limit, max_queue=settings.queue_limit)
+        current = self.gate.counts().limit
+        params = _adaptive_params(settings)
+        if params is None:
+            self.adaptive = None
+            limit = settings.max_concurrent
+        elif self.adaptive is not None and self.adaptive.params == params:
+            limit = self.adaptive.limit
+        else:
+            limit = min(max(current, params.minimum), params.maximum)
+            self.adaptive = AdaptiveLimit(params, initial=limit, now=self.clock.monotonic)
+        self.gate.set_limits(limit=limit, max_queue=settings.queue_limit)
 
     def adaptive_stats(self) -> dict[str, object]:
-        """The adaptive limit's state for /stats (empty when the limit is fixed)."""
-        return {}
+        """The adaptive limit's state for /stats (only when the limit is adaptive)."""
+        if self.adaptive is None:
+            return {"adaptive": None}
+        return {"adaptive": self.adaptive.snapshot(wall_now=self.clock.wall())}
+
+    def tick(self) -> None:
+        """Let time act on the adaptive limit (a faded ceiling, a stretch that became stable)."""
+        if self.adaptive is not None:
+            self._limit_changed(self.adaptive.tick())
+
+    def _limit_changed(self, change: LimitChange | None) -> None:
+        if change is None:
+            return
+        self.gate.set_limits(limit=change.new)
+        self.state.limit_changed(change.kind)
+        log_event(
+            Event.LIMIT_CHANGED,
+            logging.WARNING,
+            old=change.old,
+            new=change.new,
+            reason=change.reason,
+        )
 
     # -- routing -----------------------------------------------------------------------------
 
@@ -338,7 +393,7 @@ class Proxy:
             began = self.clock.monotonic()
             deadline = loop.time() + cfg.request_timeout
             # The GPU is busy with this attempt from the request until its answer is fully read.
-            in_flight = self.state.upstream_began()
+            self.state.upstream_began()
             try:
                 result = await send(
                     self._session(),
@@ -366,7 +421,7 @@ class Proxy:
                     monotonic=self.clock.monotonic(),
                 )
                 self._log_attempt(task, outcome, result)
-                self._observe(outcome, in_flight)
+                self._observe(outcome)
                 if outcome in (AttemptOutcome.OK, AttemptOutcome.CLIENT_ERROR) or not (
                     cfg.retry.should_retry(outcome, record.attempts) and not task.gone.is_set()
                 ):
@@ -399,10 +454,16 @@ class Proxy:
             if await self._wait_or_gone(delay, task):
                 return self._gone(task, "retry_delay")
 
-    def _observe(self, outcome: AttemptOutcome, in_flight: int) -> None:
+    def _observe(self, outcome: AttemptOutcome) -> None:
         """Feed one attempt's outcome to the adaptive limit, if there is one."""
-        if self.on_attempt is not None:
-            self.on_attempt(outcome, in_flight)
+        if self.adaptive is not None:
+            # This attempt still counts as upstream: the concurrency it ran (and ended) at.
+            change = self.adaptive.on_attempt(
+                outcome,
+                in_flight=self.state.upstream_in_flight,
+                queue_waiting=self.gate.counts().queued > 0,
+            )
+            self._limit_changed(change)
 
     async def _finish(
         self, task: _Task, outcome: AttemptOutcome, result: AttemptResult, deadline: float

@@ -79,6 +79,23 @@ class Settings(BaseSettings):
         description="Extra: limit the adaptive mode starts from (default: ASR_MIN_CONCURRENT, "
         "the seed's conservative start).",
     )
+    adaptive_stable_successes: int = Field(
+        20,
+        ge=1,
+        description="Extra: successes at the full limit, with tasks waiting, before the "
+        "adaptive mode tries one more.",
+    )
+    adaptive_stable_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="Extra: least seconds at a limit before the adaptive mode raises it.",
+    )
+    adaptive_fade_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="Extra: seconds after which the ceiling learned from an OOM rises by one "
+        "(so a fixed or restarted Whisper server is probed again).",
+    )
     max_queue: int | None = Field(
         None, ge=0, description="Tasks allowed to wait; beyond it, refuse. Default 10 × concurrent."
     )

@@ -153,6 +153,7 @@ class Snapshot:
     task_duration: HistogramData
     upstream_up: bool | None
     upstream_in_flight: int
+    limit_changes: dict[str, int]
 
     @property
     def active_tasks(self) -> int:
@@ -186,6 +187,7 @@ class LiveState:
         self._now = now  # monotonic clock, for "in the last hour"
         self.upstream_up: bool | None = None
         self.upstream_in_flight = 0
+        self.limit_changes: Counter[str] = Counter()
         self.oom_times: deque[float] = deque()
         self.queue_wait = HistogramData.empty(QUEUE_WAIT_BUCKETS)
         self.upstream_duration = HistogramData.empty(DURATION_BUCKETS)
@@ -211,6 +213,10 @@ class LiveState:
         """An attempt is being sent; returns how many are upstream now, this one included."""
         self.upstream_in_flight += 1
         return self.upstream_in_flight
+
+    def limit_changed(self, kind: str) -> None:
+        """The adaptive limit moved (`kind`: oom, crash, stable, ceiling_faded)."""
+        self.limit_changes[kind] += 1
 
     def upstream_ended(self) -> None:
         self.upstream_in_flight -= 1
@@ -275,4 +281,5 @@ class LiveState:
             task_duration=self.task_duration,
             upstream_up=self.upstream_up,
             upstream_in_flight=self.upstream_in_flight,
+            limit_changes=dict(self.limit_changes),
         )

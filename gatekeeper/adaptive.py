@@ -1,0 +1,306 @@
+"""The adaptive concurrency limit (ASR_ADAPTIVE): a number driven by OOMs, not by latency.
+
+Pure policy, in the manner of Netflix's concurrency-limits `Limit`: fed one sample per upstream
+attempt, it answers with the new limit; the gate (the mechanism) applies it. No asyncio, no
+aiohttp; time comes from an injected monotonic clock so the tests drive hours in microseconds.
+
+Why not latency: the time a transcription takes grows with the length of its audio, so a
+10-minute file is "slow" and perfectly healthy. What actually hurts a Whisper server is running
+out of GPU memory, and that the gatekeeper sees exactly (an `oom` outcome). The rules:
+
+1. **OOM → down.** An OOM while `c` attempts were upstream cuts the limit multiplicatively
+   (`floor(limit × decrease_factor)`, at least one less, never below `minimum`) and remembers a
+   *ceiling* of `c − 1`: the limit may not climb back to where memory ran out.
+2. **Stable → up by one.** After `stable_successes` successes that finished while tasks were
+   waiting (there was demand the current limit could not serve) and while the GPU carried the
+   whole limit, over at least `stable_seconds` at the current limit with no OOM, the limit rises
+   by one — but never above `maximum` nor the ceiling.
+3. **The ceiling fades.** Without a new OOM it rises by one every `fade_seconds`, and is
+   forgotten once it reaches `maximum`, so a Whisper server that was fixed, upgraded or merely
+   restarted (fragmented memory freed) is probed again a few hours later.
+4. **Only memory speaks.** A crash may be an OOM that killed the process (whisper.cpp aborts
+   on a failed cudaMalloc) and cuts the limit, but at most once per `crash_holdoff_seconds`
+   (one death resets every connection and refuses the retries until the restart) and without
+   teaching a ceiling (a deploy or a bug crashes a server too). Errors, timeouts and client
+   errors say nothing about GPU memory; a cancelled attempt is not a sample at all.
+"""
+
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from gatekeeper.outcomes import AttemptOutcome
+
+__all__ = ["HISTORY_LENGTH", "AdaptiveLimit", "AdaptiveParams", "LimitChange"]
+
+HISTORY_LENGTH = 20
+"""How many past changes `history` (and so /stats) keeps."""
+
+
+@dataclass(frozen=True, slots=True)
+class LimitChange:
+    """One change of the limit: what it was, what it is, why, and when (monotonic seconds).
+
+    The same object is logged (`[ASR并发] 调整并发 old=… new=… reason=…`), shown in /stats and
+    counted in metrics. `reason` is short snake_case: `oom_at_4`, `crash_at_3`, `stable_at_2`
+    (the limit the stable stretch was measured at), `ceiling_faded`.
+    """
+
+    old: int
+    new: int
+    reason: str
+    at: float
+
+    @property
+    def kind(self) -> str:
+        """The reason without its level (`oom`, `crash`, `stable`, `ceiling_faded`): a label."""
+        head, sep, tail = self.reason.rpartition("_at_")
+        return head if sep and tail.isdigit() else self.reason
+
+
+@dataclass(frozen=True, slots=True)
+class AdaptiveParams:
+    """The knobs of the adaptive limit; defaults suit one GPU where a task takes 10 s to 30 min.
+
+    - `minimum` / `maximum` (ASR_MIN_CONCURRENT / ASR_MAX_CONCURRENT): hard bounds. 1 is the seed
+      guide's safe start ("从保守开始：并发=1"); the maximum is the operator's "never more than".
+    - `decrease_factor` 0.7: on a box that runs 2–8 tasks this always removes at least one slot
+      and from 4 upwards about a third, enough to get back under the memory line in one step
+      without collapsing to 1 (AIMD's usual 0.5 would halve a 2 to 1 and a 3 to 1).
+    - `stable_successes` 20: at a limit of n every slot has turned over about 20/n times, enough
+      mixes of short and long files for a bad combination to have shown up (about 7 minutes of
+      1-minute tasks at a limit of 3; an hour of 10-minute tasks, which is fine: raising is a
+      bet, and a backlog that persists that long is exactly the signal to make it).
+    - `stable_seconds` 300: at least five minutes at a level whatever the count, so a burst of
+      twenty 10-second clips cannot raise the limit twice in a minute before memory
+      fragmentation and caches at that level had time to grow.
+    - `fade_seconds` 3600: the memory of an OOM at concurrency c costs at most one failed
+      probe (and its retried OOM) per hour and level, while a repaired or restarted server is
+      used fully again within a few hours.
+    - `crash_holdoff_seconds` 300: a dying server resets every open connection and refuses the
+      retries during its restart; that is one event, not one per task, so crashes cut the limit
+      at most once per five minutes (the OOM retry schedule's 10 + 30 + 90 s fits inside).
+    """
+
+    minimum: int = 1
+    maximum: int = 8
+    decrease_factor: float = 0.7
+    stable_successes: int = 20
+    stable_seconds: float = 300.0
+    fade_seconds: float = 3600.0
+    crash_holdoff_seconds: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.minimum < 1:
+            raise ValueError(f"minimum must be >= 1, got {self.minimum}")
+        if self.maximum < self.minimum:
+            raise ValueError(f"maximum ({self.maximum}) must be >= minimum ({self.minimum})")
+        if not 0 < self.decrease_factor < 1:
+            raise ValueError(f"decrease_factor must be in (0, 1), got {self.decrease_factor}")
+        if self.stable_successes < 1:
+            raise ValueError(f"stable_successes must be >= 1, got {self.stable_successes}")
+        if not self.stable_seconds >= 0:
+            raise ValueError(f"stable_seconds must be >= 0, got {self.stable_seconds}")
+        if not self.fade_seconds > 0:
+            raise ValueError(f"fade_seconds must be > 0, got {self.fade_seconds}")
+        if not self.crash_holdoff_seconds >= 0:
+            raise ValueError(
+                f"crash_holdoff_seconds must be >= 0, got {self.crash_holdoff_seconds}"
+            )
+
+    def decreased(self, limit: int) -> int:
+        """The limit after one multiplicative cut: at least one less, never below `minimum`."""
+        return max(self.minimum, min(limit - 1, math.floor(limit * self.decrease_factor)))
+
+
+class AdaptiveLimit:
+    """The current concurrency limit, learned from the outcomes of upstream attempts.
+
+    Call `on_attempt` once per finished upstream attempt and `tick` now and then (every few
+    seconds); apply any returned `LimitChange` to the gate. Not thread-safe (one event loop).
+    """
+
+    def __init__(self, params: AdaptiveParams, *, initial: int, now: Callable[[], float]) -> None:
+        """Start at `initial` (within the bounds) with no OOM remembered."""
+        if not params.minimum <= initial <= params.maximum:
+            raise ValueError(
+                f"initial limit {initial} is outside {params.minimum}..{params.maximum}"
+            )
+        self._params = params
+        self._now = now
+        self._limit = initial
+        # The stable stretch at the current limit.
+        self._since = now()
+        self._successes = 0
+        self._held_by_ceiling = False
+        # The ceiling learned from the last OOM: `_ceiling_base` at `_ceiling_at`, rising by one
+        # every fade_seconds (see `ceiling`).
+        self._ceiling_base: int | None = None
+        self._ceiling_at = 0.0
+        self._last_crash_cut: float | None = None
+        self._ooms: deque[tuple[int, float]] = deque(maxlen=HISTORY_LENGTH)
+        self._history: deque[LimitChange] = deque(maxlen=HISTORY_LENGTH)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    @property
+    def params(self) -> AdaptiveParams:
+        return self._params
+
+    @property
+    def limit(self) -> int:
+        """How many tasks may be upstream at once now."""
+        return self._limit
+
+    @property
+    def ceiling(self) -> int | None:
+        """The highest limit allowed by recent OOMs, faded to now; None when none holds.
+
+        Derived from the clock rather than stored, so reading it never changes anything and a
+        gatekeeper that got no traffic for hours still reports the right value.
+        """
+        return self._ceiling_at_time(self._now())
+
+    @property
+    def history(self) -> tuple[LimitChange, ...]:
+        """The last `HISTORY_LENGTH` changes, oldest first."""
+        return tuple(self._history)
+
+    def snapshot(self, *, wall_now: float | None = None) -> dict[str, object]:
+        """The state for /stats. With `wall_now` (epoch seconds read together with the
+        monotonic clock) each change and OOM also gets a local ISO 8601 `time`."""
+        now = self._now()
+        p = self._params
+        ceiling = self._ceiling_at_time(now)
+        rises_in = None
+        if ceiling is not None:
+            elapsed = now - self._ceiling_at
+            rises_in = round(p.fade_seconds - elapsed % p.fade_seconds, 1)
+
+        def stamp(at: float) -> dict[str, object]:
+            out: dict[str, object] = {"seconds_ago": round(now - at, 1)}
+            if wall_now is not None:
+                out["time"] = _local_iso(wall_now - (now - at))
+            return out
+
+        return {
+            "limit": self._limit,
+            "minimum": p.minimum,
+            "maximum": p.maximum,
+            "ceiling": ceiling,
+            "ceiling_rises_in_seconds": rises_in,
+            "stable_successes": self._successes,
+            "stable_successes_needed": p.stable_successes,
+            "seconds_at_limit": round(now - self._since, 1),
+            "stable_seconds_needed": p.stable_seconds,
+            "recent_ooms": [{"in_flight": c, **stamp(at)} for c, at in self._ooms],
+            "changes": [
+                {"old": ch.old, "new": ch.new, "reason": ch.reason, **stamp(ch.at)}
+                for ch in self._history
+            ],
+        }
+
+    # -- feeding ----------------------------------------------------------------------------
+
+    def on_attempt(
+        self, outcome: AttemptOutcome, *, in_flight: int, queue_waiting: bool
+    ) -> LimitChange | None:
+        """Learn from one finished upstream attempt; return the change it caused, if any.
+
+        `in_flight` is how many attempts were upstream when this one ended, itself included
+        (the concurrency an OOM happened at); `queue_waiting` whether tasks were waiting for a
+        slot at that moment.
+
+        - OK counts towards the stable stretch only when tasks were waiting *and* the GPU
+          carried the whole limit (`in_flight >= limit`): an idle slot proves nothing about it.
+        - OOM cuts and teaches the ceiling — unless it happened at a concurrency the limit
+          already forbids (`in_flight > limit`: an attempt that started before an earlier cut),
+          which was answered by that cut; it still refreshes the ceiling's memory.
+        - CRASH cuts like an OOM at most once per `crash_holdoff_seconds` and teaches no ceiling.
+        - ERROR (a non-memory 5xx: undecodable audio, a model bug — ASR_OOM_PATTERNS is there if
+          a server hides its OOMs), TIMEOUT (long audio or a slow GPU: latency is not our
+          signal) and CLIENT_ERROR (the request was wrong; the GPU did no real work) change
+          nothing, neither down nor towards a rise.
+        """
+        now = self._now()
+        match outcome:
+            case AttemptOutcome.OOM:
+                return self._on_oom(in_flight, now)
+            case AttemptOutcome.CRASH:
+                return self._on_crash(in_flight, now)
+            case AttemptOutcome.OK:
+                if queue_waiting and in_flight >= self._limit:
+                    self._successes += 1
+                return self._maybe_rise(now)
+            case _:
+                return None
+
+    def tick(self) -> LimitChange | None:
+        """Let time act: a stable stretch that waited only for its minimum duration, or for the
+        ceiling to fade, raises the limit now. Call it every few seconds."""
+        return self._maybe_rise(self._now())
+
+    # -- rules ------------------------------------------------------------------------------
+
+    def _on_oom(self, in_flight: int, now: float) -> LimitChange | None:
+        p = self._params
+        self._ooms.append((in_flight, now))
+        learned = max(p.minimum, in_flight - 1)
+        current = self._ceiling_at_time(now)
+        self._ceiling_base = learned if current is None else min(current, learned)
+        self._ceiling_at = now
+        if in_flight > self._limit:
+            # Already answered by an earlier cut; the stretch restarts all the same.
+            self._restart_stretch(now)
+            return None
+        return self._set(
+            min(p.decreased(self._limit), self._ceiling_base), f"oom_at_{in_flight}", now
+        )
+
+    def _on_crash(self, in_flight: int, now: float) -> LimitChange | None:
+        last = self._last_crash_cut
+        if last is not None and now - last < self._params.crash_holdoff_seconds:
+            return None
+        self._last_crash_cut = now
+        return self._set(self._params.decreased(self._limit), f"crash_at_{in_flight}", now)
+
+    def _maybe_rise(self, now: float) -> LimitChange | None:
+        p = self._params
+        stable = self._successes >= p.stable_successes and now - self._since >= p.stable_seconds
+        if not stable or self._limit >= p.maximum:
+            return None
+        ceiling = self._ceiling_at_time(now)
+        if ceiling is not None and self._limit >= ceiling:
+            self._held_by_ceiling = True
+            return None
+        reason = "ceiling_faded" if self._held_by_ceiling else f"stable_at_{self._limit}"
+        return self._set(self._limit + 1, reason, now)
+
+    def _set(self, new: int, reason: str, now: float) -> LimitChange | None:
+        """Move to `new` (a decision already within the bounds) and start a new stretch."""
+        self._restart_stretch(now)
+        if new == self._limit:
+            return None
+        change = LimitChange(self._limit, new, reason, now)
+        self._limit = new
+        self._history.append(change)
+        return change
+
+    def _restart_stretch(self, now: float) -> None:
+        self._since = now
+        self._successes = 0
+        self._held_by_ceiling = False
+
+    def _ceiling_at_time(self, now: float) -> int | None:
+        if self._ceiling_base is None:
+            return None
+        faded = math.floor(max(0.0, now - self._ceiling_at) / self._params.fade_seconds)
+        ceiling = self._ceiling_base + faded
+        return None if ceiling >= self._params.maximum else ceiling
+
+
+def _local_iso(epoch_seconds: float) -> str:
+    """Local ISO 8601 time, seconds precision (as `last_oom` in /stats)."""
+    return datetime.fromtimestamp(epoch_seconds).isoformat(timespec="seconds")

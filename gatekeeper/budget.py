@@ -1,0 +1,135 @@
+"""Pure arithmetic: the longest one task can take, so a proxy in front never gives up first.
+
+nginx's `proxy_read_timeout` counts from when it sent the request to the first byte of the
+answer, and the gatekeeper sends nothing until the task's final answer. So nginx must be
+willing to wait the gatekeeper's whole worst case, or it answers 504 while the gatekeeper (and
+the GPU) still work on the task.
+
+The worst case of one task, from arrival at the gatekeeper to the first byte of its answer:
+
+    queue_timeout                        waiting for a slot (the upload from nginx included)
+  + oom_cooldown                         a task that starts just after an OOM waits once
+  + (max_retries + 1) × request_timeout  every attempt runs into its deadline
+  + the longest delay before each retry  the OOM/crash schedule d·3^(k−1), jitter at its top
+
+Every attempt counts in full even though timeouts are not retried by default: an attempt can
+take almost `request_timeout` and then end in a 500 that is retried. An upstream `Retry-After`
+can raise each delay to at least its value, capped at 300 s; `worst_case_with_retry_after`
+includes that cap and is the true upper bound. The delays come from `RetryPolicy` itself, so
+this arithmetic cannot drift from the schedule the gatekeeper really uses.
+"""
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from gatekeeper.outcomes import AttemptOutcome
+from gatekeeper.retry import RETRY_AFTER_CAP, RetryPolicy
+
+if TYPE_CHECKING:
+    from gatekeeper.settings import Settings
+
+__all__ = ["RETRY_AFTER_CAP", "TaskBudget", "from_settings", "task_budget"]
+
+# Every outcome that may be retried (timeouts only with ASR_RETRY_ON_TIMEOUT, on the crash
+# schedule); the budget takes the longest of their delays for each retry.
+_RETRIED = (
+    AttemptOutcome.OOM,
+    AttemptOutcome.CRASH,
+    AttemptOutcome.ERROR,
+    AttemptOutcome.TIMEOUT,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskBudget:
+    """The worst case of one task, part by part, in seconds."""
+
+    queue_timeout: float
+    oom_cooldown: float
+    attempts: int
+    request_timeout: float
+    retry_delays: tuple[float, ...]
+    """The longest delay before retry 1, 2, … (schedule and jitter at their top)."""
+    retry_delays_with_retry_after: tuple[float, ...]
+    """The same, each raised to the 300 s cap an upstream Retry-After may push it to."""
+
+    @property
+    def attempts_seconds(self) -> float:
+        """Every attempt running into ASR_REQUEST_TIMEOUT."""
+        return self.attempts * self.request_timeout
+
+    @property
+    def retry_delay_seconds(self) -> float:
+        return sum(self.retry_delays)
+
+    @property
+    def retry_delay_seconds_with_retry_after(self) -> float:
+        return sum(self.retry_delays_with_retry_after)
+
+    @property
+    def worst_case(self) -> float:
+        """Seconds until the answer when the Whisper server sends no Retry-After."""
+        return self._fixed + self.retry_delay_seconds
+
+    @property
+    def worst_case_with_retry_after(self) -> float:
+        """The upper bound: as `worst_case`, every retry delay raised to the Retry-After cap."""
+        return self._fixed + self.retry_delay_seconds_with_retry_after
+
+    @property
+    def _fixed(self) -> float:
+        return self.queue_timeout + self.oom_cooldown + self.attempts_seconds
+
+    def limit(self, *, upstream_retry_after: bool = True) -> float:
+        """The worst case a proxy timeout must exceed (`upstream_retry_after`: include the cap)."""
+        return self.worst_case_with_retry_after if upstream_retry_after else self.worst_case
+
+    def covered_by(self, proxy_timeout: float, *, upstream_retry_after: bool = True) -> bool:
+        """True when a proxy waiting `proxy_timeout` seconds never gives up before the task."""
+        return proxy_timeout > self.limit(upstream_retry_after=upstream_retry_after)
+
+
+def task_budget(
+    *,
+    queue_timeout: float,
+    request_timeout: float,
+    max_retries: int,
+    retry_delay: float,
+    retry_jitter: float,
+    oom_cooldown: float,
+) -> TaskBudget:
+    """The worst case of one task for these settings (plain numbers, as in Settings)."""
+    policy = RetryPolicy(
+        max_retries=max_retries, base=retry_delay, jitter=retry_jitter, retry_on_timeout=True
+    )
+    delays = tuple(
+        max(policy.delay(outcome, k, unit_random=1.0) for outcome in _RETRIED)
+        for k in range(1, max_retries + 1)
+    )
+    capped = tuple(
+        max(
+            policy.delay(outcome, k, unit_random=1.0, upstream_retry_after=RETRY_AFTER_CAP)
+            for outcome in _RETRIED
+        )
+        for k in range(1, max_retries + 1)
+    )
+    return TaskBudget(
+        queue_timeout=queue_timeout,
+        oom_cooldown=oom_cooldown,
+        attempts=max_retries + 1,
+        request_timeout=request_timeout,
+        retry_delays=delays,
+        retry_delays_with_retry_after=capped,
+    )
+
+
+def from_settings(settings: "Settings") -> TaskBudget:
+    """The worst case of one task under the gatekeeper's settings."""
+    return task_budget(
+        queue_timeout=settings.queue_timeout,
+        request_timeout=settings.request_timeout,
+        max_retries=settings.max_retries,
+        retry_delay=settings.retry_delay,
+        retry_jitter=settings.retry_jitter,
+        oom_cooldown=settings.oom_cooldown_s,
+    )
