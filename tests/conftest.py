@@ -12,9 +12,11 @@ from aiohttp.test_utils import TestServer
 from gatekeeper.app import build_app
 from gatekeeper.clock import Clock
 from gatekeeper.settings import load_settings
+from gatekeeper.sim import SimConfig, Simulator
 from tests.fakes import FakeUpstream
 
 GatekeeperFactory = Callable[..., Awaitable[tuple[str, web.Application]]]
+StartSim = Callable[..., Awaitable[Simulator]]
 
 
 @pytest.fixture(autouse=True)
@@ -53,3 +55,25 @@ async def start_gatekeeper() -> AsyncIterator[GatekeeperFactory]:
     yield start
     for server in servers:
         await server.close()
+
+
+@pytest.fixture
+def sim_time_scale() -> float:
+    """How many times faster than real time `start_sim` runs (a module may override this)."""
+    return 1.0
+
+
+@pytest.fixture
+async def start_sim(sim_time_scale: float) -> AsyncIterator[StartSim]:
+    """Start simulators on free ports with config overrides; stop them all afterwards."""
+    started: list[Simulator] = []
+
+    async def start(**overrides: Any) -> Simulator:
+        sim = Simulator(SimConfig(**{"time_scale": sim_time_scale, **overrides}))
+        await sim.start()
+        started.append(sim)
+        return sim
+
+    yield start
+    for sim in started:
+        await sim.stop()

@@ -36,27 +36,26 @@ async def wait_for_port(
 
 
 def _clean_env(extra: dict[str, str] | None) -> dict[str, str]:
+    """This environment without ASR_* variables: a test's settings are its flags alone."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASR_")}
     env.update(extra or {})
     return env
 
 
 @asynccontextmanager
-async def gatekeeper_process(
-    upstream_url: str, *args: str, env: dict[str, str] | None = None
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    """Run `python -m gatekeeper serve` on a free port until it listens; stderr is piped."""
-    port = free_port()
+async def _running(
+    port: int, *command: str, stdout: int | None = None, env: dict[str, str] | None = None
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Run `python -m gatekeeper <command>` until it listens on `port`; kill it afterwards."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gatekeeper", "serve",
-        "--upstream-url", upstream_url, "--host", "127.0.0.1", "--port", str(port),
-        "--env-file", os.devnull, *args,
+        sys.executable, "-m", "gatekeeper", *command,
+        stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
         env=_clean_env(env),
     )  # fmt: skip
     try:
         await wait_for_port(port, proc)
-        yield proc, f"http://127.0.0.1:{port}"
+        yield proc
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -64,22 +63,31 @@ async def gatekeeper_process(
 
 
 @asynccontextmanager
+async def gatekeeper_process(
+    upstream_url: str, *args: str, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """Run `gatekeeper serve` on a free port until it listens; its stderr is piped.
+
+    `env` adds variables to a copy of this environment stripped of ASR_* ones.
+    """
+    port = free_port()
+    async with _running(
+        port,
+        "serve", "--upstream-url", upstream_url, "--host", "127.0.0.1", "--port", str(port),
+        "--env-file", os.devnull, *args,
+        env=env,
+    ) as proc:  # fmt: skip
+        yield proc, f"http://127.0.0.1:{port}"
+
+
+@asynccontextmanager
 async def sim_process(
     *args: str, port: int | None = None
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    """Run `python -m gatekeeper sim` on `port` (default: a free one) until it listens."""
+    """Run `gatekeeper sim` on `port` (default: a free one) until it listens."""
     port = port or free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gatekeeper", "sim", "--host", "127.0.0.1", "--port", str(port),
-        *args,
+    async with _running(
+        port, "sim", "--host", "127.0.0.1", "--port", str(port), *args,
         stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=_clean_env(None),
-    )  # fmt: skip
-    try:
-        await wait_for_port(port, proc)
+    ) as proc:  # fmt: skip
         yield proc, f"http://127.0.0.1:{port}"
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()

@@ -6,15 +6,15 @@ tests fail and say how to install it, they never skip.
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.e2e.tools import ROOT, run_promtool
+
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).parents[2]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
 ALERTS_TEST = PROMETHEUS_DIR / "alerts_test.yml"
@@ -101,30 +101,6 @@ def alert_blocks(text: str) -> dict[str, str]:
         if head:
             blocks[head.group(1)] = part
     return blocks
-
-
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail(
-            "promtool is not on PATH. It ships with Prometheus: on Debian/Ubuntu run "
-            "`apt-get install -y prometheus` (the project's setup script does this), or put the "
-            "promtool binary from a Prometheus release on PATH. These tests do not skip.",
-            pytrace=False,
-        )
-    return path
-
-
-def run_promtool(promtool: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [promtool, *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        check=False,
-    )
 
 
 def assert_success(result: subprocess.CompletedProcess[str]) -> None:

@@ -6,7 +6,6 @@ rules) and runs them against synthetic gatekeeper series (as unit-tested alert r
 
 import json
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,9 +13,10 @@ from typing import Any
 
 import pytest
 
+from tests.e2e.tools import ROOT, run_promtool
+
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).parents[2]
 GRAFANA_DIR = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA_DIR / "dashboards" / "asr-gatekeeper.json"
 DATASOURCE_PROVISIONING = GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml"
@@ -141,29 +141,6 @@ def dashboard_queries() -> list[tuple[str, str]]:
     ]
     assert len(queries) == len(list(all_exprs(dashboard))), "an expr sits somewhere unexpected"
     return [(where, substitute_variables(expr, variables)) for where, expr in queries]
-
-
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail(
-            "promtool is not on PATH. It ships with Prometheus: on Debian/Ubuntu run "
-            "`apt-get install -y prometheus` (the project's setup script does this), or put the "
-            "promtool binary from a Prometheus release on PATH. These tests do not skip.",
-            pytrace=False,
-        )
-    return path
-
-
-def run_promtool(promtool: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [promtool, *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def promql_errors(promtool: str, exprs: list[str], directory: Path) -> str | None:

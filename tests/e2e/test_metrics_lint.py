@@ -1,7 +1,6 @@
 """A real /metrics scrape passes Prometheus's own linter (`promtool check metrics`)."""
 
 import asyncio
-import shutil
 import subprocess
 
 import aiohttp
@@ -13,14 +12,8 @@ from tests.fakes import FakeUpstream
 pytestmark = pytest.mark.e2e
 
 
-def _promtool() -> str:
-    path = shutil.which("promtool")
-    assert path, "promtool is missing: run ./scripts/setup --test-tools (Debian package prometheus)"
-    return path
-
-
 async def test_promtool_accepts_a_real_scrape(
-    upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory
+    upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory, promtool: str
 ) -> None:
     """After real traffic, `promtool check metrics` finds no problem in the exposition."""
     base, _ = await start_gatekeeper(upstream.url, max_retries=1, retry_delay=0)
@@ -36,7 +29,7 @@ async def test_promtool_accepts_a_real_scrape(
     # Outside the event loop's thread: promtool must not block the gatekeeper it just scraped.
     result = await asyncio.to_thread(
         subprocess.run,
-        [_promtool(), "check", "metrics"],
+        [promtool, "check", "metrics"],
         input=text,
         capture_output=True,
         text=True,

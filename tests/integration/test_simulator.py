@@ -6,7 +6,7 @@ import hashlib
 import io
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, cast
 
 import aiohttp
@@ -14,25 +14,15 @@ import pytest
 
 from gatekeeper.sim import ErrorStyle, SimConfig, Simulator, silent_wav
 from gatekeeper.sim.cli import add_sim_arguments, config_from_args, describe
+from tests.conftest import StartSim
 
 FIVE_MINUTES = {"X-Sim-Audio-Seconds": "300"}
-StartSim = Callable[..., Awaitable[Simulator]]
 
 
 @pytest.fixture
-async def start_sim() -> AsyncIterator[StartSim]:
-    """Start simulators on free ports with config overrides; stop them all afterwards."""
-    started: list[Simulator] = []
-
-    async def start(**overrides: Any) -> Simulator:
-        sim = Simulator(SimConfig(**{"time_scale": 1000.0, **overrides}))
-        await sim.start()
-        started.append(sim)
-        return sim
-
-    yield start
-    for sim in started:
-        await sim.stop()
+def sim_time_scale() -> float:
+    """Simulators in this module run 1000.0× faster than real time."""
+    return 1000.0
 
 
 @pytest.fixture

@@ -4,14 +4,13 @@ import argparse
 import asyncio
 import io
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from gatekeeper.sim import SimConfig, Simulator, silent_wav
+from gatekeeper.sim import Simulator, silent_wav
 from gatekeeper.tune import (
     LevelResult,
     TuneConfig,
@@ -22,10 +21,10 @@ from gatekeeper.tune import (
     stop_reason,
     tune,
 )
+from tests.conftest import StartSim
 from tests.waiting import until
 
 FIVE_MINUTES = 300.0
-StartSim = Callable[..., Awaitable[Simulator]]
 
 
 def _level(level: int, goodput: float, *, sent: int = 8, **failures: int) -> LevelResult:
@@ -130,19 +129,9 @@ def test_audio_file_duration_comes_from_its_header(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-async def start_sim() -> AsyncIterator[StartSim]:
-    """Start simulators with config overrides; stop them all afterwards."""
-    started: list[Simulator] = []
-
-    async def start(**overrides: Any) -> Simulator:
-        sim = Simulator(SimConfig(**{"time_scale": 200.0, **overrides}))
-        await sim.start()
-        started.append(sim)
-        return sim
-
-    yield start
-    for sim in started:
-        await sim.stop()
+def sim_time_scale() -> float:
+    """Simulators in this module run 200.0× faster than real time."""
+    return 200.0
 
 
 def _config(sim: Simulator, out: Path | None, **overrides: Any) -> TuneConfig:

@@ -4,33 +4,14 @@ import asyncio
 import io
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
 
 from gatekeeper.app import STATE
 from gatekeeper.outcomes import AttemptOutcome, TaskOutcome
-from gatekeeper.sim import SimConfig, Simulator
 from gatekeeper.sim.audio import silent_wav
-from tests.conftest import GatekeeperFactory
-
-SimFactory = Callable[..., Awaitable[Simulator]]
-
-
-@pytest.fixture
-async def start_sim() -> AsyncIterator[SimFactory]:
-    sims: list[Simulator] = []
-
-    async def start(**config: object) -> Simulator:
-        sim = Simulator(SimConfig(**config))  # type: ignore[arg-type]
-        await sim.start()
-        sims.append(sim)
-        return sim
-
-    yield start
-    for sim in sims:
-        await sim.stop()
+from tests.conftest import GatekeeperFactory, StartSim
 
 
 def _form(seconds: float) -> aiohttp.FormData:
@@ -51,7 +32,7 @@ async def _transcribe(
 
 
 async def test_simulator_never_sees_more_than_the_limit(
-    start_sim: SimFactory, start_gatekeeper: GatekeeperFactory
+    start_sim: StartSim, start_gatekeeper: GatekeeperFactory
 ) -> None:
     """200 simultaneous tasks at limit 2, queue 20: the simulator's own counter never passes 2."""
     sim = await start_sim(time_scale=8.0)
@@ -82,7 +63,7 @@ STYLES_WITH_MESSAGE = ["pytorch", "fastapi", "ctranslate2", "whispercpp", "opena
 
 @pytest.mark.parametrize("style", STYLES_WITH_MESSAGE)
 async def test_transient_oom_is_recognised_and_retried(
-    start_sim: SimFactory,
+    start_sim: StartSim,
     start_gatekeeper: GatekeeperFactory,
     style: str,
     caplog: pytest.LogCaptureFixture,
@@ -115,7 +96,7 @@ async def test_transient_oom_is_recognised_and_retried(
 
 
 async def test_bare_internal_server_error_needs_the_operator_pattern(
-    start_sim: SimFactory, start_gatekeeper: GatekeeperFactory
+    start_sim: StartSim, start_gatekeeper: GatekeeperFactory
 ) -> None:
     """A bare 500 is a plain error by default, and an OOM with `^Internal Server Error$`."""
     results = {}
@@ -136,7 +117,7 @@ async def test_bare_internal_server_error_needs_the_operator_pattern(
 
 
 async def test_crash_and_restart_is_survived(
-    start_sim: SimFactory, start_gatekeeper: GatekeeperFactory
+    start_sim: StartSim, start_gatekeeper: GatekeeperFactory
 ) -> None:
     """Memory not yet freed makes the next task crash the server; it is retried after restart."""
     # Each task's memory is released 0.5 s after it ends (the seed's "cache not freed"), and an
@@ -156,7 +137,7 @@ async def test_crash_and_restart_is_survived(
 
 
 async def test_client_error_from_the_simulator_is_relayed_after_one_attempt(
-    start_sim: SimFactory, start_gatekeeper: GatekeeperFactory
+    start_sim: StartSim, start_gatekeeper: GatekeeperFactory
 ) -> None:
     """A 422 from the Whisper server reaches the client untouched and is never retried."""
     sim = await start_sim()
