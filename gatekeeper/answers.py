@@ -16,6 +16,7 @@ from gatekeeper.outcomes import AttemptOutcome, RejectReason
 __all__ = [
     "ATTEMPTS_HEADER",
     "REASON_HEADER",
+    "body_broken",
     "body_timeout",
     "body_too_large",
     "json_answer",
@@ -101,6 +102,19 @@ def body_too_large(limit: int, *, request_id: str) -> web.Response:
             "detail": f"the request body exceeds ASR_MAX_BODY_SIZE={limit} bytes",
         },
         headers={REQUEST_ID: request_id, REASON_HEADER: "body_too_large", "Connection": "close"},
+    )
+
+
+def body_broken(*, request_id: str) -> web.Response:
+    """400 for a body that ended early or was garbled (usually nobody is left to read it)."""
+    return json_answer(
+        400,
+        {
+            "error": "上传中断",
+            "reason": "body_incomplete",
+            "detail": "the request body ended before it was complete, or its chunking was invalid",
+        },
+        headers={REQUEST_ID: request_id, REASON_HEADER: "body_incomplete", "Connection": "close"},
     )
 
 

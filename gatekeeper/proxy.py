@@ -20,11 +20,13 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gatekeeper.adaptive import AdaptiveLimit, AdaptiveParams, LimitChange
 from gatekeeper.admission import estimate_retry_after, queue_usage
 from gatekeeper.answers import (
     ATTEMPTS_HEADER,
+    body_broken,
     body_timeout,
     body_too_large,
     refusal,
@@ -290,6 +292,17 @@ class Proxy:
                 )
                 self.state.task_ended(TaskOutcome.CLIENT_ERROR)
                 return body_timeout(stalled.seconds, request_id=request_id)
+            except (ConnectionError, HttpProcessingError) as broken:
+                # The client hung up mid-upload, or sent a truncated/garbled chunked body.
+                self.state.task_ended(TaskOutcome.CANCELLED)
+                log_event(
+                    Event.CLIENT_LEFT,
+                    task_id=request_id,
+                    stage="uploading",
+                    received=body.size,
+                    error=type(broken).__name__,
+                )
+                return body_broken(request_id=request_id)
             waited = self.clock.monotonic() - record.arrived
             try:
                 await ticket.wait(max(0.0, self.config.queue_timeout - waited))

@@ -146,3 +146,43 @@ async def test_thousands_of_idle_connections_do_not_block_health(
     finally:
         for _, writer in idle:
             writer.close()
+
+
+async def test_garbled_chunked_body_is_refused_and_frees_its_place(
+    upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory
+) -> None:
+    """A chunked upload with an invalid chunk is refused, never reaches upstream, frees its place."""
+    base, app = await start_gatekeeper(upstream.url, client_body_timeout=0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", _port(base))
+    writer.write(
+        b"POST /asr HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    )
+    await writer.drain()
+    await until(lambda: app[STATE].snapshot().total_tasks == 1)  # admitted, body under way
+    writer.write(b"zz\r\nmore\r\n")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(65536), 5)
+    writer.close()
+    # aiohttp's parser stops the body at the bad chunk; the body timeout then ends the task.
+    assert _status(answer) in (400, 408), answer[:200]
+    assert upstream.seen == []
+    await until(lambda: app[STATE].snapshot().active_tasks == 0)
+    snap = app[STATE].snapshot()
+    assert snap.queued_tasks == 0
+    assert snap.tasks[TaskOutcome.CLIENT_ERROR] + snap.tasks[TaskOutcome.CANCELLED] == 1
+
+
+async def test_client_hanging_up_mid_upload_is_never_forwarded(
+    upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory
+) -> None:
+    """A client that closes the connection half-way through its body leaves no trace upstream."""
+    base, app = await start_gatekeeper(upstream.url)
+    _, writer = await asyncio.open_connection("127.0.0.1", _port(base))
+    writer.write(b"POST /asr HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"a" * 5000)
+    await writer.drain()
+    await until(lambda: app[STATE].snapshot().total_tasks == 1)
+    writer.close()
+    await until(lambda: app[STATE].snapshot().tasks[TaskOutcome.CANCELLED] == 1)
+    snap = app[STATE].snapshot()
+    assert (snap.active_tasks, snap.queued_tasks) == (0, 0)
+    assert upstream.seen == []
