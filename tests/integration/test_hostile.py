@@ -151,7 +151,7 @@ async def test_thousands_of_idle_connections_do_not_block_health(
 async def test_garbled_chunked_body_is_refused_and_frees_its_place(
     upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory
 ) -> None:
-    """A chunked upload with an invalid chunk is refused, never reaches upstream, frees its place."""
+    """An upload with an invalid chunk is refused, never reaches upstream, frees its place."""
     base, app = await start_gatekeeper(upstream.url, client_body_timeout=0.5)
     reader, writer = await asyncio.open_connection("127.0.0.1", _port(base))
     writer.write(
