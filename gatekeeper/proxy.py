@@ -339,15 +339,15 @@ class Proxy:
     def _refuse(
         self, reason: RejectReason, record: TaskRecord, *, admitted: bool = False
     ) -> web.Response:
-        snap = self.state.snapshot()
+        # The hot path of an overload: read the two numbers needed, not a whole snapshot.
+        usage = self.gate.counts()
         self.state.task_rejected(reason)
         retry_after = estimate_retry_after(
             reason=reason,
-            mean_service=snap.mean_service_seconds,
-            limit=snap.gate.limit,
-            queued=snap.gate.queued,
+            mean_service=self.state.service.mean,
+            limit=usage.limit,
+            queued=usage.queued,
         )
-        usage = snap.gate
         event = {
             RejectReason.QUEUE_FULL: Event.QUEUE_FULL,
             RejectReason.QUEUE_TIMEOUT: Event.QUEUE_TIMEOUT,
@@ -384,8 +384,7 @@ class Proxy:
 
     async def _attempts(self, task: _Task) -> web.StreamResponse:
         record, cfg = task.record, self.config
-        snap = self.state.snapshot()
-        last_oom = snap.last_oom_monotonic
+        last_oom = self.state.last_oom_monotonic
         if last_oom is not None and self.clock.monotonic() - last_oom < cfg.oom_window:
             record.cooldown = cfg.oom_cooldown
             log_event(Event.COOLDOWN, task_id=record.task_id, delay=cfg.oom_cooldown)
