@@ -511,10 +511,12 @@ class Proxy:
             outcome=task_outcome.value,
             last=outcome.value,
             attempts=record.attempts,
+            outcomes=",".join(o.value for o in record.outcomes),
             status=result.status if result.status is not None else "-",
             queue_wait=(record.started or record.arrived) - record.arrived,
             duration=self.clock.monotonic() - record.arrived,
             retry_delay=record.retry_delay_total,
+            cooldown=record.cooldown,
         )
         return answer
 

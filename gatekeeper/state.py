@@ -127,7 +127,6 @@ class TaskRecord:
     outcomes: list[AttemptOutcome] = field(default_factory=list)
     retry_delay_total: float = 0.0
     cooldown: float = 0.0
-    client_gone: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,6 @@ class AttemptResult:
 
     response: aiohttp.ClientResponse | None
     prefix: bytes = b""
-    prefix_complete: bool = True
     error: BaseException | None = None
     timed_out: bool = False
 
@@ -54,17 +53,17 @@ class AttemptResult:
         return self.response.status if self.response is not None else None
 
 
-async def read_prefix(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
-    """Up to `limit` bytes of the body, and whether that was all of it."""
+async def read_prefix(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """Up to `limit` bytes of the body (the rest stays unread, to be relayed or discarded)."""
     parts: list[bytes] = []
     size = 0
     while size < limit:
         chunk = await response.content.read(limit - size)
         if not chunk:
-            return b"".join(parts), True
+            break
         parts.append(chunk)
         size += len(chunk)
-    return b"".join(parts), response.content.at_eof()
+    return b"".join(parts)
 
 
 async def send(
@@ -89,8 +88,8 @@ async def send(
                 method, url, headers=headers, data=data, allow_redirects=False
             )
             if response.status >= 400:
-                prefix, complete = await read_prefix(response, CLASSIFY_BODY_LIMIT)
-                return AttemptResult(response, prefix, complete)
+                prefix = await read_prefix(response, CLASSIFY_BODY_LIMIT)
+                return AttemptResult(response, prefix)
             return AttemptResult(response)
     except TimeoutError as exc:
         if response is not None:

@@ -10,6 +10,7 @@ as each request's `X-Fake-*` headers say:
 - `X-Fake-Retry-After: <s>`: add a Retry-After header to the answer;
 - `X-Fake-SSE: <n>`: stream n server-sent events, each only after `release("sse")` for the
   ones after the first;
+- `X-Fake-Big-Error: <n>`: a 500 whose n-byte body ends with a CUDA OOM line;
 - `X-Fake-Gzip: 1`: answer a fixed gzip-encoded body with Content-Encoding: gzip;
 - `X-Fake-Reset: 1`: abort the connection without answering.
 - `X-Fake-Script: a,b,c`: per request id, answer the k-th attempt as the k-th item, where an item
@@ -36,6 +37,13 @@ OOM_TEXT = (
 
 
 GZIP_BODY = gzip.compress(b"Simulated transcript, compressed by the upstream.", mtime=0)
+
+
+def big_error_body(size: int) -> bytes:
+    """`size` bytes of traceback-like text whose last line is a CUDA OOM message."""
+    tail = ("\n" + OOM_TEXT).encode()
+    line = b'  File "/app/whisper/model.py", line 42, in transcribe\n'
+    return (line * (size // len(line) + 1))[: size - len(tail)] + tail
 
 
 @dataclass
@@ -139,6 +147,8 @@ class FakeUpstream:
                 return web.Response(status=int(step), text=f"error {step}", headers=extra)
         if h.get("X-Fake-Reset"):
             return self._reset(request)
+        if "X-Fake-Big-Error" in h:
+            return web.Response(status=500, body=big_error_body(int(h["X-Fake-Big-Error"])))
         if h.get("X-Fake-Gzip"):
             return web.Response(
                 body=GZIP_BODY, headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"}

@@ -10,7 +10,7 @@ from gatekeeper.app import PROXY, STATE
 from gatekeeper.clock import FakeClock
 from gatekeeper.outcomes import AttemptOutcome, TaskOutcome
 from tests.conftest import GatekeeperFactory
-from tests.fakes import OOM_TEXT, FakeUpstream
+from tests.fakes import OOM_TEXT, FakeUpstream, big_error_body
 from tests.waiting import until
 
 
@@ -215,3 +215,24 @@ async def test_client_leaving_during_retry_delay_ends_the_task(
     await until(lambda: not (app[STATE].snapshot().active_tasks or app[PROXY].runners))
     assert len(upstream.seen) == 1
     assert app[STATE].snapshot().tasks[TaskOutcome.CANCELLED] == 1
+
+
+@pytest.mark.parametrize(
+    ("size", "outcome"),
+    [(30_000, AttemptOutcome.OOM), (300_000, AttemptOutcome.ERROR)],
+    ids=["oom-text-within-64k", "oom-text-beyond-64k"],
+)
+async def test_big_error_body_is_classified_on_its_head_and_relayed_whole(
+    upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory, size: int, outcome: AttemptOutcome
+) -> None:
+    """Only the first 64 KiB decide the outcome; the client still gets every byte unchanged."""
+    clock = FakeClock()
+    base, app = await start_gatekeeper(upstream.url, clock=clock, max_retries=1)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{base}/asr", data=b"x", headers={"X-Fake-Big-Error": str(size)}
+        ) as response:
+            assert response.status == 500
+            body = await response.read()
+    assert body == big_error_body(size)
+    assert app[STATE].snapshot().attempts[outcome] == 2
