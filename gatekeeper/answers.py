@@ -5,6 +5,7 @@ backend sees when the gatekeeper speaks for itself. `error` is user-facing (Chin
 shows it to users); `detail` tells an operator what happened and what to do.
 """
 
+import functools
 import json
 from typing import Any
 
@@ -40,19 +41,27 @@ def json_answer(
     return response
 
 
+@functools.lru_cache(maxsize=1024)
+def _refusal_body(reason: RejectReason, retry_after: int, queue_usage: str) -> bytes:
+    """The refusal's JSON, encoded once per distinct content (a flood repeats the same few)."""
+    payload = {
+        "error": "服务繁忙",
+        "reason": reason.value,
+        "retry_after": retry_after,
+        "queue_usage": queue_usage,
+    }
+    return json.dumps(payload, ensure_ascii=False).encode()
+
+
 def refusal(
     reason: RejectReason, *, retry_after: int, queue_usage: str, request_id: str, attempts: int = 0
 ) -> web.Response:
     """503 服务繁忙 with an honest Retry-After (SPEC "Tasks: admit, queue, refuse")."""
-    return json_answer(
-        503,
-        {
-            "error": "服务繁忙",
-            "reason": reason.value,
-            "retry_after": retry_after,
-            "queue_usage": queue_usage,
-        },
+    return web.Response(
+        status=503,
+        body=_refusal_body(reason, retry_after, queue_usage),
         headers={
+            "Content-Type": _JSON,
             "Retry-After": str(retry_after),
             REASON_HEADER: reason.value,
             REQUEST_ID: request_id,

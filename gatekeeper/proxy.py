@@ -12,8 +12,8 @@ a dropped connection cancels the request handler.
 
 import asyncio
 import logging
+import os
 import random
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDict
 
 from gatekeeper.adaptive import AdaptiveLimit, AdaptiveParams, LimitChange
 from gatekeeper.admission import estimate_retry_after, queue_usage
@@ -52,6 +53,10 @@ from gatekeeper.upstream import AttemptResult, send, upstream_url
 __all__ = ["Proxy", "ProxyConfig", "adaptive_from_settings"]
 
 _CLIENT_CHUNK = 64 * 1024
+# A complete answer of known length up to this size is read whole and sent in one write
+# (status line, headers and body together) instead of headers first, then the body.
+_SMALL_ANSWER = 64 * 1024
+_REFUSAL_LOG_EVERY = 1.0  # seconds between two refusal lines of the same reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +160,8 @@ class Proxy:
         self.rng = rng
         self._session = session
         self.runners: set[asyncio.Task[web.StreamResponse]] = set()
+        # Per refusal reason: when its last line was logged, and how many refusals since.
+        self._refusal_log: dict[RejectReason, tuple[float, int]] = {}
         self.adaptive: AdaptiveLimit | None = None
 
     def reconfigure(self, settings: Settings) -> None:
@@ -217,7 +224,7 @@ class Proxy:
         """Non-task paths go straight upstream: never queued, never retried."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.request_timeout
-        request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
+        request_id = request.headers.get(REQUEST_ID) or os.urandom(16).hex()
         headers = self._upstream_headers(request, request_id)
         data = request.content if request.body_exists else None
         try:
@@ -255,7 +262,7 @@ class Proxy:
     # -- tasks: admission and waiting (in the request handler) -------------------------------
 
     async def _task(self, request: web.Request) -> web.StreamResponse:
-        request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
+        request_id = request.headers.get(REQUEST_ID) or os.urandom(16).hex()
         record = TaskRecord(request_id, request.method, request.path, self.clock.monotonic())
         limit = self.config.max_body_size
         if request.content_length is not None and request.content_length > limit:
@@ -353,15 +360,23 @@ class Proxy:
             RejectReason.QUEUE_TIMEOUT: Event.QUEUE_TIMEOUT,
             RejectReason.SHUTTING_DOWN: Event.SHUTDOWN_REFUSED,
         }[reason]
-        log_event(
-            event,
-            logging.WARNING,
-            task_id=record.task_id,
-            queued=f"{usage.queued}/{usage.max_queue}",
-            active=f"{usage.active}/{usage.limit}",
-            retry_after=retry_after,
-            **({"waited": self.clock.monotonic() - record.arrived} if admitted else {}),
-        )
+        # In a flood one line a second per reason says it all; metrics count every refusal.
+        now = self.clock.monotonic()
+        logged_at, since = self._refusal_log.get(reason, (-_REFUSAL_LOG_EVERY, 0))
+        if now - logged_at < _REFUSAL_LOG_EVERY:
+            self._refusal_log[reason] = (logged_at, since + 1)
+        else:
+            self._refusal_log[reason] = (now, 0)
+            log_event(
+                event,
+                logging.WARNING,
+                task_id=record.task_id,
+                queued=f"{usage.queued}/{usage.max_queue}",
+                active=f"{usage.active}/{usage.limit}",
+                retry_after=retry_after,
+                not_logged_since_last=since,
+                **({"waited": now - record.arrived} if admitted else {}),
+            )
         return refusal(
             reason,
             retry_after=retry_after,
@@ -598,6 +613,14 @@ class Proxy:
         """
         headers = forward_response_headers(upstream.headers)
         headers.update(extra_headers)
+        length = upstream.content_length
+        if (
+            length is not None
+            and length <= _SMALL_ANSWER
+            and request.method != "HEAD"  # its Content-Length describes a body never sent
+            and "Content-Type" in headers  # web.Response would add one of its own
+        ):
+            return await self._relay_small(request, upstream, prefix, headers, deadline, gone)
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=headers
         )
@@ -618,6 +641,31 @@ class Proxy:
         except (TimeoutError, aiohttp.ClientError, OSError):
             _cut(request)
             return response, False
+        return response, client_ok
+
+    async def _relay_small(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        prefix: bytes,
+        headers: "CIMultiDict[str]",
+        deadline: float,
+        gone: asyncio.Event | None,
+    ) -> tuple[web.StreamResponse, bool]:
+        """`_relay` for a short answer of known length: read it whole, answer in one write."""
+        response = web.Response(status=upstream.status, reason=upstream.reason, headers=headers)
+        try:
+            async with asyncio.timeout_at(deadline):
+                rest = await upstream.content.read()
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            _cut(request)
+            return response, False
+        response.body = prefix + rest
+        if gone is not None and gone.is_set():
+            return response, False
+        client_ok = await _client_write(response.prepare(request))
+        if client_ok:
+            client_ok = await _client_write(response.write_eof())
         return response, client_ok
 
 

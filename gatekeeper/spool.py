@@ -70,6 +70,13 @@ class SpooledBody:
         """True when the body rolled over from memory to a temporary file."""
         return bool(getattr(self._file, "_rolled", False))
 
+    def in_memory(self) -> bytes | None:
+        """The whole body if it never left memory (then it goes upstream in one write)."""
+        if self.on_disk:
+            return None
+        self._file.seek(0)
+        return self._file.read()
+
     async def replay(self) -> AsyncIterator[bytes]:
         """The body from its first byte, in chunks (a fresh iterator for every attempt)."""
         self._file.seek(0)

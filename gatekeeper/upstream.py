@@ -6,6 +6,7 @@ that ended it. Classification and retries live elsewhere; this module only does 
 """
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -78,10 +79,12 @@ async def send(
     """One attempt, bounded by `deadline` (event-loop time) from connect to the error prefix."""
     response: aiohttp.ClientResponse | None = None
     headers = CIMultiDict(headers)
-    data = None
+    data: bytes | AsyncIterator[bytes] | None = None
     if body is not None and body.size > 0:
         headers["Content-Length"] = str(body.size)
-        data = body.replay()
+        data = body.in_memory()
+        if data is None:
+            data = body.replay()
     try:
         async with asyncio.timeout_at(deadline):
             response = await session.request(

@@ -289,3 +289,28 @@ def test_malformed_request_is_one_warning_line(capsys: pytest.CaptureFixture[str
     assert len(lines) == 1
     assert " WARNING [ASR并发] 拒绝格式错误的请求 error=" in lines[0]
     assert "Too many headers received" in lines[0]
+
+
+async def test_refusal_lines_are_rate_limited_per_reason(
+    upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In a flood, one refusal line a second per reason, counting the ones not logged."""
+    clock = FakeClock()
+    caplog.set_level(logging.INFO, logger="gatekeeper")
+    base, app = await start_gatekeeper(upstream.url, clock=clock, max_queue=0)
+    async with aiohttp.ClientSession() as session:
+        held = asyncio.create_task(
+            session.post(f"{base}/asr", data=b"x", headers={"X-Fake-Hold": "h"})
+        )
+        await upstream.wait_active(1)
+        for _ in range(5):
+            async with session.post(f"{base}/asr", data=b"x") as response:
+                assert response.status == 503
+        clock.advance(1.0)
+        async with session.post(f"{base}/asr", data=b"x") as response:
+            assert response.status == 503
+        upstream.release("h")
+        (await held).release()
+    lines = [r for r in caplog.records if "队列已满" in r.getMessage()]
+    assert [r.gk_fields["not_logged_since_last"] for r in lines] == [0, 4]  # type: ignore[attr-defined]
+    assert app[STATE].snapshot().rejected_tasks == 6

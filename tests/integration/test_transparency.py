@@ -192,3 +192,18 @@ async def test_refused_connection_gives_502_json(start_gatekeeper: GatekeeperFac
         "detail": doc["detail"],
     }
     assert app[STATE].snapshot().failed_tasks == 1
+
+
+async def test_head_keeps_the_upstream_content_length(
+    upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory
+) -> None:
+    """A HEAD request passes the upstream's Content-Length through, with no body."""
+    base, _ = await start_gatekeeper(upstream.url)
+    async with aiohttp.ClientSession() as session:
+        async with session.head(f"{upstream.url}/docs") as response:
+            length = response.headers["Content-Length"]  # what the upstream itself says
+        assert int(length) > 0
+        async with session.head(f"{base}/docs") as response:
+            assert response.status == 200
+            assert response.headers["Content-Length"] == length
+            assert await response.read() == b""
