@@ -105,5 +105,7 @@ def estimate_retry_after(
     """
     step = max(0.0, mean_service) / max(1, limit)
     steps = queued + 1 if reason is RejectReason.QUEUE_TIMEOUT else 1
-    seconds = math.ceil(step * steps)
-    return min(RETRY_AFTER_MAX, max(RETRY_AFTER_MIN, seconds))
+    estimate = step * steps
+    if not math.isfinite(estimate):  # NaN or infinite: no useful guess, say the most
+        return RETRY_AFTER_MAX if estimate == estimate else RETRY_AFTER_MIN
+    return min(RETRY_AFTER_MAX, max(RETRY_AFTER_MIN, math.ceil(min(estimate, 1e9))))

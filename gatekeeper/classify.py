@@ -102,7 +102,7 @@ class OomMatcher:
                 )
             try:
                 compiled.append(re.compile(pattern, _EXTRA_FLAGS))
-            except re.error as exc:
+            except (re.error, OverflowError, RecursionError) as exc:
                 raise ValueError(
                     f"invalid OOM pattern {pattern!r}: {exc} (patterns are Python regular "
                     "expressions, e.g. 'CUDA out of memory' or '^Internal Server Error$')"

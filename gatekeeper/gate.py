@@ -63,7 +63,8 @@ class Ticket:
 
         Cancelling the caller takes the ticket out of the queue at once.
         """
-        if self._left:
+        refused = self._granted.done() and not self._granted.cancelled()
+        if self._left and not refused:
             raise RuntimeError("ticket already left the gate")
         if not self._granted.done():
             try:

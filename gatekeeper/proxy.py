@@ -16,12 +16,12 @@ import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from multidict import CIMultiDict
 
 from gatekeeper.adaptive import AdaptiveLimit, AdaptiveParams, LimitChange
 from gatekeeper.admission import estimate_retry_after, queue_usage
@@ -53,9 +53,6 @@ from gatekeeper.upstream import AttemptResult, send, upstream_url
 __all__ = ["Proxy", "ProxyConfig", "adaptive_from_settings"]
 
 _CLIENT_CHUNK = 64 * 1024
-# A complete answer of known length up to this size is read whole and sent in one write
-# (status line, headers and body together) instead of headers first, then the body.
-_SMALL_ANSWER = 64 * 1024
 _REFUSAL_LOG_EVERY = 1.0  # seconds between two refusal lines of the same reason
 
 
@@ -163,6 +160,9 @@ class Proxy:
         # Per refusal reason: when its last line was logged, and how many refusals since.
         self._refusal_log: dict[RejectReason, tuple[float, int]] = {}
         self.adaptive: AdaptiveLimit | None = None
+        # Request handlers still reading their task's body, so a shutdown can end them.
+        self._uploading: set[asyncio.Task[object]] = set()
+        self._uploads_stopped = False
 
     def reconfigure(self, settings: Settings) -> None:
         """Take new settings live: running tasks keep theirs, new attempts use the new ones.
@@ -189,6 +189,13 @@ class Proxy:
         if self.adaptive is None:
             return {"adaptive": None}
         return {"adaptive": self.adaptive.snapshot(wall_now=self.clock.wall())}
+
+    def stop_uploads(self) -> int:
+        """End of a shutdown grace period: tasks still uploading get 503 shutting_down now."""
+        self._uploads_stopped = True
+        for handler in list(self._uploading):
+            handler.cancel()
+        return len(self._uploading)
 
     def tick(self) -> None:
         """Let time act on the adaptive limit (a faded ceiling, a stretch that became stable)."""
@@ -241,7 +248,7 @@ class Proxy:
         except (aiohttp.ClientError, OSError) as exc:
             return upstream_unreachable(str(exc) or type(exc).__name__)
         try:
-            answer, _ = await self._relay(request, response, b"", {}, deadline)
+            answer, _ = await self._relay(request, response, {}, deadline)
             return answer
         finally:
             response.close()
@@ -278,13 +285,21 @@ class Proxy:
             directory=None if self.config.spool_dir is None else Path(self.config.spool_dir),
         )
         handed_over = False
+        handler = asyncio.current_task()
         try:
+            self._uploading.add(handler)  # type: ignore[arg-type]
             try:
                 await body.fill(
                     request.content.readany,
                     max_size=limit,
                     idle_timeout=self.config.client_body_timeout,
                 )
+            except asyncio.CancelledError:
+                if not self._uploads_stopped or handler is None:
+                    raise  # the client left
+                handler.uncancel()  # stopped by the shutdown, not by the client: say so
+                self.state.task_ended(TaskOutcome.REJECTED)
+                return self._refuse(RejectReason.SHUTTING_DOWN, record, admitted=True)
             except BodyTooLarge:
                 log_event(Event.BODY_TOO_LARGE, logging.WARNING, task_id=request_id, limit=limit)
                 self.state.task_ended(TaskOutcome.CLIENT_ERROR)
@@ -310,6 +325,8 @@ class Proxy:
                     error=type(broken).__name__,
                 )
                 return body_broken(request_id=request_id)
+            finally:
+                self._uploading.discard(handler)
             waited = self.clock.monotonic() - record.arrived
             try:
                 await ticket.wait(max(0.0, self.config.queue_timeout - waited))
@@ -440,19 +457,15 @@ class Proxy:
                     timed_out=result.timed_out,
                     matcher=cfg.matcher,
                 )
-                record.outcomes.append(outcome)
-                self.state.attempt_ended(
-                    outcome,
-                    self.clock.monotonic() - began,
-                    wall=self.clock.wall(),
-                    monotonic=self.clock.monotonic(),
-                )
-                self._log_attempt(task, outcome, result)
-                self._observe(outcome)
                 if outcome in (AttemptOutcome.OK, AttemptOutcome.CLIENT_ERROR) or not (
                     cfg.retry.should_retry(outcome, record.attempts) and not task.gone.is_set()
                 ):
-                    return await self._finish(task, outcome, result, deadline)
+                    answer, outcome, client_left = await self._deliver(
+                        task, outcome, result, deadline
+                    )
+                    self._record_attempt(task, outcome, result, began)
+                    return self._conclude(task, outcome, result, answer, client_left)
+                self._record_attempt(task, outcome, result, began)
                 delay = cfg.retry.delay(
                     outcome,
                     record.attempts,
@@ -492,25 +505,54 @@ class Proxy:
             )
             self._limit_changed(change)
 
-    async def _finish(
+    def _record_attempt(
+        self, task: _Task, outcome: AttemptOutcome, result: AttemptResult, began: float
+    ) -> None:
+        """Book one finished attempt: the task's record, the counters, the log, the limit."""
+        task.record.outcomes.append(outcome)
+        self.state.attempt_ended(
+            outcome,
+            self.clock.monotonic() - began,
+            wall=self.clock.wall(),
+            monotonic=self.clock.monotonic(),
+        )
+        self._log_attempt(task, outcome, result)
+        self._observe(outcome)
+
+    async def _deliver(
         self, task: _Task, outcome: AttemptOutcome, result: AttemptResult, deadline: float
-    ) -> web.StreamResponse:
-        """Answer the client once with the last attempt's result, and count the task."""
+    ) -> tuple[web.StreamResponse, AttemptOutcome, bool]:
+        """Answer the client with the last attempt's result.
+
+        Returns the answer, the attempt's final outcome (an answer the upstream broke off
+        mid-way is a crash, or a timeout, however it began) and whether the client had left.
+        """
         record = task.record
-        extra = {ATTEMPTS_HEADER: str(record.attempts), REQUEST_ID: record.task_id}
         if result.response is None:
-            answer: web.StreamResponse = upstream_failure(
-                outcome, attempts=record.attempts, request_id=record.task_id
-            )
-            delivered = not task.gone.is_set()
-        else:
-            try:
-                answer, delivered = await self._relay(
-                    task.request, result.response, result.prefix, extra, deadline, task.gone
-                )
-            finally:
-                result.response.close()
-        if task.gone.is_set() or not delivered:
+            failure = upstream_failure(outcome, attempts=record.attempts, request_id=record.task_id)
+            return failure, outcome, task.gone.is_set()
+        extra = {ATTEMPTS_HEADER: str(record.attempts), REQUEST_ID: record.task_id}
+        try:
+            answer, end = await self._relay(task.request, result, extra, deadline, task.gone)
+        finally:
+            result.response.close()
+        if end is _RelayEnd.UPSTREAM_BROKE:
+            outcome = AttemptOutcome.CRASH
+        elif end is _RelayEnd.TIMED_OUT:
+            outcome = AttemptOutcome.TIMEOUT
+        return answer, outcome, end is _RelayEnd.CLIENT_GONE or task.gone.is_set()
+
+    def _conclude(
+        self,
+        task: _Task,
+        outcome: AttemptOutcome,
+        result: AttemptResult,
+        answer: web.StreamResponse,
+        client_left: bool,
+    ) -> web.StreamResponse:
+        """Count the task by how it ended and log its finish line."""
+        record = task.record
+        if client_left:
             task_outcome = TaskOutcome.CANCELLED
         elif outcome is AttemptOutcome.OK:
             task_outcome = TaskOutcome.SUCCESS
@@ -598,75 +640,69 @@ class Proxy:
     async def _relay(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
-        prefix: bytes,
+        upstream: AttemptResult | aiohttp.ClientResponse,
         extra_headers: dict[str, str],
         deadline: float,
         gone: asyncio.Event | None = None,
-    ) -> tuple[web.StreamResponse, bool]:
-        """Stream the upstream answer to the client as it arrives; True if it all got there.
+    ) -> tuple[web.StreamResponse, "_RelayEnd"]:
+        """Send the upstream answer to the client, streaming what is not read yet.
 
         If the client is gone the rest is still read (and dropped) so the attempt really ends
         before the slot is given back. If the upstream breaks off or the deadline passes
         mid-answer, the client connection is cut, so the client sees a broken answer rather
         than a silently short one.
         """
-        headers = forward_response_headers(upstream.headers)
+        result = upstream if isinstance(upstream, AttemptResult) else AttemptResult(upstream)
+        response_in = result.response
+        assert response_in is not None
+        headers = forward_response_headers(response_in.headers)
         headers.update(extra_headers)
-        length = upstream.content_length
-        if (
-            length is not None
-            and length <= _SMALL_ANSWER
-            and request.method != "HEAD"  # its Content-Length describes a body never sent
-            and "Content-Type" in headers  # web.Response would add one of its own
-        ):
-            return await self._relay_small(request, upstream, prefix, headers, deadline, gone)
+        if result.complete and "Content-Type" in headers:
+            # Already read whole (a transcript, an error page): one write, status to last byte.
+            small = web.Response(
+                status=response_in.status, reason=response_in.reason, headers=headers
+            )
+            small.body = result.prefix
+            if gone is not None and gone.is_set():
+                return small, _RelayEnd.CLIENT_GONE
+            ok = await _client_write(small.prepare(request))
+            if ok:
+                ok = await _client_write(small.write_eof())
+            return small, _RelayEnd.DELIVERED if ok else _RelayEnd.CLIENT_GONE
         response = web.StreamResponse(
-            status=upstream.status, reason=upstream.reason, headers=headers
+            status=response_in.status, reason=response_in.reason, headers=headers
         )
-        if upstream.content_length is not None:
-            response.content_length = upstream.content_length
+        if response_in.content_length is not None:
+            response.content_length = response_in.content_length
         client_ok = gone is None or not gone.is_set()
         try:
             async with asyncio.timeout_at(deadline):
                 if client_ok:
                     client_ok = await _client_write(response.prepare(request))
-                if prefix and client_ok:
-                    client_ok = await _client_write(response.write(prefix))
-                async for chunk in upstream.content.iter_any():
-                    if client_ok:
-                        client_ok = await _client_write(response.write(chunk))
+                if result.prefix and client_ok:
+                    client_ok = await _client_write(response.write(result.prefix))
+                if not result.complete:
+                    async for chunk in response_in.content.iter_any():
+                        if client_ok:
+                            client_ok = await _client_write(response.write(chunk))
                 if client_ok:
                     client_ok = await _client_write(response.write_eof())
-        except (TimeoutError, aiohttp.ClientError, OSError):
+        except TimeoutError:
             _cut(request)
-            return response, False
-        return response, client_ok
+            return response, _RelayEnd.TIMED_OUT
+        except (aiohttp.ClientError, OSError):
+            _cut(request)
+            return response, _RelayEnd.UPSTREAM_BROKE
+        return response, _RelayEnd.DELIVERED if client_ok else _RelayEnd.CLIENT_GONE
 
-    async def _relay_small(
-        self,
-        request: web.Request,
-        upstream: aiohttp.ClientResponse,
-        prefix: bytes,
-        headers: "CIMultiDict[str]",
-        deadline: float,
-        gone: asyncio.Event | None,
-    ) -> tuple[web.StreamResponse, bool]:
-        """`_relay` for a short answer of known length: read it whole, answer in one write."""
-        response = web.Response(status=upstream.status, reason=upstream.reason, headers=headers)
-        try:
-            async with asyncio.timeout_at(deadline):
-                rest = await upstream.content.read()
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            _cut(request)
-            return response, False
-        response.body = prefix + rest
-        if gone is not None and gone.is_set():
-            return response, False
-        client_ok = await _client_write(response.prepare(request))
-        if client_ok:
-            client_ok = await _client_write(response.write_eof())
-        return response, client_ok
+
+class _RelayEnd(Enum):
+    """How relaying an answer ended."""
+
+    DELIVERED = "delivered"
+    CLIENT_GONE = "client_gone"
+    UPSTREAM_BROKE = "upstream_broke"
+    TIMED_OUT = "timed_out"
 
 
 async def _client_write(write: "asyncio.Future[object] | object") -> bool:

@@ -108,6 +108,7 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
         idle.cancel()
         hurried.cancel()
         refused = proxy.gate.refuse_waiting(RejectReason.SHUTTING_DOWN)
+        refused += proxy.stop_uploads()
         running = list(proxy.runners)
         for task in running:
             task.cancel()

@@ -16,7 +16,17 @@ from yarl import URL
 from gatekeeper.classify import CLASSIFY_BODY_LIMIT
 from gatekeeper.spool import SpooledBody
 
-__all__ = ["AttemptResult", "create_session", "read_prefix", "send", "upstream_url"]
+__all__ = [
+    "SMALL_ANSWER",
+    "AttemptResult",
+    "create_session",
+    "read_prefix",
+    "send",
+    "upstream_url",
+]
+
+# Successful answers up to this size (Whisper's transcripts, mostly) are read whole.
+SMALL_ANSWER = 64 * 1024
 
 # Never let the client library add or change anything the backend did not send.
 _SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -42,10 +52,15 @@ def upstream_url(base: str, raw_path: str) -> URL:
 
 @dataclass
 class AttemptResult:
-    """One attempt: an open response (with an error body's first bytes), or what ended it."""
+    """One attempt: an open response with the body read so far, or what ended it.
+
+    `prefix` is the first bytes of an error body (for classification) or the whole of a small
+    answer; `complete` says the body is all in `prefix`.
+    """
 
     response: aiohttp.ClientResponse | None
     prefix: bytes = b""
+    complete: bool = False
     error: BaseException | None = None
     timed_out: bool = False
 
@@ -54,17 +69,33 @@ class AttemptResult:
         return self.response.status if self.response is not None else None
 
 
-async def read_prefix(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """Up to `limit` bytes of the body (the rest stays unread, to be relayed or discarded)."""
+async def read_prefix(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """Up to `limit` bytes of the body, and whether that was all of it (the rest stays unread)."""
     parts: list[bytes] = []
     size = 0
     while size < limit:
         chunk = await response.content.read(limit - size)
         if not chunk:
-            break
+            return b"".join(parts), True
         parts.append(chunk)
         size += len(chunk)
-    return b"".join(parts)
+    return b"".join(parts), response.content.at_eof()
+
+
+def _small_answer(method: str, response: aiohttp.ClientResponse) -> bool:
+    """A short successful answer of known length, read whole as part of the attempt.
+
+    Reading it before answering means an upstream that breaks off mid-answer is a crash the
+    attempt loop can still retry (nothing reached the client yet), and the answer then goes out
+    in one write.
+    """
+    length = response.content_length
+    return (
+        length is not None
+        and length <= SMALL_ANSWER
+        and method != "HEAD"  # its Content-Length describes a body that is never sent
+        and response.status not in (204, 304)
+    )
 
 
 async def send(
@@ -91,8 +122,10 @@ async def send(
                 method, url, headers=headers, data=data, allow_redirects=False
             )
             if response.status >= 400:
-                prefix = await read_prefix(response, CLASSIFY_BODY_LIMIT)
-                return AttemptResult(response, prefix)
+                prefix, complete = await read_prefix(response, CLASSIFY_BODY_LIMIT)
+                return AttemptResult(response, prefix, complete)
+            if _small_answer(method, response):
+                return AttemptResult(response, await response.content.read(), complete=True)
             return AttemptResult(response)
     except TimeoutError as exc:
         if response is not None:

@@ -111,3 +111,20 @@ async def test_upstream_down_at_start_then_recovers() -> None:
                 form.add_field("audio_file", b"RIFF", filename="a.wav")
                 async with session.post(f"{base}/asr", data=form) as response:
                     assert response.status == 200
+
+
+async def test_upload_still_running_when_grace_ends_gets_503(upstream: FakeUpstream) -> None:
+    """A task still sending its body when the grace period ends is answered 503 shutting_down."""
+    async with gatekeeper_process(upstream.url, "--shutdown-grace", "0.5") as (proc, base):
+        port = int(base.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /asr HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nhalf")
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        answer = await asyncio.wait_for(reader.read(65536), 10)
+        writer.close()
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+    assert b"X-Gatekeeper-Reason: shutting_down" in answer
+    assert upstream.seen == []
