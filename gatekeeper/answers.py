@@ -56,8 +56,12 @@ def _refusal_body(reason: RejectReason, retry_after: int, queue_usage: str) -> b
 def refusal(
     reason: RejectReason, *, retry_after: int, queue_usage: str, request_id: str, attempts: int = 0
 ) -> web.Response:
-    """503 服务繁忙 with an honest Retry-After (SPEC "Tasks: admit, queue, refuse")."""
-    return web.Response(
+    """503 服务繁忙 with an honest Retry-After (SPEC "Tasks: admit, queue, refuse").
+
+    While shutting down the connection is closed after the answer: keeping it would make the
+    server wait for the rest of an unread upload before it can exit.
+    """
+    response = web.Response(
         status=503,
         body=_refusal_body(reason, retry_after, queue_usage),
         headers={
@@ -68,6 +72,9 @@ def refusal(
             ATTEMPTS_HEADER: str(attempts),
         },
     )
+    if reason is RejectReason.SHUTTING_DOWN:
+        response.force_close()
+    return response
 
 
 _FAILURES: dict[AttemptOutcome, tuple[int, str, str]] = {

@@ -99,6 +99,7 @@ class Ticket:
     def _refuse(self, reason: RejectReason) -> None:
         if not self._granted.done():
             self._granted.set_exception(Refused(reason))
+            self._granted.exception()  # retrieved: its handler may be gone (still uploading)
             self._left = True
 
 

@@ -299,7 +299,12 @@ class Proxy:
                     raise  # the client left
                 handler.uncancel()  # stopped by the shutdown, not by the client: say so
                 self.state.task_ended(TaskOutcome.REJECTED)
-                return self._refuse(RejectReason.SHUTTING_DOWN, record, admitted=True)
+                answer = self._refuse(RejectReason.SHUTTING_DOWN, record, admitted=True)
+                # Send it and hang up now: the rest of the upload is not worth waiting for.
+                if await _client_write(answer.prepare(request)):
+                    await _client_write(answer.write_eof())
+                request.protocol.force_close()
+                return answer
             except BodyTooLarge:
                 log_event(Event.BODY_TOO_LARGE, logging.WARNING, task_id=request_id, limit=limit)
                 self.state.task_ended(TaskOutcome.CLIENT_ERROR)

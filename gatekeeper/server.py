@@ -23,7 +23,7 @@ from gatekeeper.settings import Settings, SettingsError
 __all__ = ["serve"]
 
 # Seconds aiohttp gives handlers to write their last answers once our own drain is over.
-_FINAL_FLUSH = 5.0
+_FINAL_FLUSH = 1.0
 
 
 def _raise_open_file_limit() -> None:
