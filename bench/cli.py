@@ -1,0 +1,210 @@
+"""``python -m bench``: options, the run, and where the results go."""
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.config import FULL, QUICK
+from bench.procs import REPO, Procs, ToolMissing, find_tool
+from bench.scenarios import goodput, overhead, overload, uploads
+from bench.scenarios.common import Ctx
+
+__all__ = ["SCENARIOS", "main"]
+
+SCENARIOS: dict[str, Callable[[Ctx], Awaitable[dict[str, Any]]]] = {
+    "overhead": overhead.run,
+    "uploads": uploads.run,
+    "overload": overload.run,
+    "goodput": goodput.run,
+}
+
+_DESCRIPTION = """\
+Benchmark the gatekeeper against the references a user would pick instead, side by side in
+one run: the client talking to the upstream directly (the floor), HAProxy with the equivalent
+admission config (maxconn, maxqueue, timeout queue), nginx as a plain proxy_pass, and the
+gatekeeper (also on uvloop when it is installed). Every process runs on free 127.0.0.1 ports.
+
+scenarios:
+  overhead  small POST to /asr on a ~1 ms upstream: added latency p50/p99, requests/s (wrk)
+  uploads   100 MB multipart uploads: MB/s through each proxy; gatekeeper peak RSS with
+            20 uploads queued (10 MB and 100 MB: it must stay flat)
+  overload  5,000 tasks at limit 2, queue 20: refusal latency, exact admitted count,
+            /metrics and /health p99 during the burst
+  goodput   the Whisper simulator under a seeded overloading mix: audio-minutes per minute,
+            OOM rate, queue wait, refusals for HAProxy and the gatekeeper at limits 1-4,
+            and with no admission control
+
+Writes RESULTS.md (tables, machine description, each target beside its figure) and
+results.json. Needs the Debian packages haproxy, nginx and wrk (and py-spy for --profile).
+The full run takes about 15 minutes; --quick (for CI) under 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes and short runs (under two minutes) to keep the harness working; "
+        "the figures are not meaningful",
+    )
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        metavar="LIST",
+        help="comma-separated scenarios to run (default: all: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where RESULTS.md and results.json go (default: bench/results, or "
+        "bench/results/quick with --quick)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile the gatekeeper with py-spy during saturation and the burst, in extra "
+        "runs that do not touch the figures; summaries go into the results, raw stacks to "
+        "DIR/profiles/",
+    )
+    parser.add_argument(
+        "--no-uvloop", action="store_true", help="skip the gatekeeper-on-uvloop reference"
+    )
+    parser.add_argument(
+        "--gatekeeper-path",
+        metavar="DIR",
+        default=None,
+        help="run the gatekeeper from this source tree instead (a checkout with a patch, to "
+        "measure it against the same references)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=1, help="seed of the goodput workload (default: 1)"
+    )
+    parser.add_argument(
+        "--keep-workdir",
+        action="store_true",
+        help="keep the temporary directory with every process's log and config",
+    )
+    return parser
+
+
+def _check_tools(profile: bool) -> list[str]:
+    missing = []
+    for tool in ("haproxy", "nginx", "wrk", *(("py-spy",) if profile else ())):
+        try:
+            find_tool(tool)
+        except ToolMissing as exc:
+            missing.append(str(exc))
+    return missing
+
+
+async def _run(ctx: Ctx, names: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    results: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for name in names:
+        began = time.monotonic()
+        try:
+            results[name] = await SCENARIOS[name](ctx)
+        except Exception as exc:
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            ctx.say(f"{name}: FAILED\n{traceback.format_exc()}")
+        finally:
+            await ctx.procs.aclose()
+        ctx.say(f"{name}: done in {time.monotonic() - began:.0f} s")
+    return results, errors
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown or not names:
+        print(f"bench: unknown scenario(s) {unknown}; pick from {list(SCENARIOS)}", file=sys.stderr)
+        return 2
+    missing = _check_tools(args.profile)
+    if missing:
+        for line in missing:
+            print(f"bench: {line}", file=sys.stderr)
+        return 2
+    cfg = QUICK if args.quick else FULL
+    out: Path = args.out or (REPO / "bench" / "results" / ("quick" if args.quick else ""))
+    uvloop = not args.no_uvloop and importlib.util.find_spec("uvloop") is not None
+    workdir = Path(tempfile.mkdtemp(prefix="gatekeeper-bench-"))
+    started = time.monotonic()
+
+    def say(text: str) -> None:
+        print(f"[bench {time.monotonic() - started:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+    notes = [
+        "Shared machine: other engineers run builds and tests on the same 2 cores (the load "
+        "average at start and end is above); every reference was measured in the same rotating "
+        "rounds, so the ratios hold even where the absolute figures wander.",
+        "Client and load generator: wrk (-t1) for requests/s; a minimal asyncio HTTP/1.1 "
+        "client (bench/httpclient.py) for timed requests, uploads and the burst; the fast "
+        "upstream is a raw asyncio server (uvloop when installed) in its own process.",
+    ]
+    if not uvloop:
+        notes.append("uvloop is not installed: the gatekeeper-on-uvloop reference was skipped.")
+    if args.gatekeeper_path:
+        notes.append(f"Gatekeeper run from {args.gatekeeper_path}.")
+    procs = Procs(workdir, gatekeeper_path=args.gatekeeper_path)
+    ctx = Ctx(
+        cfg=cfg,
+        procs=procs,
+        workdir=workdir,
+        out=out,
+        seed=args.seed,
+        uvloop=uvloop,
+        profile=args.profile,
+        say=say,
+        notes=notes,
+    )
+    command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    say(f"{cfg.name} run of {', '.join(names)}; processes log to {workdir}")
+    machine = report.machine()
+    started_at = report.now_iso()
+    try:
+        results, errors = asyncio.run(_run(ctx, names))
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if not args.keep_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    targets = report.judge(results)
+    document = {
+        "schema": 1,
+        "mode": cfg.name,
+        "command": command.strip(),
+        "started_at": started_at,
+        "seconds": round(time.monotonic() - started, 1),
+        "machine": machine,
+        "config": {k: v for k, v in vars(cfg).items()},
+        "notes": ctx.notes,
+        "scenarios": results,
+        "profiles": ctx.profiles,
+        "errors": errors,
+    }
+    md_path, json_path = report.write(out, document, targets)
+    say(f"wrote {md_path} and {json_path}")
+    for t in targets:
+        mark = "—" if t.met is None else ("met" if t.met else "NOT met")
+        print(f"  [{mark:>7}] {t.target}: {t.measured}", file=sys.stderr)
+    return 1 if errors else 0

@@ -1,0 +1,90 @@
+"""How much each scenario does, in the full run and in the quick (CI) run."""
+
+from dataclasses import dataclass
+
+__all__ = ["FULL", "QUICK", "BenchConfig"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    name: str
+    # 1. overhead
+    latency_requests: int
+    """Requests per reference and round, timed one by one."""
+    latency_concurrency: int
+    latency_rounds: int
+    warmup_requests: int
+    rps_seconds: float
+    rps_connections: int
+    rps_rounds: int
+    overhead_limit: int
+    """ASR_MAX_CONCURRENT and HAProxy maxconn in the overhead scenario: above any concurrency."""
+    # 2. uploads
+    upload_mb: int
+    upload_rounds: int
+    queued_uploads: int
+    queued_sizes_mb: tuple[int, ...]
+    """Upload sizes for the queued-RSS check; flat means the peak does not follow the size."""
+    # 3. overload
+    burst_tasks: int
+    burst_connections: int
+    burst_limit: int
+    burst_queue: int
+    # 4. GPU goodput
+    time_scale: float
+    sim_minutes: float
+    arrival_rate_per_minute: float
+    limits: tuple[int, ...]
+    goodput_repeats: int
+    """Replays of the schedule per setup; goodput is their mean, counts their sum."""
+
+
+FULL = BenchConfig(
+    name="full",
+    latency_requests=1500,
+    latency_concurrency=1,
+    latency_rounds=3,
+    warmup_requests=300,
+    rps_seconds=8.0,
+    rps_connections=32,
+    rps_rounds=3,
+    overhead_limit=64,
+    upload_mb=100,
+    upload_rounds=3,
+    queued_uploads=20,
+    queued_sizes_mb=(10, 100),
+    burst_tasks=5000,
+    burst_connections=50,
+    burst_limit=2,
+    burst_queue=20,
+    time_scale=120.0,
+    sim_minutes=60.0,
+    arrival_rate_per_minute=10.0,
+    limits=(1, 2, 3, 4),
+    goodput_repeats=2,
+)
+
+QUICK = BenchConfig(
+    name="quick",
+    latency_requests=300,
+    latency_concurrency=1,
+    latency_rounds=1,
+    warmup_requests=100,
+    rps_seconds=2.0,
+    rps_connections=32,
+    rps_rounds=1,
+    overhead_limit=64,
+    upload_mb=20,
+    upload_rounds=1,
+    queued_uploads=20,
+    queued_sizes_mb=(2, 5),
+    burst_tasks=1000,
+    burst_connections=50,
+    burst_limit=2,
+    burst_queue=20,
+    time_scale=600.0,
+    sim_minutes=10.0,
+    arrival_rate_per_minute=10.0,
+    limits=(2,),
+    goodput_repeats=1,
+)

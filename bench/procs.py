@@ -1,0 +1,346 @@
+"""Starting and stopping the processes a scenario measures, on free loopback ports.
+
+Every process is real: the gatekeeper (`python -m gatekeeper serve`, or the same under uvloop),
+the simulator (`python -m gatekeeper sim`), the fast upstream (`python -m bench.upstream`),
+HAProxy and nginx with configurations generated into the run's temporary directory. Logs go to
+files there (never to a pipe nobody reads, which would stall a process that logs a lot).
+"""
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+__all__ = [
+    "REPO",
+    "Proc",
+    "Procs",
+    "ToolMissing",
+    "find_tool",
+    "free_port",
+    "peak_rss_mib",
+]
+
+REPO = Path(__file__).resolve().parents[1]
+_STARTUP = 30.0
+_DEBIAN_PACKAGES = {"haproxy": "haproxy", "nginx": "nginx", "wrk": "wrk", "py-spy": "py-spy"}
+
+
+class ToolMissing(RuntimeError):
+    """An external program the benchmark needs is not installed."""
+
+    def __init__(self, tool: str) -> None:
+        package = _DEBIAN_PACKAGES.get(tool, tool)
+        how = (
+            f"pip install {package}"
+            if tool == "py-spy"
+            else f"apt-get install {package} (Debian package {package})"
+        )
+        super().__init__(f"{tool} is not installed: {how}")
+        self.tool = tool
+
+
+def find_tool(name: str) -> str:
+    """The path of an external program (sbin directories included), or ToolMissing."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/local/sbin")
+    if found is None:
+        venv_bin = Path(sys.executable).parent / name
+        if venv_bin.exists():
+            return str(venv_bin)
+        raise ToolMissing(name)
+    return found
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _status_kib(pid: int, key: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _ms(seconds: float) -> str:
+    """A duration for HAProxy's configuration, in whole milliseconds (at least 1)."""
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
+def log_file(path: Path) -> IO[bytes]:
+    return open(path, "wb")  # the caller closes it
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    """VmHWM (peak resident set) of a live process, in MiB."""
+    kib = _status_kib(pid, "VmHWM")
+    return None if kib is None else round(kib / 1024, 1)
+
+
+@dataclass
+class Proc:
+    """One started process and where it listens."""
+
+    name: str
+    process: asyncio.subprocess.Process
+    port: int
+    log: Path
+    extra_pids: list[int] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def peak_rss_mib(self) -> float | None:
+        return peak_rss_mib(self.pid)
+
+    def rss_mib(self) -> float | None:
+        kib = _status_kib(self.pid, "VmRSS")
+        return None if kib is None else round(kib / 1024, 1)
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+
+async def wait_for_port(port: int, proc: Proc, within: float = _STARTUP) -> None:
+    """Wait until `port` accepts connections; fail with the log's tail if the process exits."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            if proc.process.returncode is not None:
+                tail = proc.log_text()[-2000:]
+                msg = f"{proc.name} exited with {proc.process.returncode} at start:\n{tail}"
+                raise RuntimeError(msg) from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{proc.name} did not listen on port {port} in time") from None
+            await asyncio.sleep(0.05)
+
+
+class Procs:
+    """The processes of one benchmark run; `aclose()` stops whatever is still running."""
+
+    def __init__(self, workdir: Path, *, gatekeeper_path: str | None = None) -> None:
+        self.workdir = workdir
+        self.gatekeeper_path = gatekeeper_path
+        self._running: list[Proc] = []
+        self._count = 0
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ASR_")}
+        paths = [str(REPO)]
+        if self.gatekeeper_path:
+            paths.insert(0, self.gatekeeper_path)
+        if env.get("PYTHONPATH"):
+            paths.append(env["PYTHONPATH"])
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    async def _spawn(
+        self, name: str, argv: list[str], port: int, *, stdout_to_log: bool = True
+    ) -> Proc:
+        self._count += 1
+        log = self.workdir / f"{self._count:02d}-{name}.log"
+        with log_file(log) as sink:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=sink if stdout_to_log else asyncio.subprocess.DEVNULL,
+                stderr=sink,
+                cwd=self.workdir,
+                env=self._env(),
+                start_new_session=True,  # a Ctrl-C at the terminal reaches only the bench
+            )
+        proc = Proc(name, process, port, log)
+        self._running.append(proc)
+        try:
+            await wait_for_port(port, proc)
+        except BaseException:
+            await self.stop(proc)
+            raise
+        return proc
+
+    async def stop(self, proc: Proc) -> None:
+        """SIGTERM, then SIGKILL after a moment (the run's processes need no graceful end)."""
+        if proc in self._running:
+            self._running.remove(proc)
+        if proc.process.returncode is None:
+            try:
+                proc.process.send_signal(signal.SIGTERM)
+                async with asyncio.timeout(3):
+                    await proc.process.wait()
+            except (TimeoutError, ProcessLookupError):
+                if proc.process.returncode is None:
+                    proc.process.kill()
+                    await proc.process.wait()
+
+    async def kill(self, proc: Proc) -> None:
+        """SIGKILL at once (a gatekeeper with held tasks would drain for its grace period)."""
+        if proc in self._running:
+            self._running.remove(proc)
+        if proc.process.returncode is None:
+            proc.process.kill()
+            await proc.process.wait()
+
+    async def aclose(self) -> None:
+        for proc in list(reversed(self._running)):
+            await self.kill(proc)
+
+    # -- the processes --------------------------------------------------------------------
+
+    async def upstream(self, *, delay: float = 0.001, uvloop: bool = True) -> Proc:
+        port = free_port()
+        argv = [sys.executable, "-m", "bench.upstream", "--port", str(port), "--delay", str(delay)]
+        if uvloop:
+            argv.append("--uvloop")
+        return await self._spawn("upstream", argv, port)
+
+    async def aiohttp_floor(self, upstream_url: str) -> Proc:
+        port = free_port()
+        argv = [sys.executable, "-m", "bench.aiohttp_floor", "--port", str(port)]
+        return await self._spawn("aiohttp-floor", [*argv, "--upstream", upstream_url], port)
+
+    async def sim(self, *args: str) -> Proc:
+        port = free_port()
+        argv = [sys.executable, "-m", "gatekeeper", "sim", "--host", "127.0.0.1"]
+        argv += ["--port", str(port), *args]
+        return await self._spawn("sim", argv, port)
+
+    async def gatekeeper(
+        self, upstream_url: str, settings: Mapping[str, object], *, uvloop: bool = False
+    ) -> Proc:
+        port = free_port()
+        module = "bench.gk_uvloop" if uvloop else "gatekeeper"
+        argv = [sys.executable, "-m", module, "serve", "--upstream-url", upstream_url]
+        argv += ["--host", "127.0.0.1", "--port", str(port), "--env-file", os.devnull]
+        for name, value in settings.items():
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+        return await self._spawn("gatekeeper-uvloop" if uvloop else "gatekeeper", argv, port)
+
+    async def haproxy(
+        self,
+        upstream_port: int,
+        *,
+        maxconn: int,
+        maxqueue: int,
+        timeout_queue: float,
+        timeout_server: float,
+        log_requests: bool = False,
+    ) -> Proc:
+        """HAProxy (Debian's) with the admission config equivalent to the gatekeeper's."""
+        port = free_port()
+        log_global = "    log stdout format raw local0\n" if log_requests else ""
+        log_defaults = (
+            "    log global\n"
+            "    unique-id-format %[req.hdr(x-request-id)]\n"
+            '    log-format "%ID %Tw %ST %Ta"\n'
+            if log_requests
+            else ""
+        )
+        refuse = (
+            "http-request return status 503 content-type application/json hdr Retry-After 10"
+            f' string \'{{"reason": "queue_full"}}\' if {{ queue(whisper) ge {maxqueue} }}'
+        )
+        config = f"""\
+global
+    maxconn 9000
+    nbthread 1
+{log_global}
+defaults
+    mode http
+{log_defaults}    option http-keep-alive
+    timeout connect 5s
+    timeout client 600s
+    timeout http-request 60s
+    timeout server {_ms(timeout_server)}
+    timeout queue {_ms(timeout_queue)}
+
+frontend fe
+    bind 127.0.0.1:{port}
+    maxconn 9000
+    monitor-uri /health
+    http-request use-service prometheus-exporter if {{ path /metrics }}
+    # `maxqueue` alone does not refuse with a single server (the request would wait in the
+    # backend's queue instead): refuse explicitly once the queue holds {maxqueue}.
+    {refuse}
+    default_backend whisper
+
+backend whisper
+    server s1 127.0.0.1:{upstream_port} maxconn {maxconn} maxqueue {maxqueue}
+"""
+        path = self.workdir / f"haproxy-{port}.cfg"
+        path.write_text(config)
+        argv = [find_tool("haproxy"), "-db", "-f", str(path)]
+        return await self._spawn("haproxy", argv, port)
+
+    async def nginx(self, upstream_port: int) -> Proc:
+        """nginx, plain proxy_pass (no admission), Debian's defaults otherwise.
+
+        Request bodies are buffered to a temporary file before they go upstream (nginx's default
+        `proxy_request_buffering on`), store-and-forward like the gatekeeper's spool.
+        """
+        port = free_port()
+        prefix = self.workdir / f"nginx-{port}"
+        self.workdir.chmod(0o711)  # nginx workers (nobody) must reach their temp directories
+        for sub in ("", "body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (prefix / sub).mkdir(parents=True, exist_ok=True)
+            (prefix / sub).chmod(0o777)  # workers run as nobody when the master is root
+        config = f"""\
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 20000; }}
+http {{
+    access_log off;
+    client_max_body_size 0;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    upstream whisper {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://whisper;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_read_timeout 600s;
+        }}
+    }}
+}}
+"""
+        path = prefix / "nginx.conf"
+        path.write_text(config)
+        argv = [find_tool("nginx"), "-e", "stderr", "-p", str(prefix), "-c", str(path)]
+        return await self._spawn("nginx", argv, port)
