@@ -1,0 +1,324 @@
+"""A Whisper stand-in that misbehaves on purpose, and keeps the honest books.
+
+The chaos upstream is the source of truth for the gatekeeper's central promise: it counts the
+task requests in flight *at the upstream* itself (from the moment a request's headers arrive
+until its handler ends, whether it answered, broke off or was cut by the gatekeeper), and it
+records what it did for every request: which fault it injected, what it answered (status and the
+sha256 of the whole body it meant to send), whether the answer was written completely, whether
+the gatekeeper cut the connection, and the sha256 of the request body it received.
+
+What each request suffers is not chosen here: the client writes a plan into the `X-Chaos-Plan`
+header (the gatekeeper forwards headers unchanged), one step per attempt, and the k-th request
+the upstream receives with a given `X-Request-ID` follows the k-th step (the last step repeats).
+That keeps every fault reproducible from the driver's seed. Steps (`kind:arg:arg`):
+
+- `ok:<ms>:<size>`        work ms, then 200 with `size` seeded random bytes (Content-Length);
+- `stream:<ms>:<size>`    work ms, then 200 chunked in a few pieces;
+- `trickle:<ms>:<size>`   200 chunked, the body trickled in small pieces over ms (may outlast
+                          the gatekeeper's attempt timeout, which then cuts it);
+- `oom:<style>`           500 out-of-memory answer in a `gatekeeper.sim.errors.ErrorStyle`;
+- `err:<status>:<style>`  a non-OOM 5xx in that style's container;
+- `busy:<retry_after>`    503 with `Retry-After`;
+- `client:<status>`       a 4xx (the backend's own mistake: relayed, never retried);
+- `reset_upload`          read part of the request body, then abort the connection;
+- `reset_answer:<status>:<size>`  headers and half of the body, then abort;
+- `hang`                  never answer (until the gatekeeper gives up and disconnects).
+
+Besides per-request faults there are global ones the driver switches: `go_down()` (a crashed
+container: the listener closes, every open connection is aborted, new connections are refused)
+and `come_back()`, and `slow` (extra milliseconds added to every step: a busy GPU).
+"""
+
+import asyncio
+import hashlib
+import random
+import socket
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from gatekeeper.sim.errors import ErrorAnswer, ErrorStyle, gpu_error_answer, oom_answer
+
+__all__ = [
+    "CHAOS_BODY_SHA",
+    "CHAOS_PLAN",
+    "ChaosUpstream",
+    "Downtime",
+    "Served",
+    "answer_bytes",
+]
+
+CHAOS_PLAN = "X-Chaos-Plan"
+CHAOS_BODY_SHA = "X-Chaos-Body-Sha256"
+_TASK_PREFIXES = ("/asr", "/detect-language", "/v1/audio/", "/inference")
+_HANG_SECONDS = 3600.0
+
+
+def answer_bytes(request_id: str, arrival: int, size: int) -> bytes:
+    """The transcript bytes for one arrival of one task: seeded, so every run is identical."""
+    return random.Random(f"{request_id}#{arrival}").randbytes(size)
+
+
+def _error_answer(step: str, args: list[str]) -> ErrorAnswer:
+    if step == "oom":
+        return oom_answer(
+            ErrorStyle(args[0]), tried_gib=2.0, total_gib=23.69, free_gib=1.02, used_gib=22.5
+        )
+    if step == "err":
+        status = int(args[0])
+        answer = gpu_error_answer(ErrorStyle(args[1]))
+        return ErrorAnswer(status, answer.content_type, answer.body)
+    if step == "busy":
+        return ErrorAnswer(503, "text/plain", "Service Unavailable: model is loading")
+    return ErrorAnswer(int(args[0]), "application/json", '{"detail": "Unprocessable audio"}')
+
+
+@dataclass
+class Served:
+    """One request as the upstream lived it."""
+
+    request_id: str
+    arrival: int  # 1 for the first request with this id, 2 for the second, ...
+    step: str
+    started: float
+    ended: float = 0.0
+    status: int | None = None
+    answer_sha: str | None = None  # of the whole body the step meant to send
+    answer_size: int = 0
+    complete: bool = False  # the whole answer was handed to the socket
+    cut: bool = False  # the connection went away before the handler was done
+    crashed: bool = False  # aborted by go_down()
+    body_sha: str | None = None  # of the request body, when it was read completely
+    body_expected: str | None = None
+    in_flight_at_start: int = 0
+
+
+@dataclass(frozen=True)
+class Downtime:
+    """One period the upstream was down (connections refused), in time.monotonic() seconds."""
+
+    began: float
+    ended: float
+
+
+@dataclass
+class ChaosUpstream:
+    """The misbehaving Whisper server, on a fixed loopback port for its whole life."""
+
+    limit: int
+    slow_ms: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    violations: list[str] = field(default_factory=list)
+    arrivals: int = 0
+    by_id: dict[str, list[Served]] = field(default_factory=lambda: defaultdict(list))
+    downtimes: list[Downtime] = field(default_factory=list)
+    port: int = 0
+    _current: dict[str, Served] = field(default_factory=dict)
+    _arrived: dict[tuple[str, int], asyncio.Event] = field(default_factory=dict)
+    _answered: dict[tuple[str, int], asyncio.Event] = field(default_factory=dict)
+    _runner: web.AppRunner | None = None
+    _server: asyncio.AbstractServer | None = None
+    _down_since: float | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def down(self) -> bool:
+        return self._server is None
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        await self._listen()
+
+    async def stop(self) -> None:
+        for event in (*self._arrived.values(), *self._answered.values()):
+            event.set()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _listen(self) -> None:
+        assert self._runner is not None
+        assert self._runner.server is not None
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._runner.server, "127.0.0.1", self.port, reuse_address=True
+        )
+
+    def go_down(self) -> None:
+        """Crash: stop listening and abort every open connection (idle or busy)."""
+        if self._server is None:
+            return
+        self._down_since = time.monotonic()
+        self._server.close()
+        self._server = None
+        for served in self._current.values():
+            served.crashed = True
+        assert self._runner is not None
+        assert self._runner.server is not None
+        for handler in self._runner.server.connections:
+            if handler.transport is not None:
+                handler.transport.abort()
+
+    async def come_back(self) -> None:
+        """Restart: listen on the same port again."""
+        if self._server is not None:
+            return
+        await self._listen()
+        assert self._down_since is not None
+        self.downtimes.append(Downtime(self._down_since, time.monotonic()))
+        self._down_since = None
+
+    def forget(self, request_id: str) -> None:
+        """Drop what is kept about a task that has been judged (keeps a long soak's memory flat)."""
+        for served in self.by_id.pop(request_id, []):
+            self._arrived.pop((request_id, served.arrival), None)
+            self._answered.pop((request_id, served.arrival), None)
+        self._arrived.pop((request_id, 1), None)
+        self._answered.pop((request_id, 1), None)
+
+    def overlaps_downtime(self, began: float, ended: float, margin: float = 0.05) -> bool:
+        """True when the upstream crashed between `began` and `ended` (plus a margin)."""
+        periods = [*self.downtimes]
+        if self._down_since is not None:
+            periods.append(Downtime(self._down_since, time.monotonic()))
+        return any(d.began <= ended + margin and d.ended >= began - margin for d in periods)
+
+    def event(self, kind: str, request_id: str, arrival: int) -> asyncio.Event:
+        """An event set when `request_id`'s arrival number `arrival` came in / was answered."""
+        table = self._arrived if kind == "arrived" else self._answered
+        key = (request_id, arrival)
+        if key not in table:
+            table[key] = asyncio.Event()
+        return table[key]
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method != "POST" or not request.path.startswith(_TASK_PREFIXES):
+            return web.json_response({"upstream": "chaos", "path": request.raw_path})
+        request_id = request.headers.get("X-Request-ID", "")
+        steps = request.headers.get(CHAOS_PLAN, "ok:0:16").split(",")
+        arrival = len(self.by_id[request_id]) + 1
+        step = steps[min(arrival, len(steps)) - 1]
+        served = Served(request_id, arrival, step, time.monotonic())
+        served.body_expected = request.headers.get(CHAOS_BODY_SHA)
+        self.in_flight += 1
+        served.in_flight_at_start = self.in_flight
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        if self.in_flight > self.limit:
+            self.violations.append(
+                f"{self.in_flight} tasks in flight at the upstream (limit {self.limit}) when "
+                f"{request_id} arrived; in flight: {sorted(self._current)}"
+            )
+        self.arrivals += 1
+        self.by_id[request_id].append(served)
+        self._current[f"{request_id}#{arrival}"] = served
+        self.event("arrived", request_id, arrival).set()
+        try:
+            return await self._perform(request, served)
+        except asyncio.CancelledError:
+            served.cut = True
+            raise
+        finally:
+            self.in_flight -= 1
+            served.ended = time.monotonic()
+            del self._current[f"{request_id}#{arrival}"]
+            self.event("answered", request_id, arrival).set()
+
+    async def _read_body(self, request: web.Request, served: Served) -> None:
+        digest = hashlib.sha256()
+        async for chunk in request.content.iter_chunked(1 << 16):
+            digest.update(chunk)
+        served.body_sha = digest.hexdigest()
+
+    async def _work(self, ms: int) -> None:
+        total = ms + self.slow_ms
+        if total > 0:
+            await asyncio.sleep(total / 1000)
+
+    async def _perform(self, request: web.Request, served: Served) -> web.StreamResponse:
+        try:
+            return await self._act(request, served)
+        except ConnectionResetError:
+            # The gatekeeper hung up while we wrote (it gave up on a slow answer): the lost
+            # connection cancels this handler in a moment.
+            served.cut = True
+            await asyncio.sleep(_HANG_SECONDS)
+            raise AssertionError("a lost connection did not cancel its handler") from None
+
+    async def _act(self, request: web.Request, served: Served) -> web.StreamResponse:
+        kind, *args = served.step.split(":")
+        if kind == "reset_upload":
+            await request.content.readany()
+            return await self._abort(request)
+        await self._read_body(request, served)
+        if kind in ("ok", "stream", "trickle"):
+            ms, size = int(args[0]), int(args[1])
+            body = answer_bytes(served.request_id, served.arrival, size)
+            self._note_answer(served, 200, body)
+            if kind == "ok":
+                await self._work(ms)
+                response = web.Response(body=body, content_type="application/octet-stream")
+                served.complete = True
+                return response
+            pieces = 4 if kind == "stream" else 12
+            if kind == "stream":
+                await self._work(ms)
+            stream = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            await stream.prepare(request)
+            step = max(1, -(-size // pieces))
+            for offset in range(0, max(size, 1), step):
+                if kind == "trickle":
+                    await asyncio.sleep(ms / pieces / 1000)
+                await stream.write(body[offset : offset + step])
+            await stream.write_eof()
+            served.complete = True
+            return stream
+        if kind == "reset_answer":
+            status, size = int(args[0]), int(args[1])
+            body = answer_bytes(served.request_id, served.arrival, size)
+            self._note_answer(served, status, body)
+            stream = web.StreamResponse(status=status)
+            stream.content_length = size
+            await stream.prepare(request)
+            await stream.write(body[: size // 2])
+            return await self._abort(request)
+        if kind == "hang":
+            await asyncio.sleep(_HANG_SECONDS)
+            raise AssertionError("the gatekeeper never gave up on a hung attempt")
+        answer = _error_answer(kind, args)
+        await self._work(0)
+        headers = {"Retry-After": args[0]} if kind == "busy" else {}
+        body = answer.body.encode()
+        self._note_answer(served, answer.status, body)
+        response = web.Response(
+            status=answer.status, body=body, headers=headers, content_type=answer.content_type
+        )
+        served.complete = True
+        return response
+
+    @staticmethod
+    def _note_answer(served: Served, status: int, body: bytes) -> None:
+        served.status = status
+        served.answer_sha = hashlib.sha256(body).hexdigest()
+        served.answer_size = len(body)
+
+    @staticmethod
+    async def _abort(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.abort()
+        # The lost connection cancels this handler (handler_cancellation); wait for that.
+        await asyncio.sleep(_HANG_SECONDS)
+        raise AssertionError("an aborted connection did not cancel its handler")
