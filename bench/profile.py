@@ -81,19 +81,21 @@ class ProfileRecorder:
             self._log.unlink(missing_ok=True)  # py-spy's own chatter; kept only on failure
 
 
+_REPO = str(Path(__file__).resolve().parents[1]) + "/"  # this checkout, wherever it lives
+
+
 def _short(frame: str) -> tuple[str, str]:
     """(function label, package) of one py-spy frame, e.g. ``handle (gatekeeper/proxy.py:140)``."""
     match = _FRAME.match(frame.strip())
     if match is None:
         return frame.strip(), "other"
     func, path = match["func"], match["file"]
-    for marker in ("site-packages/", "lib/python3.", "/work/"):
+    for marker in ("site-packages/", "lib/python3.", _REPO):
         if marker in path:
             path = path.split(marker, 1)[1]
             if marker == "lib/python3.":
                 path = "stdlib/" + path.split("/", 1)[1] if "/" in path else path
             break
-    path = path.removeprefix("main/")
     area = path.split("/", 1)[0] if "/" in path else path
     if area.endswith(".py"):
         area = area[:-3]
