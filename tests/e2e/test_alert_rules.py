@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.tools import ROOT, run_promtool
+from tests.e2e.tools import METRIC_NAME, ROOT, contract_violations, run_promtool
 
 pytestmark = pytest.mark.e2e
 
@@ -28,64 +28,6 @@ REQUIRED_ALERTS = {
     "AsrUpstreamDown",
     "AsrQueueNearlyFull",
 }
-
-# The metrics contract (SPEC.md, "Metrics"): name -> {label: allowed values}.
-_TASK_OUTCOMES = {"success", "failed", "client_error", "cancelled", "rejected"}
-_REJECT_REASONS = {"queue_full", "queue_timeout", "shutting_down"}
-_ATTEMPT_OUTCOMES = {"ok", "client_error", "oom", "crash", "error", "timeout"}
-_RETRY_OUTCOMES = {"oom", "crash", "error", "timeout"}
-EXPORTED_METRICS: dict[str, dict[str, set[str]]] = {
-    "asr_gatekeeper_max_concurrent": {},
-    "asr_gatekeeper_active_tasks": {},
-    "asr_gatekeeper_queued_tasks": {},
-    "asr_gatekeeper_max_queue": {},
-    "asr_gatekeeper_upstream_up": {},
-    "asr_gatekeeper_last_oom_timestamp_seconds": {},
-    "asr_gatekeeper_shutting_down": {},
-    "asr_gatekeeper_tasks_total": {"outcome": _TASK_OUTCOMES},
-    "asr_gatekeeper_rejected_total": {"reason": _REJECT_REASONS},
-    "asr_gatekeeper_upstream_attempts_total": {"outcome": _ATTEMPT_OUTCOMES},
-    "asr_gatekeeper_oom_errors_total": {},
-    "asr_gatekeeper_retries_total": {"outcome": _RETRY_OUTCOMES},
-    "asr_gatekeeper_queue_wait_seconds": {},
-    "asr_gatekeeper_upstream_duration_seconds": {},
-    "asr_gatekeeper_task_duration_seconds": {},
-}
-HISTOGRAMS = {
-    "asr_gatekeeper_queue_wait_seconds",
-    "asr_gatekeeper_upstream_duration_seconds",
-    "asr_gatekeeper_task_duration_seconds",
-}
-# Labels whose values the contract fixes; any other label (job, instance, le) is free.
-_CONTRACT_LABELS = {"outcome", "reason"}
-
-_METRIC = re.compile(r"(asr_gatekeeper_[a-z_]+)(\{[^}]*\})?")
-_MATCHER = re.compile(r'([a-zA-Z_]\w*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
-
-
-def contract_violations(text: str) -> list[str]:
-    """Metric names and outcome/reason values in `text` that the gatekeeper does not export."""
-    problems: list[str] = []
-    for match in _METRIC.finditer(text):
-        name, selector = match.group(1), match.group(2) or ""
-        base = re.sub(r"_(bucket|sum|count)$", "", name)
-        metric = base if base in HISTOGRAMS else name
-        if metric not in EXPORTED_METRICS:
-            problems.append(f"unknown metric {name}")
-            continue
-        for label, op, value in _MATCHER.findall(selector):
-            if label not in _CONTRACT_LABELS:
-                continue
-            allowed = EXPORTED_METRICS[metric].get(label)
-            if allowed is None:
-                problems.append(f"{name} has no label {label}")
-                continue
-            # Plain alternatives of a regex matcher ("success|failed") are checked too.
-            words = value.split("|") if op in ("=~", "!~") else [value]
-            for word in words:
-                if re.fullmatch(r"[a-z_]+", word) and word not in allowed:
-                    problems.append(f'{name}{{{label}{op}"{value}"}}: no {label} "{word}"')
-    return problems
 
 
 def alert_names(text: str) -> list[str]:
@@ -177,7 +119,7 @@ def test_every_alert_the_guide_asks_for_exists() -> None:
 def test_alert_rules_reference_only_exported_metrics() -> None:
     """Every asr_gatekeeper_ metric and outcome/reason value in alerts.yml is in the contract."""
     text = ALERTS.read_text(encoding="utf-8")
-    assert _METRIC.search(text), "no gatekeeper metric found at all"
+    assert METRIC_NAME.search(text), "no gatekeeper metric found at all"
     assert contract_violations(text) == []
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.tools import ROOT, run_promtool
+from tests.e2e.tools import METRIC_NAME, ROOT, contract_violations, run_promtool
 
 pytestmark = pytest.mark.e2e
 
@@ -54,33 +54,7 @@ EXPORTED_METRICS = set(GAUGES) | set(COUNTERS) | HISTOGRAMS
 # Grafana's built-in interval variables, replaced by a plausible value before checking.
 _BUILTIN_INTERVALS = {"__rate_interval": "5m", "__interval": "1m", "__range": "1h"}
 
-_METRIC = re.compile(r"(asr_gatekeeper_[a-z_]+)(\{[^}]*\})?")
-_MATCHER = re.compile(r'([a-zA-Z_]\w*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
 _SERIES_LABELS = 'job="asr-gatekeeper", instance="gatekeeper:8000"'
-
-
-def contract_violations(text: str) -> list[str]:
-    """Metric names and outcome/reason values in `text` that the gatekeeper does not export."""
-    problems: list[str] = []
-    for match in _METRIC.finditer(text):
-        name, selector = match.group(1), match.group(2) or ""
-        base = re.sub(r"_(bucket|sum|count)$", "", name)
-        metric = base if base in HISTOGRAMS else name
-        if metric not in EXPORTED_METRICS:
-            problems.append(f"unknown metric {name}")
-            continue
-        for label, op, value in _MATCHER.findall(selector):
-            if label not in {"outcome", "reason"}:
-                continue
-            contract = COUNTERS.get(metric)
-            if contract is None or contract[0] != label:
-                problems.append(f"{name} has no label {label}")
-                continue
-            words = value.split("|") if op in ("=~", "!~") else [value]
-            for word in words:
-                if re.fullmatch(r"[a-z_]+", word) and word not in contract[1]:
-                    problems.append(f'{name}{{{label}{op}"{value}"}}: no {label} "{word}"')
-    return problems
 
 
 def load_dashboard() -> dict[str, Any]:
@@ -262,7 +236,9 @@ def test_grafana_provisioning_matches_the_dashboard() -> None:
 
 def test_dashboard_shows_every_exported_metric() -> None:
     """Every metric the gatekeeper exports is on some panel."""
-    shown = {match.group(1) for _, expr in dashboard_queries() for match in _METRIC.finditer(expr)}
+    shown = {
+        match.group(1) for _, expr in dashboard_queries() for match in METRIC_NAME.finditer(expr)
+    }
     shown_bases = {re.sub(r"_(bucket|sum|count)$", "", name) for name in shown}
     assert EXPORTED_METRICS - (shown | shown_bases) == set()
 
