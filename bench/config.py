@@ -37,6 +37,17 @@ class BenchConfig:
     limits: tuple[int, ...]
     goodput_repeats: int
     """Replays of the schedule per setup; goodput is their mean, counts their sum."""
+    cards: tuple[str, ...]
+    """Simulated cards (`bench.scenarios.goodput.CARDS`), each with the full set of setups."""
+    adaptive_starts: tuple[int, ...]
+    """Where the adaptive gatekeeper starts (deliberately bad settings)."""
+    adaptive_maximum: int
+    """ASR_MAX_CONCURRENT of the adaptive gatekeeper: the bound it may never pass."""
+    cooldown_off_cards: tuple[str, ...]
+    """Cards that also get the gatekeeper at every fixed limit with ASR_OOM_COOLDOWN=0: the
+    cost of admission and retries alone, without the seed's cool-down policy."""
+    goodput_parallel: int
+    """Replays run side by side (separate simulator and proxy processes; simulated time)."""
 
 
 FULL = BenchConfig(
@@ -62,6 +73,11 @@ FULL = BenchConfig(
     arrival_rate_per_minute=10.0,
     limits=(1, 2, 3, 4),
     goodput_repeats=2,
+    cards=("default", "half"),
+    adaptive_starts=(1, 8),
+    adaptive_maximum=8,
+    cooldown_off_cards=("default",),
+    goodput_parallel=4,
 )
 
 QUICK = BenchConfig(
@@ -87,4 +103,9 @@ QUICK = BenchConfig(
     arrival_rate_per_minute=10.0,
     limits=(2,),
     goodput_repeats=1,
+    cards=("default",),
+    adaptive_starts=(8,),
+    adaptive_maximum=8,
+    cooldown_off_cards=(),
+    goodput_parallel=2,
 )

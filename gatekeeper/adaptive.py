@@ -9,15 +9,22 @@ Why not latency: the time a transcription takes grows with the length of its aud
 out of GPU memory, and that the gatekeeper sees exactly (an `oom` outcome). The rules:
 
 1. **OOM → down.** An OOM while `c` attempts were upstream cuts the limit multiplicatively
-   (`floor(limit × decrease_factor)`, at least one less, never below `minimum`) and remembers a
-   *ceiling* of `c − 1`: the limit may not climb back to where memory ran out.
+   (`floor(limit × decrease_factor)`, at least one less, never below `minimum`). The cut is
+   also what lets the OOMed task's retry through: it waits for a slot ahead of the queue, and
+   with fewer tasks on the card the memory it needs comes free.
 2. **Stable → up by one.** After `stable_successes` successes that finished while tasks were
    waiting (there was demand the current limit could not serve) and while the GPU carried the
    whole limit, over at least `stable_seconds` at the current limit with no OOM, the limit rises
    by one — but never above `maximum` nor the ceiling.
-3. **The ceiling fades.** Without a new OOM it rises by one every `fade_seconds`, and is
-   forgotten once it reaches `maximum`, so a Whisper server that was fixed, upgraded or merely
-   restarted (fragmented memory freed) is probed again a few hours later.
+3. **A ceiling where OOMs are the rule, fading.** The first attempt of every task (OOM or
+   success) is remembered with the concurrency it ended at, for `fade_seconds`; retries are
+   not, since a long file that OOMs three times while it waits for memory is one piece of
+   evidence, not three. A level `c` where at least `ceiling_ooms` new tasks OOMed, and at
+   least a `ceiling_oom_share` of them, is too high: the limit may not climb back to `c`
+   (ceiling `c − 1`; the lowest such level counts). One OOM is not enough: with files of very
+   different lengths an unlucky mix runs out of memory now and then at any concurrency above
+   one, and the retry absorbs it. As the samples age out the ceiling goes, so a Whisper server
+   that was fixed, upgraded or merely restarted (fragmented memory freed) is probed again.
 4. **Only memory speaks.** A crash may be an OOM that killed the process (whisper.cpp aborts
    on a failed cudaMalloc) and cuts the limit, but at most once per `crash_holdoff_seconds`
    (one death resets every connection and refuses the retries until the restart) and without
@@ -26,7 +33,7 @@ out of GPU memory, and that the gatekeeper sees exactly (an `oom` outcome). The 
 """
 
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -69,16 +76,21 @@ class AdaptiveParams:
     - `decrease_factor` 0.7: on a box that runs 2–8 tasks this always removes at least one slot
       and from 4 upwards about a third, enough to get back under the memory line in one step
       without collapsing to 1 (AIMD's usual 0.5 would halve a 2 to 1 and a 3 to 1).
-    - `stable_successes` 20: at a limit of n every slot has turned over about 20/n times, enough
-      mixes of short and long files for a bad combination to have shown up (about 7 minutes of
-      1-minute tasks at a limit of 3; an hour of 10-minute tasks, which is fine: raising is a
-      bet, and a backlog that persists that long is exactly the signal to make it).
-    - `stable_seconds` 300: at least five minutes at a level whatever the count, so a burst of
-      twenty 10-second clips cannot raise the limit twice in a minute before memory
-      fragmentation and caches at that level had time to grow.
-    - `fade_seconds` 3600: the memory of an OOM at concurrency c costs at most one failed
-      probe (and its retried OOM) per hour and level, while a repaired or restarted server is
-      used fully again within a few hours.
+    - `stable_successes` 3 and `stable_seconds` 30: every OOM cuts, so the limit must climb
+      back quickly or it spends most of its time below the level that works. Measured with the
+      benchmark's goodput scenario (`python -m bench --scenarios goodput`, two seeds, both
+      cards): 20 successes and 300 s kept the default card at one or two tasks and lost a
+      tenth of its goodput or more; 5 and 60 s still lost about 5 %; 3 and 30 s gave the most,
+      with no task lost; 1 and 10 s was no better and noisier.
+    - `fade_seconds` 3600: samples are remembered for an hour, so a level that OOMs most of
+      the time is tried again about once an hour, while a repaired or restarted server is used
+      fully again within the hour.
+    - `ceiling_ooms` 5 and `ceiling_oom_share` 0.35: a ceiling needs repeated OOMs of *new*
+      tasks at a level that OOMs more than a third of the time. With files of 10 s to 10 min
+      an unlucky mix runs out of memory now and then at any level above one, and a retry
+      absorbs it; the level that gives the most goodput on the benchmark's default card OOMs
+      about one new task in six. Three OOMs or a quarter made early, small samples (two long
+      files arriving together) pin the limit at one for an hour.
     - `crash_holdoff_seconds` 300: a dying server resets every open connection and refuses the
       retries during its restart; that is one event, not one per task, so crashes cut the limit
       at most once per five minutes (the OOM retry schedule's 10 + 30 + 90 s fits inside).
@@ -87,10 +99,12 @@ class AdaptiveParams:
     minimum: int = 1
     maximum: int = 8
     decrease_factor: float = 0.7
-    stable_successes: int = 20
-    stable_seconds: float = 300.0
+    stable_successes: int = 3
+    stable_seconds: float = 30.0
     fade_seconds: float = 3600.0
     crash_holdoff_seconds: float = 300.0
+    ceiling_ooms: int = 5
+    ceiling_oom_share: float = 0.35
 
     def __post_init__(self) -> None:
         if self.minimum < 1:
@@ -109,6 +123,10 @@ class AdaptiveParams:
             raise ValueError(
                 f"crash_holdoff_seconds must be >= 0, got {self.crash_holdoff_seconds}"
             )
+        if self.ceiling_ooms < 1:
+            raise ValueError(f"ceiling_ooms must be >= 1, got {self.ceiling_ooms}")
+        if not 0 <= self.ceiling_oom_share <= 1:
+            raise ValueError(f"ceiling_oom_share must be in [0, 1], got {self.ceiling_oom_share}")
 
     def decreased(self, limit: int) -> int:
         """The limit after one multiplicative cut: at least one less, never below `minimum`."""
@@ -135,10 +153,8 @@ class AdaptiveLimit:
         self._since = now()
         self._successes = 0
         self._held_by_ceiling = False
-        # The ceiling learned from the last OOM: `_ceiling_base` at `_ceiling_at`, rising by one
-        # every fade_seconds (see `ceiling`).
-        self._ceiling_base: int | None = None
-        self._ceiling_at = 0.0
+        # Attempts of the last fade_seconds: (ended at, in flight then, was an OOM).
+        self._samples: deque[tuple[float, int, bool]] = deque()
         self._last_crash_cut: float | None = None
         self._ooms: deque[tuple[int, float]] = deque(maxlen=HISTORY_LENGTH)
         self._history: deque[LimitChange] = deque(maxlen=HISTORY_LENGTH)
@@ -156,10 +172,10 @@ class AdaptiveLimit:
 
     @property
     def ceiling(self) -> int | None:
-        """The highest limit allowed by recent OOMs, faded to now; None when none holds.
+        """The highest limit allowed by the OOMs of the last `fade_seconds`; None when none holds.
 
-        Derived from the clock rather than stored, so reading it never changes anything and a
-        gatekeeper that got no traffic for hours still reports the right value.
+        Derived from the samples and the clock rather than stored, so a gatekeeper that got no
+        traffic for hours still reports the right value.
         """
         return self._ceiling_at_time(self._now())
 
@@ -176,8 +192,11 @@ class AdaptiveLimit:
         ceiling = self._ceiling_at_time(now)
         rises_in = None
         if ceiling is not None:
-            elapsed = now - self._ceiling_at
-            rises_in = round(p.fade_seconds - elapsed % p.fade_seconds, 1)
+            # At the latest when the last OOM at or above the forbidden level leaves the window.
+            # (Any OOM sample when the ceiling is pinned at the minimum, below the bad level.)
+            ooms = [(c, at) for at, c, oom in self._samples if oom]
+            last = max((at for c, at in ooms if c > ceiling), default=max(at for _, at in ooms))
+            rises_in = round(max(0.0, last + p.fade_seconds - now), 1)
 
         def stamp(at: float) -> dict[str, object]:
             out: dict[str, object] = {"seconds_ago": round(now - at, 1)}
@@ -205,7 +224,12 @@ class AdaptiveLimit:
     # -- feeding ----------------------------------------------------------------------------
 
     def on_attempt(
-        self, outcome: AttemptOutcome, *, in_flight: int, queue_waiting: bool
+        self,
+        outcome: AttemptOutcome,
+        *,
+        in_flight: int,
+        queue_waiting: bool,
+        first_attempt: bool = True,
     ) -> LimitChange | None:
         """Learn from one finished upstream attempt; return the change it caused, if any.
 
@@ -227,10 +251,12 @@ class AdaptiveLimit:
         now = self._now()
         match outcome:
             case AttemptOutcome.OOM:
-                return self._on_oom(in_flight, now)
+                return self._on_oom(in_flight, now, sample=first_attempt)
             case AttemptOutcome.CRASH:
                 return self._on_crash(in_flight, now)
             case AttemptOutcome.OK:
+                if first_attempt:
+                    self._samples.append((now, in_flight, False))
                 if queue_waiting and in_flight >= self._limit:
                     self._successes += 1
                 return self._maybe_rise(now)
@@ -244,20 +270,20 @@ class AdaptiveLimit:
 
     # -- rules ------------------------------------------------------------------------------
 
-    def _on_oom(self, in_flight: int, now: float) -> LimitChange | None:
+    def _on_oom(self, in_flight: int, now: float, *, sample: bool) -> LimitChange | None:
         p = self._params
         self._ooms.append((in_flight, now))
-        learned = max(p.minimum, in_flight - 1)
-        current = self._ceiling_at_time(now)
-        self._ceiling_base = learned if current is None else min(current, learned)
-        self._ceiling_at = now
+        if sample:
+            self._samples.append((now, in_flight, True))
         if in_flight > self._limit:
             # Already answered by an earlier cut; the stretch restarts all the same.
             self._restart_stretch(now)
             return None
-        return self._set(
-            min(p.decreased(self._limit), self._ceiling_base), f"oom_at_{in_flight}", now
-        )
+        new = p.decreased(self._limit)
+        ceiling = self._ceiling_at_time(now)
+        if ceiling is not None:
+            new = min(new, ceiling)
+        return self._set(max(p.minimum, new), f"oom_at_{in_flight}", now)
 
     def _on_crash(self, in_flight: int, now: float) -> LimitChange | None:
         last = self._last_crash_cut
@@ -294,11 +320,27 @@ class AdaptiveLimit:
         self._held_by_ceiling = False
 
     def _ceiling_at_time(self, now: float) -> int | None:
-        if self._ceiling_base is None:
+        """c − 1 for the lowest concurrency c at which, within the last fade_seconds, attempts
+        that ended with exactly c upstream OOMed at least `ceiling_ooms` times and in at least
+        a `ceiling_oom_share` of cases; None when no level was that bad."""
+        p = self._params
+        samples = self._samples
+        while samples and samples[0][0] <= now - p.fade_seconds:
+            samples.popleft()
+        attempts: Counter[int] = Counter()
+        ooms: Counter[int] = Counter()
+        for _, c, oom in samples:
+            attempts[c] += 1
+            ooms[c] += oom
+        bad = [
+            c
+            for c in ooms
+            if ooms[c] >= p.ceiling_ooms and ooms[c] >= p.ceiling_oom_share * attempts[c]
+        ]
+        if not bad:
             return None
-        faded = math.floor(max(0.0, now - self._ceiling_at) / self._params.fade_seconds)
-        ceiling = self._ceiling_base + faded
-        return None if ceiling >= self._params.maximum else ceiling
+        ceiling = max(p.minimum, min(bad) - 1)
+        return None if ceiling >= p.maximum else ceiling
 
 
 def _local_iso(epoch_seconds: float) -> str:

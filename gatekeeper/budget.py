@@ -11,12 +11,17 @@ The worst case of one task, from arrival at the gatekeeper to the first byte of 
   + oom_cooldown                         a task that starts just after an OOM waits once
   + (max_retries + 1) × request_timeout  every attempt runs into its deadline
   + the longest delay before each retry  the OOM/crash schedule d·3^(k−1), jitter at its top
+  + max_retries × request_timeout        after each delay, waiting for a slot to retry in
 
 Every attempt counts in full even though timeouts are not retried by default: an attempt can
 take almost `request_timeout` and then end in a 500 that is retried. An upstream `Retry-After`
 can raise each delay to at least its value, capped at 300 s; `worst_case_with_retry_after`
 includes that cap and is the true upper bound. The delays come from `RetryPolicy` itself, so
 this arithmetic cannot drift from the schedule the gatekeeper really uses.
+
+A task gives its slot back during a retry delay and waits for one again afterwards, ahead of
+the queue. Usually a slot frees within one attempt's time; when retries pile up the wait is cut
+at `request_timeout` and the task is refused (`queue_timeout`), so that term is bounded too.
 """
 
 from dataclasses import dataclass
@@ -59,6 +64,11 @@ class TaskBudget:
         return self.attempts * self.request_timeout
 
     @property
+    def retry_slot_wait_seconds(self) -> float:
+        """Before every retry, waiting for a slot (at most one request_timeout each)."""
+        return (self.attempts - 1) * self.request_timeout
+
+    @property
     def retry_delay_seconds(self) -> float:
         return sum(self.retry_delays)
 
@@ -78,7 +88,12 @@ class TaskBudget:
 
     @property
     def _fixed(self) -> float:
-        return self.queue_timeout + self.oom_cooldown + self.attempts_seconds
+        return (
+            self.queue_timeout
+            + self.oom_cooldown
+            + self.attempts_seconds
+            + self.retry_slot_wait_seconds
+        )
 
     def limit(self, *, upstream_retry_after: bool = True) -> float:
         """The worst case a proxy timeout must exceed (`upstream_retry_after`: include the cap)."""

@@ -271,6 +271,11 @@ def describe_budget(budget: TaskBudget, settings: Settings) -> list[str]:
             f"({_delays(budget.retry_delays)})",
             budget.retry_delay_seconds,
         ),
+        (
+            f"{len(budget.retry_delays)} wait(s) for a slot to retry in "
+            f"(at most ASR_REQUEST_TIMEOUT each)",
+            budget.retry_slot_wait_seconds,
+        ),
     ]
     width = max(len(label) for label, _ in rows)
     lines = [

@@ -4,6 +4,11 @@ The decisions come from `admission.decide`; this module only keeps the books and
 The one invariant everything rests on: `active` (slots held) never exceeds `limit`, whatever
 mix of timeouts, cancellations and errors happens. A slot is handed directly from the task that
 frees it to the first waiter, so nobody can slip in between.
+
+Between two attempts (the retry delay) a task gives its slot back (`Ticket.pause`): the GPU is
+not working for it, and an idle slot would leave the card idle too. When its delay is over it
+takes a slot again (`Ticket.resume`) ahead of every task that has not started yet, since it is
+older than all of them and its client has already waited the longest.
 """
 
 import asyncio
@@ -35,6 +40,9 @@ class GateCounts:
     limit: int
     max_queue: int
     shutting_down: bool
+    retrying: int = 0
+    """Admitted tasks between two attempts: in their retry delay, or waiting for a slot to retry
+    (ahead of the queue). They hold no slot and no queue place."""
 
 
 class Ticket:
@@ -44,13 +52,14 @@ class Ticket:
     call it.
     """
 
-    __slots__ = ("_gate", "_granted", "_left", "admission")
+    __slots__ = ("_gate", "_granted", "_left", "_paused", "admission")
 
     def __init__(self, gate: "Gate", admission: Admission) -> None:
         self._gate = gate
         self.admission = admission
         self._granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._left = False
+        self._paused = False
 
     @property
     def granted(self) -> bool:
@@ -78,11 +87,34 @@ class Ticket:
                     self._granted.exception()  # mark retrieved
         self._granted.result()  # raises Refused if the gate refused us while waiting
 
+    def pause(self) -> None:
+        """Give the slot back between two attempts; the task stays admitted, as `retrying`."""
+        if self._left or not self.granted:
+            raise RuntimeError("only a ticket holding a slot can pause")
+        self._paused = True
+        self._granted = self._granted.get_loop().create_future()
+        self._gate._pause()
+
+    async def resume(self) -> None:
+        """Take a slot again after `pause`, ahead of every task that has not started yet.
+
+        Waits as long as it takes (no queue timeout: the task was admitted long ago); cancelling
+        the caller does not leave the gate — call `leave()`.
+        """
+        if self._left or not self._paused:
+            raise RuntimeError("only a paused ticket can resume")
+        self._gate._resume(self)
+        await asyncio.shield(self._granted)
+
     def leave(self) -> None:
         """Give back the slot, or the queue place, this ticket holds (no-op the second time)."""
         if self._left:
             return
         self._left = True
+        if self._paused:
+            self._gate._drop_paused(self)
+            self._granted.cancel()
+            return
         if self._granted.done():
             if self._granted.exception() is None:
                 self._gate._release()
@@ -94,6 +126,7 @@ class Ticket:
         if self._granted.done():
             return False
         self._granted.set_result(None)
+        self._paused = False
         return True
 
     def _refuse(self, reason: RejectReason) -> None:
@@ -113,13 +146,20 @@ class Gate:
         self._max_queue = max_queue
         self._active = 0
         self._waiters: deque[Ticket] = deque()
+        self._paused = 0  # tickets between two attempts (holding nothing)
+        self._retry_waiters: deque[Ticket] = deque()  # paused tickets that want a slot back
         self._shutting_down = False
         self._idle = asyncio.Event()
         self._idle.set()
 
     def counts(self) -> GateCounts:
         return GateCounts(
-            self._active, len(self._waiters), self._limit, self._max_queue, self._shutting_down
+            self._active,
+            len(self._waiters),
+            self._limit,
+            self._max_queue,
+            self._shutting_down,
+            self._paused,
         )
 
     def enter(self) -> Ticket:
@@ -170,7 +210,7 @@ class Gate:
         return refused
 
     async def wait_idle(self) -> None:
-        """Return once no task holds a slot or waits for one."""
+        """Return once no task holds a slot, waits for one, or waits to retry."""
         await self._idle.wait()
 
     def _release(self) -> None:
@@ -178,9 +218,31 @@ class Gate:
         assert self._active >= 0, "slot released twice"
         self._hand_over()
 
+    def _pause(self) -> None:
+        self._active -= 1
+        assert self._active >= 0, "slot released twice"
+        self._paused += 1
+        self._hand_over()
+
+    def _resume(self, ticket: Ticket) -> None:
+        self._retry_waiters.append(ticket)
+        self._hand_over()
+
+    def _drop_paused(self, ticket: Ticket) -> None:
+        with contextlib.suppress(ValueError):
+            self._retry_waiters.remove(ticket)
+        self._paused -= 1
+        assert self._paused >= 0, "paused ticket left twice"
+        self._check_idle()
+
     def _hand_over(self) -> None:
-        # First-in first-out: the oldest waiter gets the freed slot directly.
-        while self._waiters and self._active < self._limit:
+        # Retries first (they are older than every queued task), then first-in first-out: the
+        # oldest waiter gets the freed slot directly.
+        while self._retry_waiters and self._active < self._limit:
+            if self._retry_waiters.popleft()._grant():
+                self._paused -= 1
+                self._active += 1
+        while self._waiters and self._active < self._limit and not self._retry_waiters:
             if self._waiters.popleft()._grant():
                 self._active += 1
         self._check_idle()
@@ -191,5 +253,5 @@ class Gate:
         self._check_idle()
 
     def _check_idle(self) -> None:
-        if self._active == 0 and not self._waiters:
+        if self._active == 0 and not self._waiters and self._paused == 0:
             self._idle.set()

@@ -55,14 +55,20 @@ class SnapshotCollector(Collector):
         gate = snap.gate
         yield _gauge("max_concurrent", "Tasks allowed upstream at once.", gate.limit)
         yield _gauge(
-            "active_tasks", "Tasks holding a slot (upstream or between attempts).", gate.active
+            "active_tasks", "Tasks holding a slot (upstream or cooling down).", gate.active
         )
         yield _gauge(
             "upstream_in_flight",
-            "Attempts at the Whisper server right now (active minus tasks between attempts).",
+            "Attempts at the Whisper server right now (active minus tasks cooling down).",
             snap.upstream_in_flight,
         )
         yield _gauge("queued_tasks", "Admitted tasks waiting for a slot.", gate.queued)
+        yield _gauge(
+            "retrying_tasks",
+            "Admitted tasks between two attempts: in their retry delay, or waiting (ahead of the "
+            "queue) for a slot to retry. They hold no slot.",
+            gate.retrying,
+        )
         yield _gauge("max_queue", "Tasks allowed to wait before refusals start.", gate.max_queue)
         yield _gauge(
             "upstream_up",

@@ -11,6 +11,7 @@ a dropped connection cancels the request handler.
 """
 
 import asyncio
+import enum
 import logging
 import os
 import random
@@ -72,6 +73,8 @@ class ProxyConfig:
     oom_cooldown: float
     retry: RetryPolicy
     matcher: OomMatcher
+    queue_per_slot: int | None = None
+    """Adaptive mode without ASR_MAX_QUEUE: the queue is this many tasks per slot of the limit."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ProxyConfig":
@@ -93,7 +96,12 @@ class ProxyConfig:
                 retry_on_timeout=settings.retry_on_timeout,
             ),
             matcher=settings.oom_matcher(),
+            queue_per_slot=10 if settings.queue_follows_limit else None,
         )
+
+    def queue_for(self, limit: int) -> int | None:
+        """The queue size that goes with `limit`, when the queue follows the limit."""
+        return None if self.queue_per_slot is None else self.queue_per_slot * limit
 
 
 def _adaptive_params(settings: Settings) -> AdaptiveParams | None:
@@ -114,6 +122,14 @@ def adaptive_from_settings(settings: Settings, now: Callable[[], float]) -> Adap
     if params is None:
         return None
     return AdaptiveLimit(params, initial=settings.start_limit, now=now)
+
+
+class _Resume(enum.Enum):
+    """How a retry's wait for a slot ended."""
+
+    GRANTED = "granted"
+    GONE = "gone"
+    TIMED_OUT = "timed_out"
 
 
 class _Task:
@@ -182,7 +198,10 @@ class Proxy:
         else:
             limit = min(max(current, params.minimum), params.maximum)
             self.adaptive = AdaptiveLimit(params, initial=limit, now=self.clock.monotonic)
-        self.gate.set_limits(limit=limit, max_queue=settings.queue_limit)
+        queue = self.config.queue_for(limit)
+        self.gate.set_limits(
+            limit=limit, max_queue=settings.queue_limit if queue is None else queue
+        )
 
     def adaptive_stats(self) -> dict[str, object]:
         """The adaptive limit's state for /stats (only when the limit is adaptive)."""
@@ -205,7 +224,7 @@ class Proxy:
     def _limit_changed(self, change: LimitChange | None) -> None:
         if change is None:
             return
-        self.gate.set_limits(limit=change.new)
+        self.gate.set_limits(limit=change.new, max_queue=self.config.queue_for(change.new))
         self.state.limit_changed(change.kind)
         log_event(
             Event.LIMIT_CHANGED,
@@ -422,7 +441,11 @@ class Proxy:
     async def _attempts(self, task: _Task) -> web.StreamResponse:
         record, cfg = task.record, self.config
         last_oom = self.state.last_oom_monotonic
-        if last_oom is not None and self.clock.monotonic() - last_oom < cfg.oom_window:
+        if (
+            cfg.oom_cooldown > 0
+            and last_oom is not None
+            and self.clock.monotonic() - last_oom < cfg.oom_window
+        ):
             record.cooldown = cfg.oom_cooldown
             log_event(Event.COOLDOWN, task_id=record.task_id, delay=cfg.oom_cooldown)
             if await self._wait_or_gone(cfg.oom_cooldown, task):
@@ -496,10 +519,20 @@ class Proxy:
                 next_attempt=record.attempts + 1,
                 delay=delay,
             )
+            # The GPU does nothing for this task during the delay: give the slot to the next one.
+            task.ticket.pause()
             if await self._wait_or_gone(delay, task):
                 return self._gone(task, "retry_delay")
+            resumed = await self._resume_or_gone(task, within=cfg.request_timeout)
+            if resumed is _Resume.GONE:
+                return self._gone(task, "retry_wait")
+            if resumed is _Resume.TIMED_OUT:
+                # Retries piled up beyond the limit: refuse like a queue timeout, so the worst
+                # case of a task stays bounded (gatekeeper/budget.py).
+                self.state.task_ended(TaskOutcome.REJECTED)
+                return self._refuse(RejectReason.QUEUE_TIMEOUT, record, admitted=True)
 
-    def _observe(self, outcome: AttemptOutcome) -> None:
+    def _observe(self, outcome: AttemptOutcome, attempt: int) -> None:
         """Feed one attempt's outcome to the adaptive limit, if there is one."""
         if self.adaptive is not None:
             # This attempt still counts as upstream: the concurrency it ran (and ended) at.
@@ -507,6 +540,7 @@ class Proxy:
                 outcome,
                 in_flight=self.state.upstream_in_flight,
                 queue_waiting=self.gate.counts().queued > 0,
+                first_attempt=attempt == 1,
             )
             self._limit_changed(change)
 
@@ -522,7 +556,7 @@ class Proxy:
             monotonic=self.clock.monotonic(),
         )
         self._log_attempt(task, outcome, result)
-        self._observe(outcome)
+        self._observe(outcome, task.record.attempts)
 
     async def _deliver(
         self, task: _Task, outcome: AttemptOutcome, result: AttemptResult, deadline: float
@@ -603,6 +637,31 @@ class Proxy:
             sleeper.cancel()
             watcher.cancel()
         return task.gone.is_set()
+
+    async def _resume_or_gone(self, task: _Task, *, within: float) -> "_Resume":
+        """Take a slot back for the next attempt, waiting at most `within` seconds.
+
+        The retry goes ahead of every queued task, but may still wait for a running one to end
+        (the limit is full, or the adaptive limit was cut by the OOM that caused this retry).
+        A slot frees within one attempt's time unless other retries are ahead; past `within`
+        the task gives up its place (the caller refuses it).
+        """
+        if task.gone.is_set():
+            return _Resume.GONE
+        resumer = asyncio.ensure_future(task.ticket.resume())
+        watcher = asyncio.ensure_future(task.gone.wait())
+        try:
+            await asyncio.wait(
+                {resumer, watcher}, timeout=within, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            resumer.cancel()
+            watcher.cancel()
+        if resumer.done() and not resumer.cancelled():
+            resumer.result()
+        if task.gone.is_set():
+            return _Resume.GONE
+        return _Resume.GRANTED if task.ticket.granted else _Resume.TIMED_OUT
 
     def _log_attempt(self, task: _Task, outcome: AttemptOutcome, result: AttemptResult) -> None:
         record = task.record

@@ -80,24 +80,27 @@ class Settings(BaseSettings):
         "the seed's conservative start).",
     )
     adaptive_stable_successes: int = Field(
-        20,
+        3,
         ge=1,
         description="Extra: successes at the full limit, with tasks waiting, before the "
         "adaptive mode tries one more.",
     )
     adaptive_stable_seconds: float = Field(
-        300.0,
+        30.0,
         ge=0,
         description="Extra: least seconds at a limit before the adaptive mode raises it.",
     )
     adaptive_fade_seconds: float = Field(
         3600.0,
         gt=0,
-        description="Extra: seconds after which the ceiling learned from an OOM rises by one "
-        "(so a fixed or restarted Whisper server is probed again).",
+        description="Extra: seconds the adaptive mode remembers OOMs; a ceiling learned from "
+        "them goes once they are older (so a fixed or restarted Whisper server is probed again).",
     )
     max_queue: int | None = Field(
-        None, ge=0, description="Tasks allowed to wait; beyond it, refuse. Default 10 × concurrent."
+        None,
+        ge=0,
+        description="Tasks allowed to wait; beyond it, refuse. Default 10 × concurrent (in the "
+        "adaptive mode: 10 × the current limit, following it as it moves).",
     )
     queue_timeout: float = Field(
         600.0, gt=0, description="Seconds a task may wait in the queue before it is refused."
@@ -123,7 +126,10 @@ class Settings(BaseSettings):
         None, ge=0, description="Seconds after an OOM during which new tasks cool down first."
     )
     oom_cooldown: float | None = Field(
-        None, ge=0, description="Seconds a task waits before starting inside the OOM window."
+        None,
+        ge=0,
+        description="Seconds a task waits before starting inside the OOM window. Default "
+        "1.5 × delay; 0 in the adaptive mode, where the limit cut after an OOM does its job.",
     )
     gated_paths: Annotated[tuple[str, ...], NoDecode] = Field(
         DEFAULT_GATED_PATHS,
@@ -243,12 +249,16 @@ class Settings(BaseSettings):
     def _derive_defaults(self) -> Self:
         # Derived defaults (SPEC): queue 10 × concurrency, OOM window 3 × delay,
         # cool-down 1.5 × delay.
+        # The adaptive mode (extra) sizes the queue by its current limit and needs no cool-down:
+        # the cut after an OOM already holds new starts back while the retried task waits.
         if self.max_queue is None:
-            object.__setattr__(self, "max_queue", 10 * self.max_concurrent)
+            object.__setattr__(self, "max_queue", 10 * self.start_limit)
         if self.oom_window is None:
             object.__setattr__(self, "oom_window", 3 * self.retry_delay)
         if self.oom_cooldown is None:
-            object.__setattr__(self, "oom_cooldown", 1.5 * self.retry_delay)
+            object.__setattr__(
+                self, "oom_cooldown", 0.0 if self.adaptive else 1.5 * self.retry_delay
+            )
         if self.adaptive:
             start = self.initial_concurrent or self.min_concurrent
             if not self.min_concurrent <= start <= self.max_concurrent:
@@ -277,6 +287,11 @@ class Settings(BaseSettings):
     def oom_matcher(self) -> OomMatcher:
         """The built-in OOM patterns plus the operator's."""
         return OomMatcher.from_patterns(self.oom_patterns)
+
+    @property
+    def queue_follows_limit(self) -> bool:
+        """Adaptive mode without ASR_MAX_QUEUE: the queue is 10 × the current limit."""
+        return self.adaptive and "max_queue" not in self.model_fields_set
 
     @property
     def start_limit(self) -> int:

@@ -35,6 +35,7 @@ def stats_document(snap: Snapshot, *, extras: dict[str, Any] | None = None) -> d
         "queue_usage": queue_usage(snap.gate.queued, snap.gate.max_queue),
         # Extras after the seed's fields.
         "max_queue": snap.gate.max_queue,
+        "retrying_tasks": snap.gate.retrying,
         "upstream_in_flight": snap.upstream_in_flight,
         "succeeded_tasks": snap.tasks[TaskOutcome.SUCCESS],
         "client_error_tasks": snap.tasks[TaskOutcome.CLIENT_ERROR],

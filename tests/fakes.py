@@ -136,6 +136,9 @@ class FakeUpstream:
             steps = script.split(",")
             step = steps[min(self._scripts[key], len(steps) - 1)]
             self._scripts[key] += 1
+            if step.startswith("hold="):  # this attempt waits for release(name), then answers
+                await self._events[step.removeprefix("hold=")].wait()
+                step = "ok"
             if step == "reset":
                 return self._reset(request)
             if step == "oom":

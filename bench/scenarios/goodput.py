@@ -1,11 +1,12 @@
 """Scenario 4 — GPU goodput on the simulator under a realistic, overloading mix.
 
 One seeded schedule (Poisson arrivals, audio log-uniform 10 s–10 min) is replayed against:
-the simulator directly (no admission control), HAProxy at maxconn 1–4, and the gatekeeper at
-limit 1–4, each time with a fresh simulator (the default 24 GiB card: a task needs
-2 + 0.8 GiB per audio minute, 18 GiB free) running `time_scale` times faster than real time.
-Every delay of both proxies is the realistic one divided by the time scale, so it is realistic
-in simulated time; all figures below are in simulated time.
+the simulator directly (no admission control), HAProxy at maxconn 1–4, the gatekeeper at a fixed
+limit 1–4, and the adaptive gatekeeper (ASR_ADAPTIVE) started from a bad setting (1 and 8), each
+time with a fresh simulator running `time_scale` times faster than real time. Two cards: the
+default 24 GiB one (a task needs 2 + 0.8 GiB per audio minute, 18 GiB free) and one with half
+the memory (see `CARDS`). Every delay of both proxies is the realistic one divided by the time
+scale, so it is realistic in simulated time; all figures below are in simulated time.
 
 Goodput: audio-minutes of successful transcriptions finished within the arrival window, per
 simulated minute of that window. Queue wait: from the proxies' own logs (the gatekeeper's
@@ -24,14 +25,48 @@ from bench.procs import Proc
 from bench.scenarios.common import CONTENT_TYPE, Ctx, JsonDict, multipart_parts
 from bench.stats import percentile
 from bench.workload import Arrival, mean_audio_seconds, schedule
+from gatekeeper.adaptive import AdaptiveParams
 
-__all__ = ["run", "story_settings"]
+__all__ = ["CARDS", "Setup", "adaptive_settings", "run", "story_settings"]
 
 _QUEUE_TIMEOUT = 600.0  # seconds, the seed's and the SPEC's defaults, in simulated time
 _REQUEST_TIMEOUT = 300.0
 _RETRY_DELAY = 10.0
+_ADAPTIVE = AdaptiveParams()  # the adaptive mode's defaults, as an operator gets them
 _HEAD, _TAIL = multipart_parts()
 _BODY = _HEAD + b"RIFF" + b"\0" * 1020 + _TAIL  # the simulator is steered by X-Sim-Audio-Seconds
+
+
+CARDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "default": ("24 GiB, 6 reserved: 18 GiB for tasks", ()),
+    # Half the card. The reservation is smaller too (a lighter/int8 model), so the longest file
+    # of the mix (10 min: 2 + 8 GiB) still fits alone: with 6 GiB reserved, every file over
+    # five minutes could never run and no setting could keep failures near zero.
+    "half": (
+        "12 GiB, 2 reserved: 10 GiB for tasks (the longest file just fits alone)",
+        ("--total-gib", "12", "--reserved-gib", "2"),
+    ),
+}
+"""Simulated cards: description, and the `gatekeeper sim` arguments that make it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """One thing the schedule is replayed against."""
+
+    kind: str  # direct | haproxy | gatekeeper
+    limit: int | None = None  # the fixed limit, or where the adaptive gatekeeper starts
+    card: str = "default"
+    adaptive: bool = False
+    cooldown_off: bool = False  # the gatekeeper with ASR_OOM_COOLDOWN=0 (admission + retries)
+
+    @property
+    def label(self) -> str:
+        if self.kind == "direct":
+            return f"direct, {self.card} card"
+        mode = f"adaptive from {self.limit}" if self.adaptive else f"at {self.limit}"
+        extra = ", cool-down off" if self.cooldown_off else ""
+        return f"{self.kind} {mode}{extra}, {self.card} card"
 
 
 def story_settings(limit: int, scale: float) -> dict[str, float | int]:
@@ -46,6 +81,22 @@ def story_settings(limit: int, scale: float) -> dict[str, float | int]:
         "retry_jitter": 0.1,
         # ASR_OOM_WINDOW / ASR_OOM_COOLDOWN derive from the delay: 3× and 1.5× (30 s / 15 s).
     }
+
+
+def adaptive_settings(start: int, maximum: int, scale: float) -> dict[str, object]:
+    """The adaptive gatekeeper as an operator would run it: bounds 1…maximum, start `start`,
+    every other adaptive knob at its default (the queue follows the limit, no cool-down),
+    durations divided by the time scale."""
+    settings: dict[str, object] = dict(story_settings(maximum, scale))
+    del settings["max_queue"]
+    settings.update(
+        adaptive="true",
+        min_concurrent=1,
+        initial_concurrent=start,
+        adaptive_stable_seconds=_ADAPTIVE.stable_seconds / scale,
+        adaptive_fade_seconds=_ADAPTIVE.fade_seconds / scale,
+    )
+    return settings
 
 
 class _Outcome:
@@ -147,11 +198,13 @@ class _RunData:
     real_seconds: float
 
 
-async def _one_setup(ctx: Ctx, setup: str, limit: int | None, arrivals: list[Arrival]) -> _RunData:
+async def _one_setup(ctx: Ctx, one: Setup, arrivals: list[Arrival]) -> _RunData:
     cfg = ctx.cfg
     scale = cfg.time_scale
     procs = ctx.procs
-    sim = await procs.sim("--time-scale", str(scale), "--seed", str(ctx.seed))
+    setup, limit = one.kind, one.limit
+    card_args = CARDS[one.card][1]
+    sim = await procs.sim("--time-scale", str(scale), "--seed", str(ctx.seed), *card_args)
     proxy: Proc | None = None
     if setup == "haproxy":
         assert limit is not None
@@ -165,7 +218,14 @@ async def _one_setup(ctx: Ctx, setup: str, limit: int | None, arrivals: list[Arr
         )
     elif setup == "gatekeeper":
         assert limit is not None
-        proxy = await procs.gatekeeper(sim.url, story_settings(limit, scale))
+        settings: dict[str, object] = (
+            adaptive_settings(limit, cfg.adaptive_maximum, scale)
+            if one.adaptive
+            else dict(story_settings(limit, scale))
+        )
+        if one.cooldown_off:
+            settings["oom_cooldown"] = 0
+        proxy = await procs.gatekeeper(sim.url, settings)
     target = proxy or sim
     began = time.monotonic()
     outcomes = await _replay(ctx, target.port, arrivals, scale)
@@ -185,7 +245,7 @@ async def _one_setup(ctx: Ctx, setup: str, limit: int | None, arrivals: list[Arr
     return _RunData(outcomes, waits, sim_state, gk_stats, peak, real_seconds)
 
 
-def _row(ctx: Ctx, setup: str, limit: int | None, runs: list[_RunData]) -> JsonDict:
+def _row(ctx: Ctx, one: Setup, runs: list[_RunData]) -> JsonDict:
     """One table row from every repeat: counts summed, goodput averaged, waits pooled."""
     cfg = ctx.cfg
     window_real = cfg.sim_minutes * 60.0 / cfg.time_scale
@@ -204,9 +264,19 @@ def _row(ctx: Ctx, setup: str, limit: int | None, runs: list[_RunData]) -> JsonD
     p50 = percentile(waits, 0.5)
     p95 = percentile(waits, 0.95)
     peaks = [run.peak_rss_mib for run in runs if run.peak_rss_mib is not None]
+    adaptive = [
+        run.gk_stats["adaptive"]
+        for run in runs
+        if run.gk_stats is not None and run.gk_stats.get("adaptive")
+    ]
     return {
-        "setup": setup,
-        "limit": limit,
+        "setup": one.kind,
+        "card": one.card,
+        "adaptive": one.adaptive,
+        "limit": None if one.adaptive else one.limit,
+        "start_limit": one.limit if one.adaptive else None,
+        "cooldown_off": one.cooldown_off,
+        "label": one.label,
         "runs": len(runs),
         "goodput_audio_min_per_min": round(sum(goodputs) / len(goodputs), 2),
         "goodput_runs": goodputs,
@@ -242,7 +312,31 @@ def _row(ctx: Ctx, setup: str, limit: int | None, runs: list[_RunData]) -> JsonD
         or None,
         "peak_rss_mib": max(peaks) if peaks else None,
         "real_seconds": round(sum(run.real_seconds for run in runs), 1),
+        # The adaptive gatekeeper's path: where it ended, and every change (simulated seconds).
+        "adaptive_runs": [
+            {
+                "final_limit": a.get("limit"),
+                "ceiling": a.get("ceiling"),
+                "changes": [f"{c['old']}→{c['new']} {c['reason']}" for c in a.get("changes", [])],
+            }
+            for a in adaptive
+        ]
+        or None,
     }
+
+
+def setups_for(ctx: Ctx) -> list[Setup]:
+    """Every setup of this run, card by card, in table order."""
+    cfg = ctx.cfg
+    setups: list[Setup] = []
+    for card in cfg.cards:
+        setups.append(Setup("direct", card=card))
+        setups += [Setup("haproxy", limit, card) for limit in cfg.limits]
+        setups += [Setup("gatekeeper", limit, card) for limit in cfg.limits]
+        if card in cfg.cooldown_off_cards:
+            setups += [Setup("gatekeeper", limit, card, cooldown_off=True) for limit in cfg.limits]
+        setups += [Setup("gatekeeper", start, card, adaptive=True) for start in cfg.adaptive_starts]
+    return setups
 
 
 async def run(ctx: Ctx) -> JsonDict:
@@ -250,19 +344,28 @@ async def run(ctx: Ctx) -> JsonDict:
     arrivals = schedule(
         seed=ctx.seed, rate_per_minute=cfg.arrival_rate_per_minute, minutes=cfg.sim_minutes
     )
-    setups: list[tuple[str, int | None]] = [("direct", None)]
-    setups += [("haproxy", limit) for limit in cfg.limits]
-    setups += [("gatekeeper", limit) for limit in cfg.limits]
-    runs: dict[tuple[str, int | None], list[_RunData]] = {key: [] for key in setups}
-    for repeat in range(cfg.goodput_repeats):
-        for setup, limit in setups:  # every repeat goes through all setups: drift hits all
-            label = setup if limit is None else f"{setup} at {limit}"
-            ctx.say(
-                f"goodput: {len(arrivals)} tasks, {cfg.sim_minutes:g} simulated min, {label}"
-                f" (run {repeat + 1}/{cfg.goodput_repeats})"
-            )
-            runs[(setup, limit)].append(await _one_setup(ctx, setup, limit, arrivals))
-    rows = [_row(ctx, setup, limit, runs[(setup, limit)]) for setup, limit in setups]
+    setups = setups_for(ctx)
+    runs: dict[Setup, list[_RunData]] = {one: [] for one in setups}
+    # Every repeat goes through all setups (drift hits all alike); `goodput_parallel` replays run
+    # side by side, each against its own simulator and proxy processes.
+    pending = [(repeat, one) for repeat in range(cfg.goodput_repeats) for one in setups]
+    total = len(pending)
+    done = 0
+
+    async def replay(repeat: int, one: Setup) -> None:
+        nonlocal done
+        result = await _one_setup(ctx, one, arrivals)
+        runs[one].append(result)
+        done += 1
+        ctx.say(
+            f"goodput {done}/{total}: {len(arrivals)} tasks, {cfg.sim_minutes:g} simulated min, "
+            f"{one.label} (run {repeat + 1}/{cfg.goodput_repeats}) in {result.real_seconds:.0f} s"
+        )
+
+    width = max(1, cfg.goodput_parallel)
+    for first in range(0, total, width):
+        await asyncio.gather(*(replay(r, one) for r, one in pending[first : first + width]))
+    rows = [_row(ctx, one, runs[one]) for one in setups]
     offered = sum(a.audio_seconds for a in arrivals) / 60.0 / cfg.sim_minutes
     return {
         "setup": {
@@ -275,8 +378,16 @@ async def run(ctx: Ctx) -> JsonDict:
             f"{mean_audio_seconds() / 60:.1f} min (this draw: "
             f"{sum(a.audio_seconds for a in arrivals) / len(arrivals) / 60:.2f} min)",
             "offered_audio_min_per_min": round(offered, 1),
-            "simulator": "default card: 24 GiB, 6 reserved, 2 + 0.8 GiB per audio minute, "
-            "rtf 0.1, parallel gain 0.3, max speed-up 2",
+            "simulator": "a task needs 2 + 0.8 GiB per audio minute, rtf 0.1, parallel gain "
+            "0.3, max speed-up 2",
+            "cards": {card: CARDS[card][0] for card in cfg.cards},
+            "adaptive_settings": f"ASR_ADAPTIVE=true, bounds 1…{cfg.adaptive_maximum}, started "
+            "at " + " and ".join(str(s) for s in cfg.adaptive_starts) + "; every adaptive "
+            f"setting at its default ({_ADAPTIVE.stable_successes} stable successes, "
+            f"{_ADAPTIVE.stable_seconds:g} s stable, OOMs remembered "
+            f"{_ADAPTIVE.fade_seconds:g} s — durations divided by the time scale; the "
+            "queue follows the limit, 10 per slot; no cool-down)",
+            "parallel": cfg.goodput_parallel,
             "gatekeeper_settings": "max_queue 10×limit, queue_timeout 600 s, request_timeout "
             "300 s, max_retries 3, retry_delay 10 s (OOM: 10/30/90 s), jitter 0.1, "
             "OOM window 30 s / cool-down 15 s — all divided by the time scale",

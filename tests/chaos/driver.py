@@ -470,8 +470,11 @@ def books_problems(doc: dict[str, Any], cfg: ChaosConfig) -> list[str]:
     """What is wrong with one /stats reading, judged on its own."""
     problems = []
     ended = sum(doc[name] for name in _ENDED)
-    if doc["total_tasks"] != ended + doc["active_tasks"] + doc["queued_tasks"]:
-        parts = ", ".join(f"{name}={doc[name]}" for name in (*_ENDED, "active_tasks"))
+    in_progress = doc["active_tasks"] + doc["queued_tasks"] + doc["retrying_tasks"]
+    if doc["total_tasks"] != ended + in_progress:
+        parts = ", ".join(
+            f"{name}={doc[name]}" for name in (*_ENDED, "active_tasks", "retrying_tasks")
+        )
         problems.append(
             f"/stats does not reconcile: total_tasks={doc['total_tasks']} != {parts}, "
             f"queued_tasks={doc['queued_tasks']}"
@@ -695,6 +698,19 @@ class Verdict:
             f"was {last.step if last else 'none'}",
         )
 
+    def _refused_retry(self, reason: object, arrivals: list[Served]) -> bool:
+        """A retry that found no slot within ASR_REQUEST_TIMEOUT after its delay is refused with
+        queue_timeout: allowed only after attempts that all failed in a retried way, with
+        retries left (its next attempt was never sent)."""
+        if reason != "queue_timeout" or len(arrivals) > self.cfg.max_retries:
+            return False
+        self.tally["503_queue_timeout_retry"] += 1
+        return all(
+            served.step.split(":")[0] in ("oom", "err", "busy", "reset_upload", "reset_answer")
+            or self._crashed(served)
+            for served in arrivals
+        )
+
     def _crashed(self, served: Served) -> bool:
         return served.crashed or self.upstream.overlaps_downtime(served.started, served.ended)
 
@@ -725,7 +741,7 @@ class Verdict:
                 and _USAGE.match(str(doc.get("queue_usage")))
             ):
                 self.fail(result, f"503 body or headers off the SPEC: {doc} {result.headers}")
-            if arrivals:
+            if arrivals and not self._refused_retry(reason, arrivals):
                 self.fail(result, f"refused ({reason}) but reached the upstream {len(arrivals)}x")
             return
         if status == 502 and reason == "crash":
@@ -845,9 +861,11 @@ class Verdict:
         """At rest: the stats add up, agree with /metrics, and match what the clients saw."""
         for problem in books_problems(stats, self.cfg):
             self.fail(None, problem)
-        if stats["active_tasks"] or stats["queued_tasks"]:
+        if stats["active_tasks"] or stats["queued_tasks"] or stats["retrying_tasks"]:
             self.fail(
-                None, f"not at rest: active={stats['active_tasks']}, queued={stats['queued_tasks']}"
+                None,
+                f"not at rest: active={stats['active_tasks']}, queued={stats['queued_tasks']}, "
+                f"retrying={stats['retrying_tasks']}",
             )
         t = self.tally
         leavers = t["left"] + t["no_answer"]
@@ -912,6 +930,7 @@ class Verdict:
             ),
             (metric("active_tasks"), stats["active_tasks"], "active"),
             (metric("queued_tasks"), stats["queued_tasks"], "queued"),
+            (metric("retrying_tasks"), stats["retrying_tasks"], "retrying"),
             (metric("oom_errors_total"), stats["oom_errors"], "oom_errors"),
         ]
         for reason, count in stats["rejected_by_reason"].items():

@@ -73,13 +73,14 @@ async def _settle(base: str, upstream: ChaosUpstream, *, within: float = 20.0) -
         deadline = time.monotonic() + within
         while True:
             doc: dict[str, Any] = await _get(session, f"{base}/stats")
-            if doc["active_tasks"] == 0 and doc["queued_tasks"] == 0 and upstream.in_flight == 0:
+            busy = doc["active_tasks"] + doc["queued_tasks"] + doc["retrying_tasks"]
+            if busy == 0 and upstream.in_flight == 0:
                 return doc
             if time.monotonic() > deadline:
                 pytest.fail(
                     f"traffic stopped but the gatekeeper is not at rest after {within} s: "
                     f"active={doc['active_tasks']} queued={doc['queued_tasks']} "
-                    f"upstream in flight={upstream.in_flight}"
+                    f"retrying={doc['retrying_tasks']} upstream in flight={upstream.in_flight}"
                 )
             await asyncio.sleep(0.05)
 

@@ -307,7 +307,8 @@ def _ignore_unread_refusals(loop: asyncio.AbstractEventLoop, context: dict[str, 
 
 class GateMachine(RuleBasedStateMachine):
     """Drives a real Gate through arrivals, waits, finishes, cancellations, queue timeouts,
-    limit changes and shutdown, checking it against a model of a fair FIFO gate."""
+    retry delays (pause, resume, leaving while paused), limit changes and shutdown, checking it
+    against a model of a fair FIFO gate where retries go ahead of the queue."""
 
     tickets = Bundle("tickets")
 
@@ -319,13 +320,16 @@ class GateMachine(RuleBasedStateMachine):
         self.gate = Gate(limit=self.limit, max_queue=self.max_queue)
         self.active: list[Ticket] = []  # holding a slot, in the order they got it
         self.queue: list[Ticket] = []  # waiting, first in first out
+        self.paused: list[Ticket] = []  # in a retry delay, holding nothing
+        self.retrying: list[Ticket] = []  # delay over, waiting for a slot ahead of the queue
+        self.resumers: dict[int, asyncio.Task[None]] = {}
         self.gone: set[int] = set()
         self.waiters: dict[int, asyncio.Task[None]] = {}
         self.shutting_down = False
         self.granted_over_limit = False
 
     def teardown(self) -> None:
-        for task in self.waiters.values():
+        for task in [*self.waiters.values(), *self.resumers.values()]:
             task.cancel()
         self._settle()
         self.loop.close()
@@ -338,7 +342,9 @@ class GateMachine(RuleBasedStateMachine):
             self._run(asyncio.sleep(0))
 
     def _hand_over(self) -> None:
-        while self.queue and len(self.active) < self.limit:
+        while self.retrying and len(self.active) < self.limit:
+            self.active.append(self.retrying.pop(0))
+        while self.queue and len(self.active) < self.limit and not self.retrying:
             self.active.append(self.queue.pop(0))
 
     # -- rules ---------------------------------------------------------------------------
@@ -375,6 +381,8 @@ class GateMachine(RuleBasedStateMachine):
         """The handler finished the upload and waits for its slot (at most once per ticket)."""
         if ticket is None or id(ticket) in self.waiters or id(ticket) in self.gone:
             return
+        if ticket not in self.queue and ticket not in self.active:
+            return  # paused or retrying: those wait through resume()
         self.waiters[id(ticket)] = self.loop.create_task(ticket.wait(3600))
         self._settle()
 
@@ -424,6 +432,46 @@ class GateMachine(RuleBasedStateMachine):
         self.queue.remove(ticket)
         self.gone.add(id(ticket))
 
+    @rule(ticket=tickets)
+    def pause(self, ticket: Ticket | None) -> None:
+        """An attempt failed and its task goes into the retry delay: the slot is handed on."""
+        if ticket is None or ticket not in self.active:
+            return
+        ticket.pause()
+        self.resumers.pop(id(ticket), None)  # a task may retry more than once
+        self.active.remove(ticket)
+        self.paused.append(ticket)
+        self._hand_over()
+        self._settle()
+
+    @rule(ticket=tickets)
+    def resume(self, ticket: Ticket | None) -> None:
+        """The retry delay is over: the task wants a slot back, ahead of every queued task."""
+        if ticket is None or ticket not in self.paused:
+            return
+        self.resumers[id(ticket)] = self.loop.create_task(ticket.resume())
+        self.paused.remove(ticket)
+        self.retrying.append(ticket)
+        self._hand_over()
+        self._settle()
+
+    @rule(ticket=tickets)
+    def leave_between_attempts(self, ticket: Ticket | None) -> None:
+        """The client of a task in its retry delay (or waiting to retry) hangs up."""
+        if ticket is None or (ticket not in self.paused and ticket not in self.retrying):
+            return
+        resumer = self.resumers.get(id(ticket))
+        if resumer is not None and not resumer.done():
+            resumer.cancel()
+            self._settle()
+        ticket.leave()
+        for place in (self.paused, self.retrying):
+            if ticket in place:
+                place.remove(ticket)
+        self.gone.add(id(ticket))
+        self._hand_over()
+        self._settle()
+
     @rule(limit=st.integers(min_value=1, max_value=5))
     def change_limit(self, limit: int) -> None:
         """The limit changes live: lowering stops nobody, raising starts waiters in order."""
@@ -472,6 +520,7 @@ class GateMachine(RuleBasedStateMachine):
         assert counts.queued == len(self.queue)
         assert (counts.limit, counts.max_queue) == (self.limit, self.max_queue)
         assert counts.shutting_down == self.shutting_down
+        assert counts.retrying == len(self.paused) + len(self.retrying)
 
     @invariant()
     def slots_go_first_in_first_out(self) -> None:
@@ -485,6 +534,15 @@ class GateMachine(RuleBasedStateMachine):
             assert not ticket.granted
             waiter = self.waiters.get(id(ticket))
             assert waiter is None or not waiter.done()
+        for ticket in [*self.paused, *self.retrying]:
+            assert not ticket.granted
+            resumer = self.resumers.get(id(ticket))
+            assert resumer is None or not resumer.done()
+        for ticket in self.active:
+            resumer = self.resumers.get(id(ticket))
+            if resumer is not None:
+                assert resumer.done()
+                assert resumer.exception() is None
 
     @invariant()
     def never_over_the_limit_by_starting_someone(self) -> None:
@@ -492,7 +550,7 @@ class GateMachine(RuleBasedStateMachine):
         # until enough have finished (the model grants only below the limit, and the gate's
         # grants must equal the model's).
         if len(self.active) > self.limit:
-            assert all(not t.granted for t in self.queue)
+            assert all(not t.granted for t in [*self.queue, *self.retrying])
 
     @invariant()
     def idle_exactly_when_empty(self) -> None:
@@ -501,7 +559,9 @@ class GateMachine(RuleBasedStateMachine):
         idle = waiter.done()
         waiter.cancel()
         self._run(asyncio.sleep(0))
-        assert idle == (not self.active and not self.queue)
+        assert idle == (
+            not self.active and not self.queue and not self.paused and not self.retrying
+        )
 
 
 GateMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)

@@ -45,8 +45,8 @@ INTERNAL_STATS_CONF = NGINX_DIR / "gatekeeper-internal-stats.conf"
 LISTEN = "listen 80;"
 UPSTREAM_SERVER = "server gatekeeper:8000;"
 ACCESS_LOG = "access_log /var/log/nginx/gatekeeper-access.log gatekeeper;"
-READ_TIMEOUT = "proxy_read_timeout 3000s;"
-SEND_TIMEOUT = "proxy_send_timeout 3000s;"
+READ_TIMEOUT = "proxy_read_timeout 4000s;"
+SEND_TIMEOUT = "proxy_send_timeout 4000s;"
 
 _STOP_WITHIN = 5.0
 

@@ -80,10 +80,23 @@ def test_quick_run_covers_every_scenario_and_reference(bench_out: Path) -> None:
     }
     assert set(scenarios["uploads"]["references"]) == {"direct", "haproxy", "nginx", *GATEKEEPERS}
     assert set(scenarios["overload"]["references"]) == {"haproxy", *GATEKEEPERS}
-    setups = {(row["setup"], row["limit"]) for row in scenarios["goodput"]["rows"]}
-    limits = data["config"]["limits"]
-    assert setups == {("direct", None)} | {
-        (name, limit) for name in ("haproxy", "gatekeeper") for limit in limits
+    setups = {
+        (row["card"], row["setup"], row["limit"], row["start_limit"])
+        for row in scenarios["goodput"]["rows"]
+    }
+    config = data["config"]
+    assert setups == {
+        (card, kind, limit, start)
+        for card in config["cards"]
+        for kind, limit, start in [
+            ("direct", None, None),
+            *[
+                (name, limit, None)
+                for name in ("haproxy", "gatekeeper")
+                for limit in config["limits"]
+            ],
+            *[("gatekeeper", None, start) for start in config["adaptive_starts"]],
+        ]
     }
     machine = data["machine"]
     for key in ("cpu_model", "cores", "memory_gib", "python", "aiohttp", "haproxy", "nginx"):
@@ -140,6 +153,11 @@ def test_goodput_rows_replay_one_schedule_and_keep_the_limit(bench_out: Path) ->
         if row["limit"] is not None:
             assert row["max_active_on_gpu"] <= row["limit"], row
             assert row["queue_waits_logged"] > 0, row
+        if row["adaptive"]:  # it may move, but never past its bound, and says where it ended
+            assert row["max_active_on_gpu"] <= data["config"]["adaptive_maximum"], row
+            assert row["adaptive_runs"], row
+            for path in row["adaptive_runs"]:
+                assert 1 <= path["final_limit"] <= data["config"]["adaptive_maximum"], path
     gatekeeper_rows = [row for row in rows if row["setup"] == "gatekeeper"]
     assert all(row["peak_rss_mib"] > 0 for row in gatekeeper_rows)
 
@@ -165,6 +183,7 @@ def test_markdown_shows_tables_machine_and_targets(bench_out: Path) -> None:
         "admitted_exactly",
         "goodput_vs_haproxy",
         "success_rate_vs_haproxy",
+        "adaptive_vs_best_fixed",
     }
     for target in data["targets"]:
         assert target["target"] in markdown

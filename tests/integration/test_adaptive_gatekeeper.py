@@ -68,15 +68,23 @@ async def test_starting_too_high_comes_down_to_what_fits(
     assert app[REGISTRY].get_sample_value(
         "asr_gatekeeper_limit_changes_total", {"reason": "oom"}
     ) == sum(1 for r in reasons if r.startswith("oom"))
-    assert app[STATE].snapshot().gate.limit == adaptive.limit
+    gate = app[STATE].snapshot().gate
+    assert gate.limit == adaptive.limit
+    assert gate.max_queue == 10 * adaptive.limit  # ASR_MAX_QUEUE unset: the queue follows
 
 
 async def test_starting_low_climbs_then_learns_the_ceiling(
     sim: Simulator, start_gatekeeper: GatekeeperFactory
 ) -> None:
-    """Started at 1 with a busy queue, stable stretches raise it; an OOM at 4 caps it at 3."""
+    """Started at 1 with a busy queue, stable stretches raise it; OOMs at 4 bring it back."""
     base, app = await start_gatekeeper(
-        sim.url, adaptive=True, min_concurrent=1, max_concurrent=8, initial_concurrent=1, **FAST
+        sim.url,
+        adaptive=True,
+        min_concurrent=1,
+        max_concurrent=8,
+        initial_concurrent=1,
+        max_queue=60,  # a fixed queue: by default it would follow the limit (10 at 1)
+        **FAST,
     )
     statuses = await _flood(base, 60, **FIVE_MINUTES)
     assert statuses.count(200) == 60
@@ -96,7 +104,13 @@ async def test_client_errors_say_nothing_about_the_gpu(
 ) -> None:
     """Tasks the Whisper server refuses as bad requests never move the adaptive limit."""
     base, app = await start_gatekeeper(
-        sim.url, adaptive=True, min_concurrent=1, max_concurrent=4, initial_concurrent=2, **FAST
+        sim.url,
+        adaptive=True,
+        min_concurrent=1,
+        max_concurrent=4,
+        initial_concurrent=2,
+        max_queue=30,
+        **FAST,
     )
     statuses = await _flood(base, 30, **{"X-Sim-Status": "422"})
     assert statuses == [422] * 30

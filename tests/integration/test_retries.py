@@ -1,6 +1,7 @@
 """Retries, delays and the OOM cool-down, with an injected clock so nothing really waits."""
 
 import asyncio
+import json
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -8,7 +9,7 @@ import pytest
 
 from gatekeeper.app import PROXY, STATE
 from gatekeeper.clock import FakeClock
-from gatekeeper.outcomes import AttemptOutcome, TaskOutcome
+from gatekeeper.outcomes import AttemptOutcome, RejectReason, TaskOutcome
 from tests.conftest import GatekeeperFactory
 from tests.fakes import OOM_TEXT, FakeUpstream, big_error_body
 from tests.waiting import until
@@ -28,6 +29,27 @@ class GatedClock(FakeClock):
             await self.opened.wait()
         finally:
             self.sleeping -= 1
+        self.now += seconds
+
+
+@dataclass
+class SteppedClock(FakeClock):
+    """A fake clock whose n-th sleep (from 0) ends only when the test calls `end(n)`."""
+
+    started: int = 0
+    _ends: dict[int, asyncio.Event] = field(default_factory=dict)
+
+    def _end(self, n: int) -> asyncio.Event:
+        return self._ends.setdefault(n, asyncio.Event())
+
+    def end(self, n: int) -> None:
+        self._end(n).set()
+
+    async def sleep(self, seconds: float) -> None:
+        n = self.started
+        self.started += 1
+        self.sleeps.append(seconds)
+        await self._end(n).wait()
         self.now += seconds
 
 
@@ -177,24 +199,118 @@ async def test_cooldown_log_line_names_the_real_delay(
     assert "[ASR并发] 显存不足" in lines
 
 
-async def test_retry_delay_keeps_the_slot(
+async def test_retry_delay_gives_the_slot_away_and_the_retry_goes_first(
     upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory
 ) -> None:
-    """A task waiting out a retry delay still holds its slot: the next task stays queued."""
+    """During a retry delay the GPU does nothing for the task, so its slot serves the next one;
+    when the delay is over the retry takes the next free slot, ahead of every queued task."""
     clock = GatedClock()
-    base, app = await start_gatekeeper(upstream.url, clock=clock, retry_jitter=0)
+    base, app = await start_gatekeeper(
+        upstream.url, clock=clock, retry_jitter=0, oom_cooldown=0, max_concurrent=1
+    )
     first = asyncio.create_task(_task(base, "oom,ok", "first"))
-    await until(lambda: clock.sleeping == 1)
-    second = asyncio.create_task(_task(base, "ok", "second"))
+    await until(lambda: clock.sleeping == 1)  # first is in its 10 s retry delay
+    second = asyncio.create_task(_task(base, "ok", "second", **{"X-Fake-Hold": "h2"}))
+    await upstream.wait_active(1)  # second got the slot at once
+    snap = app[STATE].snapshot()
+    assert (snap.active_tasks, snap.queued_tasks, snap.gate.retrying) == (1, 0, 1)
+    third = asyncio.create_task(_task(base, "ok", "third"))
     await until(lambda: app[STATE].snapshot().queued_tasks == 1)
-    assert app[STATE].snapshot().active_tasks == 1
-    assert upstream.active == 0
-    assert len(upstream.seen) == 1
-    clock.opened.set()
-    results = await asyncio.gather(first, second)
-    assert [r[0] for r in results] == [200, 200]
+    clock.opened.set()  # first's delay ends while second still runs: first waits, ahead of third
+    await until(lambda: clock.sleeping == 0)
+    await asyncio.sleep(0.05)
+    assert [s.headers["X-Request-ID"] for s in upstream.seen] == ["first", "second"]
+    upstream.release("h2")
+    results = await asyncio.gather(first, second, third)
+    assert [r[0] for r in results] == [200, 200, 200]
+    assert results[0][1]["X-Gatekeeper-Attempts"] == "2"
+    assert [s.headers["X-Request-ID"] for s in upstream.seen] == [
+        "first",
+        "second",
+        "first",
+        "third",
+    ]
     assert upstream.max_active == 1
-    assert [s.headers["X-Request-ID"] for s in upstream.seen] == ["first", "first", "second"]
+    snap = app[STATE].snapshot()
+    assert (snap.active_tasks, snap.queued_tasks, snap.gate.retrying) == (0, 0, 0)
+
+
+async def test_a_retry_that_cannot_get_a_slot_within_the_request_timeout_is_refused(
+    upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory
+) -> None:
+    """Retries piled up behind a full limit: one still without a slot ASR_REQUEST_TIMEOUT after
+    its delay is refused with 503 queue_timeout (so a task's worst case stays bounded), and it
+    is never sent again."""
+    clock = SteppedClock()
+    base, app = await start_gatekeeper(
+        upstream.url,
+        clock=clock,
+        retry_jitter=0,
+        oom_cooldown=0,
+        max_concurrent=1,
+        request_timeout=1.0,
+    )
+    a = asyncio.create_task(_task(base, "oom,hold=ha", "a"))
+    await until(lambda: clock.started == 1)
+    c = asyncio.create_task(_task(base, "oom,hold=hc", "c"))
+    await until(lambda: clock.started == 2)
+    e = asyncio.create_task(_task(base, "oom,ok", "e"))
+    await until(lambda: clock.started == 3)
+    assert app[STATE].snapshot().gate.retrying == 3
+    clock.end(0)
+    clock.end(1)
+    await upstream.wait_active(1)  # a's retry holds the only slot; c waits ahead of e
+    clock.end(2)
+    resumed = asyncio.get_running_loop().time()
+    await asyncio.sleep(0.5)
+    upstream.release("ha")  # a answers; the slot goes to c, which holds it past e's patience
+    status, headers, body = await e
+    waited = asyncio.get_running_loop().time() - resumed
+    assert status == 503
+    assert headers["X-Gatekeeper-Reason"] == "queue_timeout"
+    assert json.loads(body)["error"] == "服务繁忙"
+    assert 0.9 <= waited < 2.0
+    upstream.release("hc")
+    assert [(await a)[0], (await c)[0]] == [200, 200]
+    assert [s.headers["X-Request-ID"] for s in upstream.seen] == ["a", "c", "e", "a", "c"]
+    assert upstream.max_active == 1
+    snap = app[STATE].snapshot()
+    assert snap.tasks[TaskOutcome.REJECTED] == 1
+    assert snap.tasks[TaskOutcome.SUCCESS] == 2
+    assert snap.rejected[RejectReason.QUEUE_TIMEOUT] == 1
+    assert (snap.active_tasks, snap.queued_tasks, snap.gate.retrying) == (0, 0, 0)
+
+
+async def test_client_leaving_while_its_retry_waits_for_a_slot_ends_the_task(
+    upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory
+) -> None:
+    """A retry waiting for a slot whose client hangs up is never sent; the books balance."""
+    clock = GatedClock()
+    base, app = await start_gatekeeper(
+        upstream.url, clock=clock, retry_jitter=0, oom_cooldown=0, max_concurrent=1
+    )
+    port = int(base.rsplit(":", 1)[1])
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST /asr HTTP/1.1\r\nHost: x\r\nX-Fake-Script: oom,ok\r\nX-Request-ID: quitter\r\n"
+        b"Content-Length: 5\r\n\r\naudio"
+    )
+    await writer.drain()
+    await until(lambda: clock.sleeping == 1)
+    second = asyncio.create_task(_task(base, "ok", "second", **{"X-Fake-Hold": "h2"}))
+    await upstream.wait_active(1)
+    clock.opened.set()
+    await until(lambda: clock.sleeping == 0)  # the retry now waits for second's slot
+    assert app[STATE].snapshot().gate.retrying == 1
+    writer.close()
+    await until(lambda: app[STATE].snapshot().gate.retrying == 0)
+    upstream.release("h2")
+    assert (await second)[0] == 200
+    await until(lambda: not app[PROXY].runners)
+    assert [s.headers["X-Request-ID"] for s in upstream.seen] == ["quitter", "second"]
+    snap = app[STATE].snapshot()
+    assert snap.tasks[TaskOutcome.CANCELLED] == 1
+    assert (snap.active_tasks, snap.queued_tasks, snap.gate.retrying) == (0, 0, 0)
 
 
 async def test_client_leaving_during_retry_delay_ends_the_task(

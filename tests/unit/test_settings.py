@@ -28,6 +28,18 @@ def test_derived_defaults_move_with_their_base() -> None:
     s = _load(max_concurrent=2, retry_delay=4)
     assert (s.queue_limit, s.oom_window_s, s.oom_cooldown_s) == (20, 12.0, 6.0)
     assert _load(max_concurrent=2, max_queue=0).queue_limit == 0
+    assert not _load(max_concurrent=2).queue_follows_limit  # fixed limit: a fixed queue
+
+
+def test_adaptive_mode_sizes_the_queue_by_its_limit_and_skips_the_cool_down() -> None:
+    """Adaptive: the queue starts at 10 × the starting limit and follows it (unless set), and
+    the cool-down defaults to 0 (the cut after an OOM holds starts back); set values win."""
+    s = _load(adaptive=True, max_concurrent=8, initial_concurrent=3)
+    assert (s.queue_limit, s.queue_follows_limit, s.oom_cooldown_s) == (30, True, 0.0)
+    assert s.oom_window_s == 30.0
+    s = _load(adaptive=True, max_concurrent=8, max_queue=50, oom_cooldown=5)
+    assert (s.queue_limit, s.queue_follows_limit, s.oom_cooldown_s) == (50, False, 5.0)
+    assert _load(adaptive=True, max_concurrent=8).queue_limit == 10  # starts at the minimum
 
 
 def test_environment_and_env_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
