@@ -86,7 +86,7 @@ class AdaptiveParams:
       the time is tried again about once an hour, while a repaired or restarted server is used
       fully again within the hour.
     - `ceiling_ooms` 5 and `ceiling_oom_share` 0.35: a ceiling needs repeated OOMs of *new*
-      tasks at a level that OOMs more than a third of the time. With files of 10 s to 10 min
+      tasks at a level that OOMs at least 35 % of the time. With files of 10 s to 10 min
       an unlucky mix runs out of memory now and then at any level above one, and a retry
       absorbs it; the level that gives the most goodput on the benchmark's default card OOMs
       about one new task in six. Three OOMs or a quarter made early, small samples (two long
@@ -241,7 +241,7 @@ class AdaptiveLimit:
           carried the whole limit (`in_flight >= limit`): an idle slot proves nothing about it.
         - OOM cuts and teaches the ceiling — unless it happened at a concurrency the limit
           already forbids (`in_flight > limit`: an attempt that started before an earlier cut),
-          which was answered by that cut; it still refreshes the ceiling's memory.
+          which was answered by that cut (a first attempt's OOM still counts as a sample).
         - CRASH cuts like an OOM at most once per `crash_holdoff_seconds` and teaches no ceiling.
         - ERROR (a non-memory 5xx: undecodable audio, a model bug — ASR_OOM_PATTERNS is there if
           a server hides its OOMs), TIMEOUT (long audio or a slow GPU: latency is not our

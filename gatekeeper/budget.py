@@ -11,7 +11,8 @@ The worst case of one task, from arrival at the gatekeeper to the first byte of 
   + oom_cooldown                         a task that starts just after an OOM waits once
   + (max_retries + 1) × request_timeout  every attempt runs into its deadline
   + the longest delay before each retry  the OOM/crash schedule d·3^(k−1), jitter at its top
-  + max_retries × request_timeout        after each delay, waiting for a slot to retry in
+  + max_retries × request_timeout        without a cool-down only: after each delay, the wait
+                                         for a slot to retry in
 
 Every attempt counts in full even though timeouts are not retried by default: an attempt can
 take almost `request_timeout` and then end in a 500 that is retried. An upstream `Retry-After`
@@ -19,9 +20,11 @@ can raise each delay to at least its value, capped at 300 s; `worst_case_with_re
 includes that cap and is the true upper bound. The delays come from `RetryPolicy` itself, so
 this arithmetic cannot drift from the schedule the gatekeeper really uses.
 
-A task gives its slot back during a retry delay and waits for one again afterwards, ahead of
-the queue. Usually a slot frees within one attempt's time; when retries pile up the wait is cut
-at `request_timeout` and the task is refused (`queue_timeout`), so that term is bounded too.
+With the seed's cool-down (ASR_OOM_COOLDOWN > 0) a task keeps its slot through its retry
+delays. Without it (ASR_OOM_COOLDOWN=0, the adaptive mode's default) the task gives its slot
+back during a delay and waits for one again afterwards, ahead of the queue. Usually a slot frees
+within one attempt's time; when retries pile up the wait is cut at `request_timeout` and the
+task is refused (`queue_timeout`), so that term is bounded too.
 """
 
 from dataclasses import dataclass
@@ -65,7 +68,10 @@ class TaskBudget:
 
     @property
     def retry_slot_wait_seconds(self) -> float:
-        """Before every retry, waiting for a slot (at most one request_timeout each)."""
+        """Without a cool-down, before every retry, waiting for a slot (at most one
+        request_timeout each); with one the task keeps its slot and never waits."""
+        if self.oom_cooldown > 0:
+            return 0.0
         return (self.attempts - 1) * self.request_timeout
 
     @property

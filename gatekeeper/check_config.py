@@ -271,12 +271,15 @@ def describe_budget(budget: TaskBudget, settings: Settings) -> list[str]:
             f"({_delays(budget.retry_delays)})",
             budget.retry_delay_seconds,
         ),
-        (
-            f"{len(budget.retry_delays)} wait(s) for a slot to retry in "
-            f"(at most ASR_REQUEST_TIMEOUT each)",
-            budget.retry_slot_wait_seconds,
-        ),
     ]
+    if budget.retry_slot_wait_seconds:
+        rows.append(
+            (
+                f"{len(budget.retry_delays)} wait(s) for a slot to retry in (no cool-down: "
+                "the slot is given away during a delay; at most ASR_REQUEST_TIMEOUT each)",
+                budget.retry_slot_wait_seconds,
+            )
+        )
     width = max(len(label) for label, _ in rows)
     lines = [
         "Worst case for one task with these settings, from its arrival at the gatekeeper to "

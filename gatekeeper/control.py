@@ -60,7 +60,8 @@ class Controller:
         """Validate `patch` against the current settings and apply it; raise SettingsError.
 
         Values the operator never set explicitly keep following their base: raising
-        max_concurrent from 2 to 3 moves a default max_queue from 20 to 30.
+        max_concurrent from 2 to 3 moves a default max_queue from 20 to 30. A `null` value
+        returns a setting to its default (for max_queue: following the limit again).
         """
         problems = []
         for name in patch:
@@ -72,7 +73,11 @@ class Controller:
             raise SettingsError(problems)
         current = self.settings
         data = {name: getattr(current, name) for name in current.model_fields_set}
-        data.update(patch)
+        for name, value in patch.items():
+            if value is None:
+                data.pop(name, None)  # back to the default, derived again from its base
+            else:
+                data[name] = value
         return self._replace(validate_settings(data), who=who, via=via)
 
     def reload(self, fresh: Settings, *, via: str) -> list[ConfigChange]:

@@ -33,6 +33,7 @@ class Event(StrEnum):
     QUEUE_TIMEOUT = "排队超时，拒绝任务"
     SHUTDOWN_REFUSED = "服务正在关闭，拒绝任务"
     RETRY = "重试转录"
+    RETRY_REFUSED = "重试无法进行，拒绝任务"
     TIMEOUT = "转录超时"
     CRASH = "Whisper服务连接中断"
     UPSTREAM_ERROR = "Whisper服务返回错误"

@@ -130,12 +130,13 @@ class _Resume(enum.Enum):
     GRANTED = "granted"
     GONE = "gone"
     TIMED_OUT = "timed_out"
+    STOPPED = "stopped"  # the shutdown's grace period ended
 
 
 class _Task:
     """Everything one admitted task carries from the handler into its runner."""
 
-    __slots__ = ("body", "gone", "headers", "record", "request", "ticket")
+    __slots__ = ("body", "gone", "headers", "record", "request", "runner", "ticket")
 
     def __init__(
         self,
@@ -151,6 +152,7 @@ class _Task:
         self.body = body
         self.headers = headers
         self.gone = asyncio.Event()
+        self.runner: asyncio.Task[object] | None = None
 
 
 class Proxy:
@@ -179,6 +181,9 @@ class Proxy:
         # Request handlers still reading their task's body, so a shutdown can end them.
         self._uploading: set[asyncio.Task[object]] = set()
         self._uploads_stopped = False
+        # Tasks between two attempts without a slot, so a shutdown can answer them.
+        self._between: set[_Task] = set()
+        self._retries_stopped = asyncio.Event()
 
     def reconfigure(self, settings: Settings) -> None:
         """Take new settings live: running tasks keep theirs, new attempts use the new ones.
@@ -208,6 +213,12 @@ class Proxy:
         if self.adaptive is None:
             return {"adaptive": None}
         return {"adaptive": self.adaptive.snapshot(wall_now=self.clock.wall())}
+
+    def stop_retries(self) -> list["asyncio.Task[object]"]:
+        """End of a shutdown grace period: tasks between two attempts (in a retry delay without
+        a slot, or waiting for one) get 503 shutting_down now. Returns their runners."""
+        self._retries_stopped.set()
+        return [t.runner for t in self._between if t.runner is not None]
 
     def stop_uploads(self) -> int:
         """End of a shutdown grace period: tasks still uploading get 503 shutting_down now."""
@@ -385,7 +396,7 @@ class Proxy:
                 body.close()
 
     def _refuse(
-        self, reason: RejectReason, record: TaskRecord, *, admitted: bool = False
+        self, reason: RejectReason, record: TaskRecord, *, admitted: bool = False, attempts: int = 0
     ) -> web.Response:
         # The hot path of an overload: read the two numbers needed, not a whole snapshot.
         usage = self.gate.counts()
@@ -394,7 +405,7 @@ class Proxy:
             reason=reason,
             mean_service=self.state.service.mean,
             limit=usage.limit,
-            queued=usage.queued,
+            queued=usage.queued + usage.retrying,  # retries go ahead of the queue
         )
         event = {
             RejectReason.QUEUE_FULL: Event.QUEUE_FULL,
@@ -423,20 +434,24 @@ class Proxy:
             retry_after=retry_after,
             queue_usage=queue_usage(usage.queued, usage.max_queue),
             request_id=record.task_id,
+            attempts=attempts,
         )
 
     # -- tasks: the runner (holds the slot until the upstream work is over) ------------------
 
     async def _run(self, task: _Task) -> web.StreamResponse:
         record = task.record
-        record.started = self.clock.monotonic()
+        record.started = record.held_since = self.clock.monotonic()
+        task.runner = asyncio.current_task()
         self.state.queue_waited(record.started - record.arrived)
         try:
             return await self._attempts(task)
         finally:
             task.ticket.leave()
             task.body.close()
-            self.state.slot_held(self.clock.monotonic() - record.started)
+            if record.held_since is not None:
+                record.held += self.clock.monotonic() - record.held_since
+            self.state.slot_held(record.held)
 
     async def _attempts(self, task: _Task) -> web.StreamResponse:
         record, cfg = task.record, self.config
@@ -519,18 +534,62 @@ class Proxy:
                 next_attempt=record.attempts + 1,
                 delay=delay,
             )
-            # The GPU does nothing for this task during the delay: give the slot to the next one.
-            task.ticket.pause()
+            final = await self._between_attempts(task, delay)
+            if final is not None:
+                return final
+
+    async def _between_attempts(self, task: _Task, delay: float) -> web.StreamResponse | None:
+        """Wait out a retry delay; None when the next attempt may go, else the final answer.
+
+        With the seed's cool-down (ASR_OOM_COOLDOWN > 0) the task keeps its slot through the
+        delay: new starts are held back after an OOM anyway, and the slot keeps the memory
+        free for this retry. Without it (ASR_OOM_COOLDOWN=0, the adaptive mode's default) the
+        GPU would do nothing for the slot during the delay, so the task gives it to the next
+        one and afterwards takes the next free slot, ahead of every queued task.
+        """
+        record, cfg = task.record, self.config
+        if cfg.oom_cooldown > 0:
             if await self._wait_or_gone(delay, task):
                 return self._gone(task, "retry_delay")
+            return None
+        if record.held_since is not None:
+            record.held += self.clock.monotonic() - record.held_since
+            record.held_since = None
+        task.ticket.pause()
+        self._between.add(task)
+        try:
+            if await self._wait_or_gone(delay, task, stop=self._retries_stopped):
+                if task.gone.is_set():
+                    return self._gone(task, "retry_delay")
+                return self._refuse_retry(task, RejectReason.SHUTTING_DOWN)
             resumed = await self._resume_or_gone(task, within=cfg.request_timeout)
-            if resumed is _Resume.GONE:
-                return self._gone(task, "retry_wait")
-            if resumed is _Resume.TIMED_OUT:
-                # Retries piled up beyond the limit: refuse like a queue timeout, so the worst
-                # case of a task stays bounded (gatekeeper/budget.py).
-                self.state.task_ended(TaskOutcome.REJECTED)
-                return self._refuse(RejectReason.QUEUE_TIMEOUT, record, admitted=True)
+        finally:
+            self._between.discard(task)
+        if resumed is _Resume.GONE:
+            return self._gone(task, "retry_wait")
+        if resumed is _Resume.STOPPED:
+            return self._refuse_retry(task, RejectReason.SHUTTING_DOWN)
+        if resumed is _Resume.TIMED_OUT:
+            # Retries piled up beyond the limit: refuse like a queue timeout, so the worst
+            # case of a task stays bounded (gatekeeper/budget.py).
+            return self._refuse_retry(task, RejectReason.QUEUE_TIMEOUT)
+        record.held_since = self.clock.monotonic()
+        return None
+
+    def _refuse_retry(self, task: _Task, reason: RejectReason) -> web.StreamResponse:
+        """A task whose next attempt cannot go (no slot in time, or shutting down): 503."""
+        record = task.record
+        self.state.task_ended(TaskOutcome.REJECTED, self.clock.monotonic() - record.arrived)
+        log_event(
+            Event.RETRY_REFUSED,
+            logging.WARNING,
+            task_id=record.task_id,
+            reason=reason.value,
+            attempts=record.attempts,
+            outcomes=",".join(o.value for o in record.outcomes),
+            duration=self.clock.monotonic() - record.arrived,
+        )
+        return self._refuse(reason, record, admitted=True, attempts=record.attempts)
 
     def _observe(self, outcome: AttemptOutcome, attempt: int) -> None:
         """Feed one attempt's outcome to the adaptive limit, if there is one."""
@@ -625,18 +684,24 @@ class Proxy:
             AttemptOutcome.CRASH, attempts=record.attempts, request_id=record.task_id
         )
 
-    async def _wait_or_gone(self, seconds: float, task: _Task) -> bool:
-        """Sleep `seconds` (on the injected clock); True if the client left meanwhile."""
-        if task.gone.is_set():
+    async def _wait_or_gone(
+        self, seconds: float, task: _Task, *, stop: asyncio.Event | None = None
+    ) -> bool:
+        """Sleep `seconds` (on the injected clock); True if the client left meanwhile (or
+        `stop` was set)."""
+        if task.gone.is_set() or (stop is not None and stop.is_set()):
             return True
         sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
-        watcher = asyncio.ensure_future(task.gone.wait())
+        watchers = {asyncio.ensure_future(task.gone.wait())}
+        if stop is not None:
+            watchers.add(asyncio.ensure_future(stop.wait()))
         try:
-            await asyncio.wait({sleeper, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({sleeper, *watchers}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             sleeper.cancel()
-            watcher.cancel()
-        return task.gone.is_set()
+            for watcher in watchers:
+                watcher.cancel()
+        return task.gone.is_set() or (stop is not None and stop.is_set())
 
     async def _resume_or_gone(self, task: _Task, *, within: float) -> "_Resume":
         """Take a slot back for the next attempt, waiting at most `within` seconds.
@@ -650,18 +715,22 @@ class Proxy:
             return _Resume.GONE
         resumer = asyncio.ensure_future(task.ticket.resume())
         watcher = asyncio.ensure_future(task.gone.wait())
+        stopper = asyncio.ensure_future(self._retries_stopped.wait())
         try:
             await asyncio.wait(
-                {resumer, watcher}, timeout=within, return_when=asyncio.FIRST_COMPLETED
+                {resumer, watcher, stopper}, timeout=within, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
             resumer.cancel()
             watcher.cancel()
+            stopper.cancel()
         if resumer.done() and not resumer.cancelled():
             resumer.result()
         if task.gone.is_set():
             return _Resume.GONE
-        return _Resume.GRANTED if task.ticket.granted else _Resume.TIMED_OUT
+        if task.ticket.granted:
+            return _Resume.GRANTED
+        return _Resume.STOPPED if self._retries_stopped.is_set() else _Resume.TIMED_OUT
 
     def _log_attempt(self, task: _Task, outcome: AttemptOutcome, result: AttemptResult) -> None:
         record = task.record

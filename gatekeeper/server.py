@@ -109,7 +109,11 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
         hurried.cancel()
         refused = proxy.gate.refuse_waiting(RejectReason.SHUTTING_DOWN)
         refused += proxy.stop_uploads()
-        running = list(proxy.runners)
+        between = proxy.stop_retries()  # tasks between attempts answer 503 themselves
+        refused += len(between)
+        if between:
+            await asyncio.wait(between, timeout=_FINAL_FLUSH)
+        running = [task for task in proxy.runners if not task.done()]
         for task in running:
             task.cancel()
         if running:

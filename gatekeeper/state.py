@@ -127,6 +127,9 @@ class TaskRecord:
     outcomes: list[AttemptOutcome] = field(default_factory=list)
     retry_delay_total: float = 0.0
     cooldown: float = 0.0
+    held: float = 0.0
+    """Seconds the task held a slot so far (not its retry delays, when it gave the slot back)."""
+    held_since: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,7 @@ GAUGES = {
     "asr_gatekeeper_upstream_up": 1,
     "asr_gatekeeper_last_oom_timestamp_seconds": 1_738_117_800,
     "asr_gatekeeper_shutting_down": 0,
+    "asr_gatekeeper_retrying_tasks": 1,
 }
 COUNTERS: dict[str, tuple[str, set[str]] | None] = {
     "asr_gatekeeper_tasks_total": ("outcome", _TASK_OUTCOMES),

@@ -104,11 +104,11 @@ def _check_config(*argv: str) -> int:
 def test_check_config_accepts_the_shipped_file_at_default_settings(
     conf: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`check-config --nginx-conf` passes the shipped file and prints the 3615 s upper bound."""
+    """`check-config --nginx-conf` passes the shipped file and prints the 2715 s upper bound."""
     assert _check_config("--nginx-conf", str(conf)) == 0
     out = capsys.readouterr().out
-    assert "2858 s" in out
-    assert "3615 s" in out
+    assert "1958 s" in out
+    assert "2715 s" in out
     assert "OK: " in out
 
 
@@ -120,10 +120,10 @@ def test_check_config_warns_when_scheme_c_outgrows_the_shipped_file(
     monkeypatch.setenv("ASR_RETRY_DELAY", "15")
     assert _check_config("--nginx-conf", str(STOCK_CONF)) == 1
     captured = capsys.readouterr()
-    assert "6604.5 s" in captured.out
+    assert "5104.5 s" in captured.out
     assert "TOO SHORT" in captured.out
     assert "WARNING" in captured.err
-    assert "7300s" in captured.err
+    assert "5700s" in captured.err
 
 
 def test_check_config_refuses_bad_settings_like_serve(capsys: pytest.CaptureFixture[str]) -> None:

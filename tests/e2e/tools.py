@@ -58,6 +58,7 @@ EXPORTED_METRICS: dict[str, dict[str, set[str]]] = {
     "asr_gatekeeper_last_oom_timestamp_seconds": {},
     "asr_gatekeeper_shutting_down": {},
     "asr_gatekeeper_upstream_in_flight": {},
+    "asr_gatekeeper_retrying_tasks": {},
     "asr_gatekeeper_tasks_total": {"outcome": _TASK_OUTCOMES},
     "asr_gatekeeper_rejected_total": {"reason": _REJECT_REASONS},
     "asr_gatekeeper_upstream_attempts_total": {"outcome": _ATTEMPT_OUTCOMES},

@@ -8,7 +8,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
+from gatekeeper.adaptive import HISTORY_LENGTH
 from gatekeeper.app import PROXY, REGISTRY, STATE
+from gatekeeper.logs import _FIELDS_ATTR
 from gatekeeper.sim import SimConfig, Simulator
 from gatekeeper.sim.audio import silent_wav
 from tests.conftest import GatekeeperFactory
@@ -48,7 +50,9 @@ async def _flood(base: str, n: int, **headers: str) -> list[int]:
 async def test_starting_too_high_comes_down_to_what_fits(
     sim: Simulator, start_gatekeeper: GatekeeperFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Started at 8 on a card that fits 3, OOMs bring the limit to 3 or below; tasks succeed."""
+    """Started at 8 on a card that fits 3, the first OOMs cut the limit at once; every task
+    still succeeds (the cut frees memory for the retries), and the limit ends at what fits or
+    one above it (probing again; a ceiling needs repeated OOMs of new tasks)."""
     caplog.set_level(logging.INFO, logger="gatekeeper")
     base, app = await start_gatekeeper(
         sim.url, adaptive=True, min_concurrent=1, max_concurrent=8, initial_concurrent=8, **FAST
@@ -57,14 +61,16 @@ async def test_starting_too_high_comes_down_to_what_fits(
     assert statuses.count(200) == 40
     adaptive = app[PROXY].adaptive
     assert adaptive is not None
-    assert adaptive.limit <= 3
-    assert adaptive.ceiling is not None
-    assert adaptive.ceiling <= 3
+    assert adaptive.limit <= 4
+    assert adaptive.ceiling is None or adaptive.ceiling <= 3
     assert sim.state()["ooms"] >= 1
     reasons = [c.reason for c in adaptive.history]
     assert any(r.startswith("oom") for r in reasons)
-    lines = [r.getMessage() for r in caplog.records if "调整并发" in r.getMessage()]
-    assert len(lines) == len(adaptive.history)
+    lines = [r for r in caplog.records if "调整并发" in r.getMessage()]
+    # Every change is logged; /stats keeps the last HISTORY_LENGTH of them.
+    assert len(lines) == len(adaptive.history) or len(adaptive.history) == HISTORY_LENGTH
+    first = vars(lines[0])[_FIELDS_ATTR]  # the first OOM cut at once: 8 × 0.7
+    assert (first["old"], first["new"], first["reason"][:7]) == (8, 5, "oom_at_")
     assert app[REGISTRY].get_sample_value(
         "asr_gatekeeper_limit_changes_total", {"reason": "oom"}
     ) == sum(1 for r in reasons if r.startswith("oom"))

@@ -139,6 +139,19 @@ async def test_invalid_changes_are_refused_and_nothing_changes(
     assert status == 400
 
 
+async def test_null_returns_a_setting_to_its_derived_default(
+    upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory
+) -> None:
+    """PATCH {"max_queue": null} after an explicit value: the queue is 10 × the limit again."""
+    base, app = await start_gatekeeper(upstream.url, admin_token="admin-secret", max_concurrent=2)
+    status, _ = await _patch(base, {"max_queue": 5})
+    assert status == 200
+    assert app[STATE].snapshot().gate.max_queue == 5
+    status, _ = await _patch(base, {"max_queue": None, "max_concurrent": 3})
+    assert status == 200
+    assert app[STATE].snapshot().gate.max_queue == 30
+
+
 async def test_sighup_rereads_the_env_file(upstream: FakeUpstream, tmp_path: Path) -> None:
     """SIGHUP applies a changed env file; a bad value is refused and the old settings stay."""
     env_file = tmp_path / "gatekeeper.env"

@@ -199,6 +199,28 @@ async def test_cooldown_log_line_names_the_real_delay(
     assert "[ASR并发] 显存不足" in lines
 
 
+async def test_with_the_seeds_cool_down_the_retry_keeps_its_slot(
+    upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory
+) -> None:
+    """With ASR_OOM_COOLDOWN > 0 (the default) a task waiting out a retry delay keeps its
+    slot, as the seed describes: the next task stays queued (and would cool down anyway)."""
+    clock = GatedClock()
+    base, app = await start_gatekeeper(upstream.url, clock=clock, retry_jitter=0)
+    first = asyncio.create_task(_task(base, "oom,ok", "first"))
+    await until(lambda: clock.sleeping == 1)
+    second = asyncio.create_task(_task(base, "ok", "second"))
+    await until(lambda: app[STATE].snapshot().queued_tasks == 1)
+    snap = app[STATE].snapshot()
+    assert (snap.active_tasks, snap.gate.retrying) == (1, 0)
+    assert upstream.active == 0
+    assert len(upstream.seen) == 1
+    clock.opened.set()
+    results = await asyncio.gather(first, second)
+    assert [r[0] for r in results] == [200, 200]
+    assert upstream.max_active == 1
+    assert [s.headers["X-Request-ID"] for s in upstream.seen] == ["first", "first", "second"]
+
+
 async def test_retry_delay_gives_the_slot_away_and_the_retry_goes_first(
     upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory
 ) -> None:
@@ -268,6 +290,7 @@ async def test_a_retry_that_cannot_get_a_slot_within_the_request_timeout_is_refu
     waited = asyncio.get_running_loop().time() - resumed
     assert status == 503
     assert headers["X-Gatekeeper-Reason"] == "queue_timeout"
+    assert headers["X-Gatekeeper-Attempts"] == "1"  # it did reach the Whisper server once
     assert json.loads(body)["error"] == "服务繁忙"
     assert 0.9 <= waited < 2.0
     upstream.release("hc")
@@ -279,6 +302,41 @@ async def test_a_retry_that_cannot_get_a_slot_within_the_request_timeout_is_refu
     assert snap.tasks[TaskOutcome.SUCCESS] == 2
     assert snap.rejected[RejectReason.QUEUE_TIMEOUT] == 1
     assert (snap.active_tasks, snap.queued_tasks, snap.gate.retrying) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("stage", ["delay", "waiting_for_a_slot"])
+async def test_tasks_between_attempts_are_refused_at_the_end_of_a_shutdown(
+    stage: str, upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory
+) -> None:
+    """When the grace period ends, a task in its retry delay (or waiting for a slot to retry)
+    holds no slot to finish in: it is answered 503 shutting_down with its attempt count."""
+    clock = GatedClock()
+    base, app = await start_gatekeeper(
+        upstream.url, clock=clock, retry_jitter=0, oom_cooldown=0, max_concurrent=1
+    )
+    proxy = app[PROXY]
+    retried = asyncio.create_task(_task(base, "oom,ok", "retried"))
+    await until(lambda: clock.sleeping == 1)
+    holder = asyncio.create_task(_task(base, "ok", "holder", **{"X-Fake-Hold": "h"}))
+    await upstream.wait_active(1)
+    if stage == "waiting_for_a_slot":
+        clock.opened.set()
+        await until(lambda: clock.sleeping == 0)
+    proxy.gate.begin_shutdown()
+    runners = proxy.stop_retries()
+    assert len(runners) == 1
+    status, headers, body = await retried
+    assert status == 503
+    assert headers["X-Gatekeeper-Reason"] == "shutting_down"
+    assert headers["X-Gatekeeper-Attempts"] == "1"
+    assert json.loads(body)["reason"] == "shutting_down"
+    upstream.release("h")
+    assert (await holder)[0] == 200  # the running one finishes in its slot
+    assert [s.headers["X-Request-ID"] for s in upstream.seen] == ["retried", "holder"]
+    snap = app[STATE].snapshot()
+    assert snap.tasks[TaskOutcome.REJECTED] == 1
+    assert snap.rejected[RejectReason.SHUTTING_DOWN] == 1
+    assert (snap.active_tasks, snap.gate.retrying) == (0, 0)
 
 
 async def test_client_leaving_while_its_retry_waits_for_a_slot_ends_the_task(

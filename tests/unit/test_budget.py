@@ -23,20 +23,22 @@ from gatekeeper.settings import load_settings
 SCHEMES = [
     # Defaults and scheme A (1 at a time) and B (2 at a time): concurrency does not change the
     # worst case of one task; the queue timeout bounds its wait whatever the queue length.
-    # 600 + 15 + 4 × 300 + (11 + 33 + 99) + 3 × 300 (slot waits) = 2858;
-    # with Retry-After 600 + 15 + 1200 + 3 × 300 + 900 = 3615.
-    pytest.param(3, 10, 15.0, (11, 33, 99), (300, 300, 300), 2858, 3615, id="defaults-A-B"),
+    # 600 + 15 + 4 × 300 + (11 + 33 + 99) = 1958; with Retry-After 600 + 15 + 1200 + 3 × 300.
+    # (With a cool-down a task keeps its slot through its delays: no slot waits.)
+    pytest.param(3, 10, 15.0, (11, 33, 99), (300, 300, 300), 1958, 2715, id="defaults-A-B"),
+    # The adaptive mode's default (no cool-down): the slot is given away during each delay, and
+    # each retry may wait up to one request timeout for one: 600 + 1200 + 143 + 900 = 2843.
+    pytest.param(3, 10, 0.0, (11, 33, 99), (300, 300, 300), 2843, 3600, id="no-cool-down-adaptive"),
     # Scheme C: 5 retries, delay 15. Delays 15·3^(k−1)·1.1 = 16.5, 49.5, 148.5, 445.5, 1336.5;
-    # 600 + 22.5 + 6 × 300 + 1996.5 + 5 × 300 = 5919; Retry-After lifts only the first three
-    # to 300.
+    # 600 + 22.5 + 6 × 300 + 1996.5 = 4419; Retry-After lifts only the first three to 300.
     pytest.param(
         5,
         15,
         22.5,
         (16.5, 49.5, 148.5, 445.5, 1336.5),
         (300, 300, 300, 445.5, 1336.5),
-        5919,
-        6604.5,
+        4419,
+        5104.5,
         id="C",
     ),
     # No retries: one attempt after the queue and the cool-down, nothing to delay.
@@ -70,7 +72,7 @@ def test_worst_case_of_the_seed_schemes(
     )
     assert budget.attempts == retries + 1
     assert budget.attempts_seconds == (retries + 1) * 300
-    assert budget.retry_slot_wait_seconds == retries * 300
+    assert budget.retry_slot_wait_seconds == (0 if cooldown else retries * 300)
     assert budget.retry_delays == pytest.approx(delays)
     assert budget.retry_delays_with_retry_after == pytest.approx(capped)
     assert budget.worst_case == pytest.approx(worst)
@@ -85,7 +87,7 @@ def test_settings_give_the_same_budget() -> None:
     )
     budget = from_settings(settings)
     assert budget.oom_cooldown == 22.5
-    assert budget.worst_case_with_retry_after == pytest.approx(6604.5)
+    assert budget.worst_case_with_retry_after == pytest.approx(5104.5)
 
 
 def test_jitter_zero_gives_the_bare_schedule() -> None:
@@ -99,17 +101,17 @@ def test_jitter_zero_gives_the_bare_schedule() -> None:
         oom_cooldown=1.5,
     )
     assert budget.retry_delays == (1.0, 3.0)
-    assert budget.worst_case == pytest.approx(2 + 1.5 + 3 * 1.5 + 4 + 2 * 1.5)
+    assert budget.worst_case == pytest.approx(2 + 1.5 + 3 * 1.5 + 4)
 
 
 @pytest.mark.parametrize(
     ("proxy", "retry_after", "covered"),
     [
-        (4000, True, True),
-        (3615, True, False),  # equal is not enough: the proxy would give up at the same moment
-        (3000, True, False),
-        (3000, False, True),
-        (2858, False, False),
+        (3000, True, True),
+        (2715, True, False),  # equal is not enough: the proxy would give up at the same moment
+        (2000, True, False),
+        (2000, False, True),
+        (1958, False, False),
     ],
 )
 def test_a_proxy_timeout_covers_the_worst_case_only_beyond_it(
@@ -177,7 +179,7 @@ def test_nginx_sizes(text: str, size: int) -> None:
 
 @pytest.mark.parametrize(
     ("worst", "suggested"),
-    [(3615, 4000), (6604.5, 7300), (2858, 3200), (2715, 3000), (1958, 2200), (12, 14)],
+    [(3600, 4000), (2715, 3000), (5104.5, 5700), (1958, 2200), (12, 14)],
 )
 def test_suggested_timeouts_leave_room(worst: float, suggested: int) -> None:
     """The suggested proxy timeout is the worst case plus 10 %, rounded up."""
