@@ -153,8 +153,11 @@ class AdaptiveLimit:
         self._since = now()
         self._successes = 0
         self._held_by_ceiling = False
-        # Attempts of the last fade_seconds: (ended at, in flight then, was an OOM).
+        # First attempts of the last fade_seconds: (ended at, in flight then, was an OOM), and
+        # their counts per level, kept in step so the ceiling never rescans the window.
         self._samples: deque[tuple[float, int, bool]] = deque()
+        self._attempts_at: Counter[int] = Counter()
+        self._ooms_at: Counter[int] = Counter()
         self._last_crash_cut: float | None = None
         self._ooms: deque[tuple[int, float]] = deque(maxlen=HISTORY_LENGTH)
         self._history: deque[LimitChange] = deque(maxlen=HISTORY_LENGTH)
@@ -256,7 +259,7 @@ class AdaptiveLimit:
                 return self._on_crash(in_flight, now)
             case AttemptOutcome.OK:
                 if first_attempt:
-                    self._samples.append((now, in_flight, False))
+                    self._sample(now, in_flight, oom=False)
                 if queue_waiting and in_flight >= self._limit:
                     self._successes += 1
                 return self._maybe_rise(now)
@@ -274,7 +277,7 @@ class AdaptiveLimit:
         p = self._params
         self._ooms.append((in_flight, now))
         if sample:
-            self._samples.append((now, in_flight, True))
+            self._sample(now, in_flight, oom=True)
         if in_flight > self._limit:
             # Already answered by an earlier cut; the stretch restarts all the same.
             self._restart_stretch(now)
@@ -319,6 +322,11 @@ class AdaptiveLimit:
         self._successes = 0
         self._held_by_ceiling = False
 
+    def _sample(self, now: float, in_flight: int, *, oom: bool) -> None:
+        self._samples.append((now, in_flight, oom))
+        self._attempts_at[in_flight] += 1
+        self._ooms_at[in_flight] += oom
+
     def _ceiling_at_time(self, now: float) -> int | None:
         """c − 1 for the lowest concurrency c at which, within the last fade_seconds, attempts
         that ended with exactly c upstream OOMed at least `ceiling_ooms` times and in at least
@@ -326,16 +334,14 @@ class AdaptiveLimit:
         p = self._params
         samples = self._samples
         while samples and samples[0][0] <= now - p.fade_seconds:
-            samples.popleft()
-        attempts: Counter[int] = Counter()
-        ooms: Counter[int] = Counter()
-        for _, c, oom in samples:
-            attempts[c] += 1
-            ooms[c] += oom
+            _, c, oom = samples.popleft()
+            self._attempts_at[c] -= 1
+            self._ooms_at[c] -= oom
+        ooms, attempts = self._ooms_at, self._attempts_at
         bad = [
             c
-            for c in ooms
-            if ooms[c] >= p.ceiling_ooms and ooms[c] >= p.ceiling_oom_share * attempts[c]
+            for c, n in ooms.items()
+            if n >= p.ceiling_ooms and n >= p.ceiling_oom_share * attempts[c]
         ]
         if not bad:
             return None

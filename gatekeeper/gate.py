@@ -5,10 +5,11 @@ The one invariant everything rests on: `active` (slots held) never exceeds `limi
 mix of timeouts, cancellations and errors happens. A slot is handed directly from the task that
 frees it to the first waiter, so nobody can slip in between.
 
-Between two attempts (the retry delay) a task gives its slot back (`Ticket.pause`): the GPU is
-not working for it, and an idle slot would leave the card idle too. When its delay is over it
-takes a slot again (`Ticket.resume`) ahead of every task that has not started yet, since it is
-older than all of them and its client has already waited the longest.
+Between two attempts (the retry delay) a task may give its slot back (`Ticket.pause`; the proxy
+does so when there is no OOM cool-down): the GPU is not working for it, and an idle slot would
+leave the card idle too. When its delay is over it takes a slot again (`Ticket.resume`) ahead of
+every task that has not started yet, since it is older than all of them and its client has
+already waited the longest.
 """
 
 import asyncio

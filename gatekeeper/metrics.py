@@ -55,11 +55,13 @@ class SnapshotCollector(Collector):
         gate = snap.gate
         yield _gauge("max_concurrent", "Tasks allowed upstream at once.", gate.limit)
         yield _gauge(
-            "active_tasks", "Tasks holding a slot (upstream or cooling down).", gate.active
+            "active_tasks",
+            "Tasks holding a slot: upstream, cooling down, or in a retry delay with a cool-down.",
+            gate.active,
         )
         yield _gauge(
             "upstream_in_flight",
-            "Attempts at the Whisper server right now (active minus tasks cooling down).",
+            "Attempts at the Whisper server right now (active minus tasks waiting in their slot).",
             snap.upstream_in_flight,
         )
         yield _gauge("queued_tasks", "Admitted tasks waiting for a slot.", gate.queued)

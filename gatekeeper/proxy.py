@@ -11,14 +11,14 @@ a dropped connection cancels the request handler.
 """
 
 import asyncio
-import enum
 import logging
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -124,7 +124,7 @@ def adaptive_from_settings(settings: Settings, now: Callable[[], float]) -> Adap
     return AdaptiveLimit(params, initial=settings.start_limit, now=now)
 
 
-class _Resume(enum.Enum):
+class _Resume(Enum):
     """How a retry's wait for a slot ended."""
 
     GRANTED = "granted"
@@ -689,19 +689,10 @@ class Proxy:
     ) -> bool:
         """Sleep `seconds` (on the injected clock); True if the client left meanwhile (or
         `stop` was set)."""
-        if task.gone.is_set() or (stop is not None and stop.is_set()):
-            return True
-        sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
-        watchers = {asyncio.ensure_future(task.gone.wait())}
-        if stop is not None:
-            watchers.add(asyncio.ensure_future(stop.wait()))
-        try:
-            await asyncio.wait({sleeper, *watchers}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            for watcher in watchers:
-                watcher.cancel()
-        return task.gone.is_set() or (stop is not None and stop.is_set())
+        events = [task.gone] if stop is None else [task.gone, stop]
+        if not any(e.is_set() for e in events):
+            await _first_of(self.clock.sleep(seconds), *(e.wait() for e in events))
+        return any(e.is_set() for e in events)
 
     async def _resume_or_gone(self, task: _Task, *, within: float) -> "_Resume":
         """Take a slot back for the next attempt, waiting at most `within` seconds.
@@ -713,19 +704,11 @@ class Proxy:
         """
         if task.gone.is_set():
             return _Resume.GONE
-        resumer = asyncio.ensure_future(task.ticket.resume())
-        watcher = asyncio.ensure_future(task.gone.wait())
-        stopper = asyncio.ensure_future(self._retries_stopped.wait())
-        try:
-            await asyncio.wait(
-                {resumer, watcher, stopper}, timeout=within, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            resumer.cancel()
-            watcher.cancel()
-            stopper.cancel()
+        resumer, *_ = await _first_of(
+            task.ticket.resume(), task.gone.wait(), self._retries_stopped.wait(), within=within
+        )
         if resumer.done() and not resumer.cancelled():
-            resumer.result()
+            resumer.result()  # surfaces a bug in the gate rather than hiding it
         if task.gone.is_set():
             return _Resume.GONE
         if task.ticket.granted:
@@ -836,6 +819,20 @@ class _RelayEnd(Enum):
     CLIENT_GONE = "client_gone"
     UPSTREAM_BROKE = "upstream_broke"
     TIMED_OUT = "timed_out"
+
+
+async def _first_of(
+    *waits: Coroutine[Any, Any, object], within: float | None = None
+) -> list["asyncio.Future[object]"]:
+    """Run `waits` until the first of them ends (or `within` seconds), cancel the others, and
+    return them all in order, so the caller can see which ended and how."""
+    futures: list[asyncio.Future[object]] = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(futures, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for future in futures:
+            future.cancel()
+    return futures
 
 
 async def _client_write(write: "asyncio.Future[object] | object") -> bool:

@@ -32,6 +32,18 @@ class GatedClock(FakeClock):
         self.now += seconds
 
 
+async def _quitter(base: str) -> asyncio.StreamWriter:
+    """Send task "quitter" (an OOM, then a success) on a raw connection the test can close."""
+    port = int(base.rsplit(":", 1)[1])
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST /asr HTTP/1.1\r\nHost: x\r\nX-Fake-Script: oom,ok\r\nX-Request-ID: quitter\r\n"
+        b"Content-Length: 5\r\n\r\naudio"
+    )
+    await writer.drain()
+    return writer
+
+
 @dataclass
 class SteppedClock(FakeClock):
     """A fake clock whose n-th sleep (from 0) ends only when the test calls `end(n)`."""
@@ -270,7 +282,7 @@ async def test_a_retry_that_cannot_get_a_slot_within_the_request_timeout_is_refu
         retry_jitter=0,
         oom_cooldown=0,
         max_concurrent=1,
-        request_timeout=1.0,
+        request_timeout=0.5,  # real seconds: the slot wait is timed by the event loop
     )
     a = asyncio.create_task(_task(base, "oom,hold=ha", "a"))
     await until(lambda: clock.started == 1)
@@ -284,7 +296,7 @@ async def test_a_retry_that_cannot_get_a_slot_within_the_request_timeout_is_refu
     await upstream.wait_active(1)  # a's retry holds the only slot; c waits ahead of e
     clock.end(2)
     resumed = asyncio.get_running_loop().time()
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.25)  # half of e's patience; c's attempt then holds past the rest
     upstream.release("ha")  # a answers; the slot goes to c, which holds it past e's patience
     status, headers, body = await e
     waited = asyncio.get_running_loop().time() - resumed
@@ -292,7 +304,7 @@ async def test_a_retry_that_cannot_get_a_slot_within_the_request_timeout_is_refu
     assert headers["X-Gatekeeper-Reason"] == "queue_timeout"
     assert headers["X-Gatekeeper-Attempts"] == "1"  # it did reach the Whisper server once
     assert json.loads(body)["error"] == "服务繁忙"
-    assert 0.9 <= waited < 2.0
+    assert 0.45 <= waited < 1.0
     upstream.release("hc")
     assert [(await a)[0], (await c)[0]] == [200, 200]
     assert [s.headers["X-Request-ID"] for s in upstream.seen] == ["a", "c", "e", "a", "c"]
@@ -347,13 +359,7 @@ async def test_client_leaving_while_its_retry_waits_for_a_slot_ends_the_task(
     base, app = await start_gatekeeper(
         upstream.url, clock=clock, retry_jitter=0, oom_cooldown=0, max_concurrent=1
     )
-    port = int(base.rsplit(":", 1)[1])
-    _, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(
-        b"POST /asr HTTP/1.1\r\nHost: x\r\nX-Fake-Script: oom,ok\r\nX-Request-ID: quitter\r\n"
-        b"Content-Length: 5\r\n\r\naudio"
-    )
-    await writer.drain()
+    writer = await _quitter(base)
     await until(lambda: clock.sleeping == 1)
     second = asyncio.create_task(_task(base, "ok", "second", **{"X-Fake-Hold": "h2"}))
     await upstream.wait_active(1)
@@ -377,13 +383,7 @@ async def test_client_leaving_during_retry_delay_ends_the_task(
     """A client that hangs up during a retry delay gets no further attempts; the slot frees."""
     clock = GatedClock()
     base, app = await start_gatekeeper(upstream.url, clock=clock, retry_jitter=0)
-    port = int(base.rsplit(":", 1)[1])
-    _, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(
-        b"POST /asr HTTP/1.1\r\nHost: x\r\nX-Fake-Script: oom,ok\r\nX-Request-ID: quitter\r\n"
-        b"Content-Length: 5\r\n\r\naudio"
-    )
-    await writer.drain()
+    writer = await _quitter(base)
     await until(lambda: clock.sleeping == 1)
     writer.close()
     await until(lambda: not (app[STATE].snapshot().active_tasks or app[PROXY].runners))
