@@ -1,6 +1,6 @@
 """Starting and stopping the processes a scenario measures, on free loopback ports.
 
-Every process is real: the gatekeeper (`python -m gatekeeper serve`, or the same under uvloop),
+Every process is real: the gatekeeper (`python -m gatekeeper serve`, on uvloop or asyncio),
 the simulator (`python -m gatekeeper sim`), the fast upstream (`python -m bench.upstream`),
 HAProxy and nginx with configurations generated into the run's temporary directory. Logs go to
 files there (never to a pipe nobody reads, which would stall a process that logs a lot).
@@ -232,16 +232,14 @@ class Procs:
         argv += ["--port", str(port), *args]
         return await self._spawn("sim", argv, port)
 
-    async def gatekeeper(
-        self, upstream_url: str, settings: Mapping[str, object], *, uvloop: bool = False
-    ) -> Proc:
+    async def gatekeeper(self, upstream_url: str, settings: Mapping[str, object]) -> Proc:
         port = free_port()
-        module = "bench.gk_uvloop" if uvloop else "gatekeeper"
-        argv = [sys.executable, "-m", module, "serve", "--upstream-url", upstream_url]
+        argv = [sys.executable, "-m", "gatekeeper", "serve", "--upstream-url", upstream_url]
         argv += ["--host", "127.0.0.1", "--port", str(port), "--env-file", os.devnull]
         for name, value in settings.items():
             argv += [f"--{name.replace('_', '-')}", str(value)]
-        return await self._spawn("gatekeeper-uvloop" if uvloop else "gatekeeper", argv, port)
+        loop = settings.get("event_loop")
+        return await self._spawn("gatekeeper" if loop is None else f"gatekeeper-{loop}", argv, port)
 
     async def haproxy(
         self,

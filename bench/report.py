@@ -110,9 +110,9 @@ def judge(scenarios: JsonDict) -> list[Target]:
     over = _get(scenarios, "overhead", "references")
     if over:
         gk, hp = over.get("gatekeeper", {}), over.get("haproxy", {})
-        uv = over.get("gatekeeper_uvloop")
+        uv = over.get("gatekeeper_asyncio")
         added = gk.get("added_p50_ms")
-        uv_text = f"; on uvloop {_fmt(uv.get('added_p50_ms'), 3)} ms" if uv else ""
+        uv_text = f"; on asyncio's loop {_fmt(uv.get('added_p50_ms'), 3)} ms" if uv else ""
         targets.append(
             Target(
                 "overhead_added_p50",
@@ -127,7 +127,7 @@ def judge(scenarios: JsonDict) -> list[Target]:
         )
         ratio = gk.get("rps_vs_haproxy")
         uv_rps = (
-            f"; on uvloop {_fmt(uv.get('rps'), 0)} = {_fmt(uv.get('rps_vs_haproxy'), 2)}×"
+            f"; on asyncio's loop {_fmt(uv.get('rps'), 0)} = {_fmt(uv.get('rps_vs_haproxy'), 2)}×"
             if uv
             else ""
         )
@@ -185,13 +185,19 @@ def judge(scenarios: JsonDict) -> list[Target]:
     if burst:
         gk, hp = burst.get("gatekeeper", {}), burst.get("haproxy", {})
         p99 = _get(gk, "refusal_latency", "p99_ms")
+        plain = burst.get("gatekeeper_asyncio")
+        plain_text = (
+            f"; on asyncio's loop p99 {_fmt(_get(plain, 'refusal_latency', 'p99_ms'), 2)} ms"
+            if plain
+            else ""
+        )
         targets.append(
             Target(
                 "refusal_p99",
                 "3. overload",
                 "refusals p99 ≤ 5 ms during the burst",
                 f"{_fmt(p99, 2)} ms (p50 {_fmt(_get(gk, 'refusal_latency', 'p50_ms'), 2)} ms; "
-                f"HAProxy p99 {_fmt(_get(hp, 'refusal_latency', 'p99_ms'), 2)} ms)",
+                f"HAProxy p99 {_fmt(_get(hp, 'refusal_latency', 'p99_ms'), 2)} ms{plain_text})",
                 None if p99 is None else p99 <= 5.0,
                 LIMITS["refusal_p99"],
             )
@@ -422,7 +428,7 @@ _NAMES = {
     "nginx": "nginx",
     "aiohttp_floor": "minimal aiohttp proxy (floor for Python)",
     "gatekeeper": "**gatekeeper**",
-    "gatekeeper_uvloop": "**gatekeeper (uvloop)**",
+    "gatekeeper_asyncio": "**gatekeeper (asyncio loop)**",
 }
 
 

@@ -94,7 +94,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     from gatekeeper.logs import configure_logging
-    from gatekeeper.server import serve
+    from gatekeeper.server import EventLoopMissing, loop_factory, serve
 
     overrides: dict[str, Any] = {name: getattr(args, name) for name in Settings.model_fields}
     flags = {name: _flag(name) for name, value in overrides.items() if value is not None}
@@ -104,12 +104,18 @@ def _serve(args: argparse.Namespace) -> int:
         for line in exc.lines:
             print(f"gatekeeper: {line}", file=sys.stderr)
         return 2
+    try:
+        factory = loop_factory(settings.event_loop)
+    except EventLoopMissing as exc:
+        print(f"gatekeeper: {exc}", file=sys.stderr)
+        return 2
     configure_logging(fmt=settings.log_format, level=settings.log_level)
 
     def reload() -> Settings:
         return load_settings(overrides, env_file=args.env_file, flags=flags)
 
-    status: int = asyncio.run(serve(settings, reload))
+    with asyncio.Runner(loop_factory=factory) as runner:
+        status: int = runner.run(serve(settings, reload))
     return status
 
 

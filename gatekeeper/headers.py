@@ -4,8 +4,6 @@ RFC 9110 §7.6.1: Connection, and every header it names, plus the classic hop-by
 to one connection only and must not be forwarded.
 """
 
-from collections.abc import Iterable
-
 from multidict import CIMultiDict, CIMultiDictProxy
 
 __all__ = [
@@ -41,9 +39,14 @@ def _connection_named(headers: Headers) -> set[str]:
     return named
 
 
-def _end_to_end(headers: Headers, extra_drop: Iterable[str] = ()) -> CIMultiDict[str]:
-    drop = HOP_BY_HOP | _connection_named(headers) | {h.lower() for h in extra_drop}
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+# Framing is redone on each side of the proxy: Content-Length is recomputed for the body sent.
+_DROP = HOP_BY_HOP | {"content-length"}
+
+
+def _end_to_end(headers: Headers, drop: frozenset[str]) -> CIMultiDict[str]:
+    if "Connection" in headers:  # rare on keep-alive HTTP/1.1: the headers it names go too
+        drop = drop | _connection_named(headers)
+    return CIMultiDict([(k, v) for k, v in headers.items() if k.lower() not in drop])
 
 
 def forward_request_headers(
@@ -59,7 +62,7 @@ def forward_request_headers(
     Content-Length is recomputed by the client library from the spooled body (same value), the
     X-Forwarded-* family records this hop, and X-Request-ID is the task's id.
     """
-    out = _end_to_end(headers, extra_drop=("content-length",))
+    out = _end_to_end(headers, _DROP)
     if client_ip:
         prior = ", ".join(out.getall("X-Forwarded-For", []))
         out.popall("X-Forwarded-For", None)
@@ -74,4 +77,4 @@ def forward_request_headers(
 
 def forward_response_headers(headers: Headers) -> CIMultiDict[str]:
     """The upstream's answer headers as the client should see them (framing is redone)."""
-    return _end_to_end(headers, extra_drop=("content-length",))
+    return _end_to_end(headers, _DROP)

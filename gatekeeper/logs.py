@@ -6,6 +6,7 @@
 import json
 import logging
 import sys
+import time
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -49,10 +50,13 @@ class Event(StrEnum):
 
 
 def _format_value(value: Any) -> str:
-    if isinstance(value, float):
+    kind = type(value)
+    if kind is int:
+        return str(value)
+    if kind is float:
         text = f"{value:.3f}".rstrip("0").rstrip(".")
         return text or "0"
-    text = str(value)
+    text = value if kind is str else str(value)
     return text if text and " " not in text and "=" not in text else json.dumps(text)
 
 
@@ -71,11 +75,31 @@ def log_event(event: Event, level: int = logging.INFO, **fields: Any) -> None:
 
 
 class _TextFormatter(logging.Formatter):
+    """`time level message key=value …`, built directly: every task writes two of these lines.
+
+    The output is what `Formatter("%(asctime)s %(levelname)s %(message)s")` writes, with the
+    facts appended; only the date-and-time part is cached, once per second.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(message)s")
+        self._second = -1
+        self._second_text = ""
+
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        if record.exc_info or record.exc_text or record.stack_info:
+            line = super().format(record)  # tracebacks: the standard layout
+        else:
+            record.message = record.getMessage()
+            second = int(record.created)
+            if second != self._second:
+                self._second_text = time.strftime(self.default_time_format, self.converter(second))
+                self._second = second
+            msecs = int(record.msecs)
+            line = f"{self._second_text},{msecs:03d} {record.levelname} {record.message}"
         fields: dict[str, Any] | None = getattr(record, _FIELDS_ATTR, None)
         if fields:
-            line += " " + " ".join(f"{k}={_format_value(v)}" for k, v in fields.items())
+            line += " " + " ".join([f"{k}={_format_value(v)}" for k, v in fields.items()])
         return line
 
 
@@ -125,7 +149,7 @@ def configure_logging(*, fmt: str, level: str) -> None:
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setFormatter(_TextFormatter())
     handler.addFilter(_MalformedRequestFilter())
     # The logging HOWTO's "Optimization": skip facts no line shows (caller's source file and
     # line, thread, process) — every task logs at least two lines.

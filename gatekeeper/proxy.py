@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDict
 
 from gatekeeper.adaptive import AdaptiveLimit, AdaptiveParams, LimitChange
 from gatekeeper.admission import estimate_retry_after, queue_usage
@@ -55,6 +56,11 @@ __all__ = ["Proxy", "ProxyConfig", "adaptive_from_settings"]
 
 _CLIENT_CHUNK = 64 * 1024
 _REFUSAL_LOG_EVERY = 1.0  # seconds between two refusal lines of the same reason
+_REFUSAL_EVENTS = {
+    RejectReason.QUEUE_FULL: Event.QUEUE_FULL,
+    RejectReason.QUEUE_TIMEOUT: Event.QUEUE_TIMEOUT,
+    RejectReason.SHUTTING_DOWN: Event.SHUTDOWN_REFUSED,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +150,7 @@ class _Task:
         record: TaskRecord,
         ticket: Ticket,
         body: SpooledBody,
-        headers: "aiohttp.typedefs.LooseHeaders",
+        headers: CIMultiDict[str],
     ) -> None:
         self.request = request
         self.record = record
@@ -283,9 +289,7 @@ class Proxy:
         finally:
             response.close()
 
-    def _upstream_headers(
-        self, request: web.Request, request_id: str
-    ) -> "aiohttp.typedefs.LooseHeaders":
+    def _upstream_headers(self, request: web.Request, request_id: str) -> CIMultiDict[str]:
         peer = request.transport.get_extra_info("peername") if request.transport else None
         client_ip = peer[0] if isinstance(peer, tuple) and peer else request.remote
         return forward_request_headers(
@@ -300,15 +304,15 @@ class Proxy:
 
     async def _task(self, request: web.Request) -> web.StreamResponse:
         request_id = request.headers.get(REQUEST_ID) or os.urandom(16).hex()
-        record = TaskRecord(request_id, request.method, request.path, self.clock.monotonic())
         limit = self.config.max_body_size
         if request.content_length is not None and request.content_length > limit:
             log_event(Event.BODY_TOO_LARGE, logging.WARNING, task_id=request_id, limit=limit)
             return body_too_large(limit, request_id=request_id)
         try:
             ticket = self.gate.enter()
-        except Refused as refused:
-            return self._refuse(refused.reason, record)
+        except Refused as refused:  # the hot path of a flood: nothing more to set up
+            return self._refuse(refused.reason, request_id)
+        record = TaskRecord(request_id, request.method, request.path, self.clock.monotonic())
         self.state.task_admitted()
         body = SpooledBody(
             memory_limit=self.config.spool_memory_size,
@@ -329,7 +333,9 @@ class Proxy:
                     raise  # the client left
                 handler.uncancel()  # stopped by the shutdown, not by the client: say so
                 self.state.task_ended(TaskOutcome.REJECTED)
-                answer = self._refuse(RejectReason.SHUTTING_DOWN, record, admitted=True)
+                answer = self._refuse(
+                    RejectReason.SHUTTING_DOWN, request_id, arrived=record.arrived
+                )
                 # Send it and hang up now: the rest of the upload is not worth waiting for.
                 if await _client_write(answer.prepare(request)):
                     await _client_write(answer.write_eof())
@@ -367,8 +373,11 @@ class Proxy:
                 await ticket.wait(max(0.0, self.config.queue_timeout - waited))
             except Refused as refused:
                 self.state.task_ended(TaskOutcome.REJECTED)
-                return self._refuse(refused.reason, record, admitted=True)
-            task = _Task(request, record, ticket, body, self._upstream_headers(request, request_id))
+                return self._refuse(refused.reason, request_id, arrived=record.arrived)
+            headers = self._upstream_headers(request, request_id)
+            if body.size > 0:
+                headers["Content-Length"] = str(body.size)  # the same for every attempt
+            task = _Task(request, record, ticket, body, headers)
             runner = asyncio.create_task(self._run(task), name=f"task-{request_id}")
             handed_over = True
             self.runners.add(runner)
@@ -396,9 +405,10 @@ class Proxy:
                 body.close()
 
     def _refuse(
-        self, reason: RejectReason, record: TaskRecord, *, admitted: bool = False, attempts: int = 0
+        self, reason: RejectReason, task_id: str, *, arrived: float | None = None, attempts: int = 0
     ) -> web.Response:
-        # The hot path of an overload: read the two numbers needed, not a whole snapshot.
+        """503 服务繁忙 for a task; `arrived` when it had been admitted (then it waited)."""
+        # The hot path of an overload: read the few numbers needed, not a whole snapshot.
         usage = self.gate.counts()
         self.state.task_rejected(reason)
         retry_after = estimate_retry_after(
@@ -407,11 +417,6 @@ class Proxy:
             limit=usage.limit,
             queued=usage.queued + usage.retrying,  # retries go ahead of the queue
         )
-        event = {
-            RejectReason.QUEUE_FULL: Event.QUEUE_FULL,
-            RejectReason.QUEUE_TIMEOUT: Event.QUEUE_TIMEOUT,
-            RejectReason.SHUTTING_DOWN: Event.SHUTDOWN_REFUSED,
-        }[reason]
         # In a flood one line a second per reason says it all; metrics count every refusal.
         now = self.clock.monotonic()
         logged_at, since = self._refusal_log.get(reason, (-_REFUSAL_LOG_EVERY, 0))
@@ -420,20 +425,20 @@ class Proxy:
         else:
             self._refusal_log[reason] = (now, 0)
             log_event(
-                event,
+                _REFUSAL_EVENTS[reason],
                 logging.WARNING,
-                task_id=record.task_id,
+                task_id=task_id,
                 queued=f"{usage.queued}/{usage.max_queue}",
                 active=f"{usage.active}/{usage.limit}",
                 retry_after=retry_after,
                 not_logged_since_last=since,
-                **({"waited": now - record.arrived} if admitted else {}),
+                **({} if arrived is None else {"waited": now - arrived}),
             )
         return refusal(
             reason,
             retry_after=retry_after,
             queue_usage=queue_usage(usage.queued, usage.max_queue),
-            request_id=record.task_id,
+            request_id=task_id,
             attempts=attempts,
         )
 
@@ -486,7 +491,7 @@ class Proxy:
                     self._session(),
                     method=task.request.method,
                     url=url,
-                    headers=task.headers,  # type: ignore[arg-type]
+                    headers=task.headers,
                     body=task.body,
                     deadline=deadline,
                 )
@@ -589,7 +594,9 @@ class Proxy:
             outcomes=",".join(o.value for o in record.outcomes),
             duration=self.clock.monotonic() - record.arrived,
         )
-        return self._refuse(reason, record, admitted=True, attempts=record.attempts)
+        return self._refuse(
+            reason, record.task_id, arrived=record.arrived, attempts=record.attempts
+        )
 
     def _observe(self, outcome: AttemptOutcome, attempt: int) -> None:
         """Feed one attempt's outcome to the adaptive limit, if there is one."""

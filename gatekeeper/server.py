@@ -20,10 +20,36 @@ from gatekeeper.logs import LOG_PREFIX, Event, log_event, logger
 from gatekeeper.outcomes import RejectReason
 from gatekeeper.settings import Settings, SettingsError
 
-__all__ = ["serve"]
+__all__ = ["EventLoopMissing", "loop_factory", "serve"]
 
 # Seconds aiohttp gives handlers to write their last answers once our own drain is over.
 _FINAL_FLUSH = 1.0
+
+
+class EventLoopMissing(Exception):
+    """ASR_EVENT_LOOP asks for an event loop that is not installed."""
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop `serve` runs on (None: Python's own), from ASR_EVENT_LOOP."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop  # optional: Python's own loop does the same job, a little slower
+    except ImportError:
+        if choice == "uvloop":
+            raise EventLoopMissing(
+                "ASR_EVENT_LOOP=uvloop, but uvloop is not installed: install it "
+                "(pip install uvloop) or set ASR_EVENT_LOOP=auto"
+            ) from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def _loop_name() -> str:
+    module = type(asyncio.get_running_loop()).__module__
+    return "uvloop" if module.startswith("uvloop") else "asyncio"
 
 
 def _raise_open_file_limit() -> None:
@@ -89,6 +115,7 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
         upstream=settings.upstream_url,
         max_concurrent=settings.max_concurrent,
         max_queue=settings.queue_limit,
+        event_loop=_loop_name(),
     )
     if settings.stats_token is None:
         logger.warning(

@@ -33,12 +33,18 @@ class BodyTimeout(Exception):
 
 
 class SpooledBody:
-    """One task's request body: written once from the client, read back once per attempt."""
+    """One task's request body: written once from the client, read back once per attempt.
+
+    Up to `memory_limit` bytes stay a list of chunks in memory (no file object at all for the
+    common small upload); past it everything moves to a temporary file created then.
+    """
 
     def __init__(self, *, memory_limit: int, directory: Path | None = None) -> None:
-        self._file: IO[bytes] = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed in close()
-            max_size=memory_limit, mode="w+b", dir=None if directory is None else str(directory)
-        )
+        self._memory_limit = memory_limit
+        self._directory = directory
+        self._chunks: list[bytes] = []
+        self._file: IO[bytes] | None = None
+        self._closed = False
         self.size = 0
         self.complete = False
 
@@ -62,31 +68,56 @@ class SpooledBody:
             self.size += len(chunk)
             if self.size > max_size:
                 raise BodyTooLarge(max_size)
-            self._file.write(chunk)
+            self._write(chunk)
         self.complete = True
+
+    def _write(self, chunk: bytes) -> None:
+        if self._file is not None:
+            self._file.write(chunk)
+            return
+        self._chunks.append(chunk)
+        if self.size > self._memory_limit:  # roll over: from now on, a temporary file
+            directory = None if self._directory is None else str(self._directory)
+            self._file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 - closed in close()
+            self._file.writelines(self._chunks)
+            self._chunks = []
 
     @property
     def on_disk(self) -> bool:
         """True when the body rolled over from memory to a temporary file."""
-        return bool(getattr(self._file, "_rolled", False))
+        return self._file is not None
 
     def in_memory(self) -> bytes | None:
         """The whole body if it never left memory (then it goes upstream in one write)."""
-        if self.on_disk:
+        self._check_open()
+        if self._file is not None:
             return None
-        self._file.seek(0)
-        return self._file.read()
+        if len(self._chunks) > 1:
+            self._chunks = [b"".join(self._chunks)]
+        return self._chunks[0] if self._chunks else b""
 
     async def replay(self) -> AsyncIterator[bytes]:
         """The body from its first byte, in chunks (a fresh iterator for every attempt)."""
+        self._check_open()
+        if self._file is None:
+            for chunk in list(self._chunks):
+                yield chunk
+            return
         self._file.seek(0)
         while True:
-            # Reads hit the page cache or memory; they are short enough to do inline.
+            # Reads hit the page cache; they are short enough to do inline.
             chunk = self._file.read(_READ_CHUNK)
             if not chunk:
                 return
             yield chunk
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("the spooled body was already closed")
+
     def close(self) -> None:
         """Free the memory or the temporary file (idempotent)."""
-        self._file.close()
+        self._closed = True
+        self._chunks = []
+        if self._file is not None:
+            self._file.close()

@@ -109,10 +109,12 @@ async def send(
 ) -> AttemptResult:
     """One attempt, bounded by `deadline` (event-loop time) from connect to the error prefix."""
     response: aiohttp.ClientResponse | None = None
-    headers = CIMultiDict(headers)
     data: bytes | AsyncIterator[bytes] | None = None
     if body is not None and body.size > 0:
-        headers["Content-Length"] = str(body.size)
+        length = str(body.size)
+        if headers.get("Content-Length") != length:  # callers may set it once for all attempts
+            headers = CIMultiDict(headers)
+            headers["Content-Length"] = length
         data = body.in_memory()
         if data is None:
             data = body.replay()

@@ -65,18 +65,20 @@ class Ctx:
     workdir: Path
     out: Path
     seed: int
-    uvloop: bool
+    asyncio_row: bool
+    """Also run the gatekeeper on Python's own event loop (it runs on uvloop by default)."""
     profile: bool
     say: Callable[[str], None]
     notes: list[str] = field(default_factory=list)
     profiles: dict[str, JsonDict] = field(default_factory=dict)
 
 
-def gatekeeper_variants(ctx: Ctx) -> list[tuple[str, bool]]:
-    """(reference name, runs on uvloop) for the gatekeeper references of this run."""
-    variants = [("gatekeeper", False)]
-    if ctx.uvloop:
-        variants.append(("gatekeeper_uvloop", True))
+def gatekeeper_variants(ctx: Ctx) -> list[tuple[str, dict[str, str]]]:
+    """(reference name, extra settings) for the gatekeeper references of this run: as shipped
+    (on uvloop), and on Python's own asyncio loop."""
+    variants: list[tuple[str, dict[str, str]]] = [("gatekeeper", {})]
+    if ctx.asyncio_row:
+        variants.append(("gatekeeper_asyncio", {"event_loop": "asyncio"}))
     return variants
 
 

@@ -33,8 +33,8 @@ async def run(ctx: Ctx) -> JsonDict:
     refs["nginx"] = await procs.nginx(upstream.port)
     refs["aiohttp_floor"] = await procs.aiohttp_floor(upstream.url)
     settings = {"max_concurrent": limit, "max_queue": 10 * limit}
-    for name, uv in gatekeeper_variants(ctx):
-        refs[name] = await procs.gatekeeper(upstream.url, settings, uvloop=uv)
+    for name, extra in gatekeeper_variants(ctx):
+        refs[name] = await procs.gatekeeper(upstream.url, {**settings, **extra})
     names = list(refs)
 
     ctx.say(f"overhead: warm-up ({cfg.warmup_requests} requests each)")

@@ -172,8 +172,8 @@ async def run(ctx: Ctx) -> JsonDict:
     await fetch("127.0.0.1", upstream.port, "POST", "/bench/hold")
     results: dict[str, JsonDict] = {}
     settings = {"max_concurrent": cfg.burst_limit, "max_queue": cfg.burst_queue}
-    starters = [("haproxy", False), *gatekeeper_variants(ctx)]
-    for name, uv in starters:
+    starters: list[tuple[str, dict[str, str]]] = [("haproxy", {}), *gatekeeper_variants(ctx)]
+    for name, extra in starters:
         ctx.say(
             f"overload: {cfg.burst_tasks} tasks at limit {cfg.burst_limit}, "
             f"queue {cfg.burst_queue} through {name}"
@@ -187,12 +187,12 @@ async def run(ctx: Ctx) -> JsonDict:
                 timeout_server=600,
             )
         else:
-            proc = await procs.gatekeeper(upstream.url, settings, uvloop=uv)
+            proc = await procs.gatekeeper(upstream.url, {**settings, **extra})
         results[name] = await _measure(ctx, proc, upstream)
         await procs.kill(proc)
         if ctx.profile and name != "haproxy":
             ctx.say(f"overload: profiling {name} during a burst (py-spy, not measured)")
-            proc = await procs.gatekeeper(upstream.url, settings, uvloop=uv)
+            proc = await procs.gatekeeper(upstream.url, {**settings, **extra})
             raw = ctx.out / "profiles" / f"overload-{name}.txt"
             raw.parent.mkdir(parents=True, exist_ok=True)
             async with ProfileRecorder(proc.pid, raw):

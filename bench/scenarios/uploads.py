@@ -168,8 +168,8 @@ async def run(ctx: Ctx) -> JsonDict:
     )
     refs["nginx"] = await procs.nginx(upstream.port)
     settings = {"max_concurrent": 4, "max_queue": 40, "request_timeout": 600}
-    for name, uv in gatekeeper_variants(ctx):
-        refs[name] = await procs.gatekeeper(upstream.url, settings, uvloop=uv)
+    for name, extra in gatekeeper_variants(ctx):
+        refs[name] = await procs.gatekeeper(upstream.url, {**settings, **extra})
     names = list(refs)
     upload = _Upload(cfg.upload_mb, ctx.seed)
     seconds: dict[str, list[float]] = {name: [] for name in names}

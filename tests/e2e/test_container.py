@@ -555,4 +555,6 @@ def test_image_install_path_runs_for_real(tmp_path: Path) -> None:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
-    assert "[ASR并发]" in log.read_text(encoding="utf-8")
+    text = log.read_text(encoding="utf-8")
+    assert "[ASR并发]" in text
+    assert "event_loop=uvloop" in text  # the wheel brings uvloop along, and serve uses it

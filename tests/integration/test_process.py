@@ -128,3 +128,20 @@ async def test_upload_still_running_when_grace_ends_gets_503(upstream: FakeUpstr
     assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
     assert b"X-Gatekeeper-Reason: shutting_down" in answer
     assert upstream.seen == []
+
+
+async def test_runs_on_uvloop_unless_told_otherwise(upstream: FakeUpstream) -> None:
+    """uvloop (a dependency) by default, Python's own loop with ASR_EVENT_LOOP=asyncio; the
+    serving line says which, and tasks pass on both."""
+    for args, loop in (((), "uvloop"), (("--event-loop", "asyncio"), "asyncio")):
+        async with gatekeeper_process(upstream.url, *args) as (proc, base):
+            async with aiohttp.ClientSession() as session:
+                status, headers, _ = await _post(session, f"{base}/asr")
+                assert status == 200
+                assert headers["X-Gatekeeper-Attempts"] == "1"
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 15) == 0
+            assert proc.stderr is not None
+            log = (await proc.stderr.read()).decode()
+        serving = next(line for line in log.splitlines() if "网关已启动" in line)
+        assert f"event_loop={loop}" in serving, serving

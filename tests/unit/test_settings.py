@@ -126,6 +126,7 @@ BAD_VALUES: dict[str, list[object]] = {
     "health_timeout": [0, "x"],
     "log_format": ["xml"],
     "log_level": ["LOUD"],
+    "event_loop": ["trio", ""],
 }
 # Every value is accepted for these: any token string is a valid secret.
 ANY_VALUE = {"stats_token", "admin_token"}
