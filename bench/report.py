@@ -361,17 +361,19 @@ def _goodput_targets(rows: list[JsonDict]) -> list[Target]:
 LIMITS: dict[str, str] = {
     "overhead_added_p50": (
         "CPython: the minimal aiohttp proxy row alone adds about half a millisecond (aiohttp's "
-        "server and client); the rest is the gatekeeper's own work per task — spool object, "
-        "runner task, asyncio timeouts, two log lines, answer headers sent apart from the body "
-        "(see the profile)."
+        "server and client); the rest is the gatekeeper's own work per task — the slot, the "
+        "spooled body, the runner task, two deadlines, the books and two log lines (see the "
+        "profile)."
     ),
     "overhead_rps": (
-        "CPython per-request CPU: even the minimal aiohttp proxy reaches only about a third of "
-        "HAProxy here, and the gatekeeper spends more than twice its CPU per task (the profile: "
-        "aiohttp client and server, asyncio tasks and timeouts, two log lines, the body "
-        "replayed as an async iterator, the answer's headers and body in two writes). 25 % "
-        "needs the gatekeeper within about 1.3× of that floor; uvloop barely helps because the "
-        "time is in Python code, not in the loop."
+        "CPython and aiohttp set the ceiling: the minimal aiohttp proxy (no admission, no logs) "
+        "reaches only about 30 % of HAProxy here, at about 190 µs of CPU a request, over half of "
+        "it aiohttp's client. 25 % needs the gatekeeper within about 1.2× of that floor; it "
+        "spends about 1.6×. Its two log lines a task cost about 45 µs (with ASR_LOG_LEVEL=WARNING "
+        "it reaches about 21 %); the rest is the work behind the promise (slot, spooled body, "
+        "runner task, deadlines, books). Closing the gap would mean a hand-written HTTP client "
+        "instead of aiohttp's on the hot path: not worth it at the rates a GPU sees (a few "
+        "tasks a second), and against the one-client-session rule."
     ),
     "upload_throughput": (
         "Store-and-forward like nginx's default request buffering: the body goes to an unlinked "
@@ -383,10 +385,11 @@ LIMITS: dict[str, str] = {
         "whatever the upload size."
     ),
     "refusal_p99": (
-        "Each refusal costs over 100 µs of Python (an aiohttp request cycle, a WARNING log line, "
-        "a JSON body, a request id); the connections not blocked on admitted tasks wait behind "
-        "one another in the one event loop, so p99 ≈ connections × that cost. HAProxy refuses "
-        "in a few tens of µs."
+        "A closed-loop burst: the 28 connections not blocked on admitted tasks share one event "
+        "loop, so p50 ≈ 28 ÷ refusals/s (Little's law), about 70 µs of Python a refusal, two "
+        "thirds of it aiohttp's request cycle. The slowest 1 % are the burst's first round (50 "
+        "new connections at once) and stalls when the shared cores are busy elsewhere. uvloop "
+        "(the default loop) takes about a tenth off; HAProxy refuses in a few µs."
     ),
     "admitted_exactly": "Correctness, not speed: the gate hands slots over atomically in one loop.",
     "goodput_vs_haproxy": (
