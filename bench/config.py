@@ -30,6 +30,8 @@ class BenchConfig:
     burst_connections: int
     burst_limit: int
     burst_queue: int
+    burst_rounds: int
+    """Bursts per reference, in rotating rounds: one burst's p99 hangs on a few stalls."""
     # 4. GPU goodput
     time_scale: float
     sim_minutes: float
@@ -68,6 +70,7 @@ FULL = BenchConfig(
     burst_connections=50,
     burst_limit=2,
     burst_queue=20,
+    burst_rounds=3,
     time_scale=120.0,
     sim_minutes=60.0,
     arrival_rate_per_minute=10.0,
@@ -98,6 +101,7 @@ QUICK = BenchConfig(
     burst_connections=50,
     burst_limit=2,
     burst_queue=20,
+    burst_rounds=1,
     time_scale=600.0,
     sim_minutes=10.0,
     arrival_rate_per_minute=10.0,

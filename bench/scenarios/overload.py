@@ -17,7 +17,14 @@ from collections import Counter
 from bench.httpclient import Connection, HttpError, fetch
 from bench.procs import REPO, Proc
 from bench.profile import ProfileRecorder, summarize_raw
-from bench.scenarios.common import CONTENT_TYPE, SMALL_BODY, Ctx, JsonDict, gatekeeper_variants
+from bench.scenarios.common import (
+    CONTENT_TYPE,
+    SMALL_BODY,
+    Ctx,
+    JsonDict,
+    gatekeeper_variants,
+    rotated,
+)
 from bench.stats import summarize
 
 __all__ = ["run"]
@@ -170,26 +177,29 @@ async def run(ctx: Ctx) -> JsonDict:
     procs = ctx.procs
     upstream = await procs.upstream()
     await fetch("127.0.0.1", upstream.port, "POST", "/bench/hold")
-    results: dict[str, JsonDict] = {}
     settings = {"max_concurrent": cfg.burst_limit, "max_queue": cfg.burst_queue}
-    starters: list[tuple[str, dict[str, str]]] = [("haproxy", {}), *gatekeeper_variants(ctx)]
-    for name, extra in starters:
-        ctx.say(
-            f"overload: {cfg.burst_tasks} tasks at limit {cfg.burst_limit}, "
-            f"queue {cfg.burst_queue} through {name}"
-        )
-        if name == "haproxy":
-            proc = await procs.haproxy(
-                upstream.port,
-                maxconn=cfg.burst_limit,
-                maxqueue=cfg.burst_queue,
-                timeout_queue=600,
-                timeout_server=600,
+    starters: dict[str, dict[str, str]] = {"haproxy": {}, **dict(gatekeeper_variants(ctx))}
+    bursts: dict[str, list[JsonDict]] = {name: [] for name in starters}
+    for r in range(cfg.burst_rounds):
+        for name in rotated(list(starters), r):
+            ctx.say(
+                f"overload: {cfg.burst_tasks} tasks at limit {cfg.burst_limit}, "
+                f"queue {cfg.burst_queue} through {name} (burst {r + 1}/{cfg.burst_rounds})"
             )
-        else:
-            proc = await procs.gatekeeper(upstream.url, {**settings, **extra})
-        results[name] = await _measure(ctx, proc, upstream)
-        await procs.kill(proc)
+            if name == "haproxy":
+                proc = await procs.haproxy(
+                    upstream.port,
+                    maxconn=cfg.burst_limit,
+                    maxqueue=cfg.burst_queue,
+                    timeout_queue=600,
+                    timeout_server=600,
+                )
+            else:
+                proc = await procs.gatekeeper(upstream.url, {**settings, **starters[name]})
+            bursts[name].append(await _measure(ctx, proc, upstream))
+            await procs.kill(proc)
+    results = {name: _median_burst(runs) for name, runs in bursts.items()}
+    for name, extra in starters.items():
         if ctx.profile and name != "haproxy":
             ctx.say(f"overload: profiling {name} during a burst (py-spy, not measured)")
             proc = await procs.gatekeeper(upstream.url, {**settings, **extra})
@@ -211,10 +221,23 @@ async def run(ctx: Ctx) -> JsonDict:
             "connections": cfg.burst_connections,
             "limit": cfg.burst_limit,
             "queue": cfg.burst_queue,
+            "bursts": cfg.burst_rounds,
             "upstream": "holds every admitted task until the burst is over",
             "probe": "separate process; GET /metrics then GET /health every 10 ms",
             "haproxy": "maxconn 2, maxqueue 20, 503 once queue(backend) >= 20, "
             "/metrics = prometheus-exporter, /health = monitor-uri",
         },
         "references": results,
+    }
+
+
+def _median_burst(runs: list[JsonDict]) -> JsonDict:
+    """The burst with the median refusal p99 stands for the reference; every burst's p99 and
+    the admission check of every burst go with it."""
+    ordered = sorted(runs, key=lambda run: run["refusal_latency"]["p99_ms"] or 0.0)
+    return {
+        **ordered[(len(ordered) - 1) // 2],
+        "bursts": len(runs),
+        "refusal_p99_per_burst_ms": [run["refusal_latency"]["p99_ms"] for run in runs],
+        "admitted_exactly": all(run["admitted_exactly"] for run in runs),
     }

@@ -118,7 +118,7 @@ _ADAPTIVE = {
 _NO_COOLDOWN = {"oom_cooldown": 0}
 
 
-@pytest.mark.parametrize("mode", ["fixed", "no_cooldown", "adaptive"])
+@pytest.mark.parametrize("mode", ["fixed", "no_cooldown", "adaptive", "adaptive_queue"])
 async def test_chaos_in_process(
     start_gatekeeper: GatekeeperFactory, tmp_path: Path, mode: str
 ) -> None:
@@ -132,13 +132,15 @@ async def test_chaos_in_process(
     spool.mkdir()
     upstream = ChaosUpstream(limit=cfg.limit)
     await upstream.start()
-    extra = {"adaptive": _ADAPTIVE, "no_cooldown": _NO_COOLDOWN}.get(mode, {})
+    extra = {"adaptive": _ADAPTIVE, "adaptive_queue": _ADAPTIVE, "no_cooldown": _NO_COOLDOWN}
+    settings = {**cfg.gatekeeper_settings(str(spool)), **extra.get(mode, {})}
+    if mode == "adaptive_queue":
+        # No ASR_MAX_QUEUE: the queue follows the moving limit (10 places a slot), so a cut
+        # shrinks it under tasks already waiting; the bound is the queue at the highest limit.
+        del settings["max_queue"]
+        cfg = dataclasses.replace(cfg, max_queue=10 * cfg.limit)
     base, _app = await start_gatekeeper(
-        upstream.url,
-        seed=cfg.seed,
-        health_interval=0.2,
-        **cfg.gatekeeper_settings(str(spool)),
-        **extra,
+        upstream.url, seed=cfg.seed, health_interval=0.2, **settings
     )
     events = EventLog()
     verdict = Verdict(cfg, upstream, events)
