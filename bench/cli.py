@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         default=None,
         help="run the gatekeeper from this source tree instead (a checkout with a patch, to "
-        "measure it against the same references)",
+        "measure it against the same references); a tree older than ASR_EVENT_LOOP needs "
+        "--no-asyncio, and runs its own default loop",
     )
     parser.add_argument(
         "--seed", type=int, default=1, help="seed of the goodput workload (default: 1)"

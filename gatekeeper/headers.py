@@ -59,8 +59,9 @@ def forward_request_headers(
 ) -> CIMultiDict[str]:
     """The client's headers as the upstream should see them.
 
-    Content-Length is recomputed by the client library from the spooled body (same value), the
-    X-Forwarded-* family records this hop, and X-Request-ID is the task's id.
+    Content-Length is dropped here and set again from the spooled body (the same value for an
+    intact upload), the X-Forwarded-* family records this hop, and X-Request-ID is the task's
+    id.
     """
     out = _end_to_end(headers, _DROP)
     if client_ip:

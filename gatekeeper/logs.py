@@ -50,12 +50,12 @@ class Event(StrEnum):
 
 
 def _format_value(value: Any) -> str:
+    if isinstance(value, float):
+        text = f"{value:.3f}".rstrip("0").rstrip(".")
+        return text or "0"
     kind = type(value)
     if kind is int:
         return str(value)
-    if kind is float:
-        text = f"{value:.3f}".rstrip("0").rstrip(".")
-        return text or "0"
     text = value if kind is str else str(value)
     return text if text and " " not in text and "=" not in text else json.dumps(text)
 
@@ -95,8 +95,8 @@ class _TextFormatter(logging.Formatter):
             if second != self._second:
                 self._second_text = time.strftime(self.default_time_format, self.converter(second))
                 self._second = second
-            msecs = int(record.msecs)
-            line = f"{self._second_text},{msecs:03d} {record.levelname} {record.message}"
+            record.asctime = f"{self._second_text},{int(record.msecs):03d}"
+            line = f"{record.asctime} {record.levelname} {record.message}"
         fields: dict[str, Any] | None = getattr(record, _FIELDS_ATTR, None)
         if fields:
             line += " " + " ".join([f"{k}={_format_value(v)}" for k, v in fields.items()])

@@ -74,6 +74,9 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
     runner = web.AppRunner(
         app,
         handler_cancellation=True,  # how a client that left is noticed (see proxy.py)
+        # A gzip-encoded upload goes upstream exactly as sent, still labelled gzip, not
+        # inflated under a header that still says gzip (bytes in = bytes out).
+        auto_decompress=False,
         shutdown_timeout=_FINAL_FLUSH,
         access_log_format='%a "%r" %s %b %Tfs "%{X-Request-ID}o"',
     )

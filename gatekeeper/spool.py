@@ -35,14 +35,16 @@ class BodyTimeout(Exception):
 class SpooledBody:
     """One task's request body: written once from the client, read back once per attempt.
 
-    Up to `memory_limit` bytes stay a list of chunks in memory (no file object at all for the
-    common small upload); past it everything moves to a temporary file created then.
+    Up to `memory_limit` bytes stay in one buffer in memory (no file object at all for the
+    common small upload; memory follows the bytes, however small the client's pieces); past it
+    everything moves to a temporary file created then.
     """
 
     def __init__(self, *, memory_limit: int, directory: Path | None = None) -> None:
         self._memory_limit = memory_limit
         self._directory = directory
-        self._chunks: list[bytes] = []
+        self._buffer = bytearray()
+        self._whole: bytes | None = None  # the buffer as bytes, once read back
         self._file: IO[bytes] | None = None
         self._closed = False
         self.size = 0
@@ -75,12 +77,12 @@ class SpooledBody:
         if self._file is not None:
             self._file.write(chunk)
             return
-        self._chunks.append(chunk)
+        self._buffer += chunk
         if self.size > self._memory_limit:  # roll over: from now on, a temporary file
             directory = None if self._directory is None else str(self._directory)
             self._file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 - closed in close()
-            self._file.writelines(self._chunks)
-            self._chunks = []
+            self._file.write(self._buffer)
+            self._buffer = bytearray()
 
     @property
     def on_disk(self) -> bool:
@@ -92,17 +94,23 @@ class SpooledBody:
         self._check_open()
         if self._file is not None:
             return None
-        if len(self._chunks) > 1:
-            self._chunks = [b"".join(self._chunks)]
-        return self._chunks[0] if self._chunks else b""
+        if self._whole is None:
+            self._whole, self._buffer = bytes(self._buffer), bytearray()
+        return self._whole
 
-    async def replay(self) -> AsyncIterator[bytes]:
+    def replay(self) -> AsyncIterator[bytes]:
         """The body from its first byte, in chunks (a fresh iterator for every attempt)."""
         self._check_open()
-        if self._file is None:
-            for chunk in list(self._chunks):
-                yield chunk
-            return
+        whole = self.in_memory()
+        return self._chunks_of(whole) if whole is not None else self._read_file()
+
+    @staticmethod
+    async def _chunks_of(whole: bytes) -> AsyncIterator[bytes]:
+        for start in range(0, len(whole), _READ_CHUNK):
+            yield whole[start : start + _READ_CHUNK]
+
+    async def _read_file(self) -> AsyncIterator[bytes]:
+        assert self._file is not None
         self._file.seek(0)
         while True:
             # Reads hit the page cache; they are short enough to do inline.
@@ -118,6 +126,6 @@ class SpooledBody:
     def close(self) -> None:
         """Free the memory or the temporary file (idempotent)."""
         self._closed = True
-        self._chunks = []
+        self._buffer, self._whole = bytearray(), None
         if self._file is not None:
             self._file.close()

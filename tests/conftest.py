@@ -47,8 +47,10 @@ async def start_gatekeeper() -> AsyncIterator[GatekeeperFactory]:
             {"upstream_url": upstream_url, "health_interval": 0.05, **settings}, env_file=None
         )
         app = build_app(config, clock=clock, rng=random.Random(seed))
+        # As `gatekeeper serve` runs it (gatekeeper/server.py); TestServer turns handler
+        # cancellation on itself.
         server = TestServer(app)
-        await server.start_server()
+        await server.start_server(auto_decompress=False)
         servers.append(server)
         return str(server.make_url("")).rstrip("/"), app
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import gzip
 import json
 import signal
 
@@ -133,12 +134,19 @@ async def test_upload_still_running_when_grace_ends_gets_503(upstream: FakeUpstr
 async def test_runs_on_uvloop_unless_told_otherwise(upstream: FakeUpstream) -> None:
     """uvloop (a dependency) by default, Python's own loop with ASR_EVENT_LOOP=asyncio; the
     serving line says which, and tasks pass on both."""
+    packed = gzip.compress(b"RIFF" + bytes(100_000))
     for args, loop in (((), "uvloop"), (("--event-loop", "asyncio"), "asyncio")):
         async with gatekeeper_process(upstream.url, *args) as (proc, base):
             async with aiohttp.ClientSession() as session:
                 status, headers, _ = await _post(session, f"{base}/asr")
                 assert status == 200
                 assert headers["X-Gatekeeper-Attempts"] == "1"
+                # A compressed upload goes upstream as sent (the server never inflates it).
+                async with session.post(
+                    f"{base}/asr", data=packed, headers={"Content-Encoding": "gzip"}
+                ) as response:
+                    assert response.status == 200
+                    assert (await response.json())["size"] == len(packed)
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(proc.wait(), 15) == 0
             assert proc.stderr is not None

@@ -1,6 +1,7 @@
 """Bytes in = bytes out: bodies, paths, query strings and headers cross the proxy unchanged."""
 
 import asyncio
+import gzip
 import hashlib
 import io
 import json
@@ -43,6 +44,28 @@ async def test_50mb_multipart_upload_arrives_byte_exact(
     assert answer["sha256"] == hashlib.sha256(raw).hexdigest()
     assert answer["size"] == len(raw)
     assert upstream.seen[0].headers["Content-Length"] == str(len(raw))
+
+
+async def test_compressed_upload_is_forwarded_as_sent(
+    upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory
+) -> None:
+    """A gzip-encoded upload reaches the upstream still compressed, byte for byte, with its
+    Content-Encoding: the gatekeeper never inflates a body (nor the pass-through path)."""
+    base, _ = await start_gatekeeper(upstream.url)
+    plain = b"RIFF" + os.urandom(200_000) + b"\x00" * 300_000
+    packed = gzip.compress(plain)
+    headers = {"Content-Encoding": "gzip", "Content-Type": "application/octet-stream"}
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        for path in ("/asr", "/docs"):  # a task, then a pass-through request
+            async with session.post(f"{base}{path}", data=packed, headers=headers) as response:
+                assert response.status == 200
+                answer = await response.json()
+            assert (answer["sha256"], answer["size"]) == (
+                hashlib.sha256(packed).hexdigest(),
+                len(packed),
+            )
+            assert upstream.seen[-1].headers["Content-Encoding"] == "gzip"
+    assert [seen.size for seen in upstream.seen] == [len(packed), len(packed)]
 
 
 async def test_chunked_request_body_is_forwarded_whole(
