@@ -220,6 +220,10 @@ def make_spec(cfg: ChaosConfig, index: int) -> TaskSpec:
     elif kind == "leave_retry":
         plan[0] = "busy:1"
     body_size = _log_uniform(rng, 200 * 1024)
+    if kind in ("leave_uploading", "stall_upload"):
+        # Half the body goes before the stall: with none, the client library would hold the
+        # request's headers back too, and the gatekeeper would never see a request at all.
+        body_size = max(2, body_size)
     if kind.startswith("too_large"):
         body_size = cfg.max_body_size + rng.randint(1, 8192)
     path = rng.choice(
