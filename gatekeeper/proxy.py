@@ -142,7 +142,7 @@ class _Resume(Enum):
 class _Task:
     """Everything one admitted task carries from the handler into its runner."""
 
-    __slots__ = ("body", "gone", "headers", "record", "request", "runner", "ticket")
+    __slots__ = ("answering", "body", "gone", "headers", "record", "request", "runner", "ticket")
 
     def __init__(
         self,
@@ -159,6 +159,7 @@ class _Task:
         self.headers = headers
         self.gone = asyncio.Event()
         self.runner: asyncio.Task[object] | None = None
+        self.answering = False  # the upstream's answer has begun to go to the client
 
 
 class Proxy:
@@ -385,6 +386,15 @@ class Proxy:
             try:
                 return await asyncio.shield(runner)
             except asyncio.CancelledError:
+                stopped = runner.cancelled() and handler is not None and not handler.cancelling()
+                if stopped and not task.answering:
+                    # The shutdown's grace period ended with this task still upstream: answer
+                    # it rather than cut it.
+                    return self._stopped_running(task)
+                if stopped:  # its answer had begun: a 503 cannot follow it, so it is cut
+                    self.state.task_ended(
+                        TaskOutcome.FAILED, self.clock.monotonic() - task.record.arrived
+                    )
                 # The client left (or the server stops): the runner decides what that means.
                 task.gone.set()
                 raise
@@ -581,6 +591,17 @@ class Proxy:
         record.held_since = self.clock.monotonic()
         return None
 
+    def _stopped_running(self, task: _Task) -> web.StreamResponse:
+        """503 shutting_down for a task whose attempt the end of a shutdown stopped."""
+        record = task.record
+        self.state.task_ended(TaskOutcome.REJECTED, self.clock.monotonic() - record.arrived)
+        return self._refuse(
+            RejectReason.SHUTTING_DOWN,
+            record.task_id,
+            arrived=record.arrived,
+            attempts=record.attempts,
+        )
+
     def _refuse_retry(self, task: _Task, reason: RejectReason) -> web.StreamResponse:
         """A task whose next attempt cannot go (no slot in time, or shutting down): 503."""
         record = task.record
@@ -637,6 +658,7 @@ class Proxy:
             failure = upstream_failure(outcome, attempts=record.attempts, request_id=record.task_id)
             return failure, outcome, task.gone.is_set()
         extra = {ATTEMPTS_HEADER: str(record.attempts), REQUEST_ID: record.task_id}
+        task.answering = True
         try:
             answer, end = await self._relay(task.request, result, extra, deadline, task.gone)
         finally:

@@ -1,7 +1,6 @@
 """The real `gatekeeper serve` process: start-up, SIGTERM drain, and exit status."""
 
 import asyncio
-import contextlib
 import gzip
 import json
 import signal
@@ -49,7 +48,8 @@ async def test_sigterm_drains_running_and_queued_tasks(upstream: FakeUpstream) -
 
 
 async def test_grace_period_ends_with_503_for_the_queue(upstream: FakeUpstream) -> None:
-    """When the grace period runs out, queued tasks get 503 shutting_down and the process exits."""
+    """When the grace period runs out, queued tasks get 503 shutting_down, and so does a task
+    still upstream (with how many attempts it made); then the process exits."""
     async with gatekeeper_process(
         upstream.url, "--max-concurrent", "1", "--shutdown-grace", "0.5"
     ) as (proc, base):
@@ -62,9 +62,15 @@ async def test_grace_period_ends_with_503_for_the_queue(upstream: FakeUpstream) 
             status, headers, _ = await asyncio.wait_for(queued, 10)
             assert status == 503
             assert headers["X-Gatekeeper-Reason"] == "shutting_down"
-            with contextlib.suppress(aiohttp.ClientError):
-                await asyncio.wait_for(running, 10)  # cut when the grace period is over
+            status, headers, body = await asyncio.wait_for(running, 10)
+            assert status == 503
+            assert headers["X-Gatekeeper-Reason"] == "shutting_down"
+            assert headers["X-Gatekeeper-Attempts"] == "1"
+            assert json.loads(body)["error"] == "服务繁忙"
         assert await asyncio.wait_for(proc.wait(), 15) == 0
+        assert proc.stderr is not None
+        log = (await proc.stderr.read()).decode()
+    assert "stopped_running=1" in log
 
 
 async def test_second_signal_exits_at_once(upstream: FakeUpstream) -> None:

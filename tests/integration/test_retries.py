@@ -351,6 +351,40 @@ async def test_tasks_between_attempts_are_refused_at_the_end_of_a_shutdown(
     assert (snap.active_tasks, snap.gate.retrying) == (0, 0)
 
 
+async def test_at_the_end_of_a_shutdown_running_tasks_get_503_unless_their_answer_began(
+    upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory
+) -> None:
+    """When the grace period ends (server.py cancels the runners), a task still waiting for the
+    Whisper server is answered 503 shutting_down with its attempt count; one whose answer is
+    already streaming to its client is cut, since a 503 cannot follow a 200. Books balance."""
+    base, app = await start_gatekeeper(upstream.url, max_concurrent=2)
+    proxy = app[PROXY]
+    waiting = asyncio.create_task(_task(base, "ok", "waiting", **{"X-Fake-Hold": "h"}))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{base}/asr", data=b"a", headers={"X-Fake-SSE": "3", "X-Request-ID": "streaming"}
+        ) as streaming:
+            assert streaming.status == 200
+            assert (await streaming.content.readline()).startswith(b"data: ")
+            await upstream.wait_active(2)
+            proxy.gate.begin_shutdown()
+            for runner in list(proxy.runners):  # what server.py does when the grace ends
+                runner.cancel()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await streaming.read()
+    status, headers, body = await waiting
+    assert status == 503
+    assert headers["X-Gatekeeper-Reason"] == "shutting_down"
+    assert headers["X-Gatekeeper-Attempts"] == "1"
+    assert json.loads(body)["reason"] == "shutting_down"
+    snap = app[STATE].snapshot()
+    assert (snap.tasks[TaskOutcome.REJECTED], snap.tasks[TaskOutcome.FAILED]) == (1, 1)
+    assert snap.rejected[RejectReason.SHUTTING_DOWN] == 1
+    assert (snap.active_tasks, snap.queued_tasks, snap.total_tasks) == (0, 0, 2)
+    upstream.release("h")
+    upstream.release("sse1")
+
+
 async def test_client_leaving_while_its_retry_waits_for_a_slot_ends_the_task(
     upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory
 ) -> None:
