@@ -390,7 +390,7 @@ class Proxy:
                 if stopped and not task.answering:
                     # The shutdown's grace period ended with this task still upstream: answer
                     # it rather than cut it.
-                    return self._stopped_running(task)
+                    return self._refuse_started(task, RejectReason.SHUTTING_DOWN)
                 if stopped:  # its answer had begun: a 503 cannot follow it, so it is cut
                     self.state.task_ended(
                         TaskOutcome.FAILED, self.clock.monotonic() - task.record.arrived
@@ -591,21 +591,18 @@ class Proxy:
         record.held_since = self.clock.monotonic()
         return None
 
-    def _stopped_running(self, task: _Task) -> web.StreamResponse:
-        """503 shutting_down for a task whose attempt the end of a shutdown stopped."""
+    def _refuse_started(self, task: _Task, reason: RejectReason) -> web.StreamResponse:
+        """503 for a task that already reached the Whisper server (its attempts say how often):
+        its retry found no slot in time, or the end of a shutdown stopped it."""
         record = task.record
         self.state.task_ended(TaskOutcome.REJECTED, self.clock.monotonic() - record.arrived)
         return self._refuse(
-            RejectReason.SHUTTING_DOWN,
-            record.task_id,
-            arrived=record.arrived,
-            attempts=record.attempts,
+            reason, record.task_id, arrived=record.arrived, attempts=record.attempts
         )
 
     def _refuse_retry(self, task: _Task, reason: RejectReason) -> web.StreamResponse:
         """A task whose next attempt cannot go (no slot in time, or shutting down): 503."""
         record = task.record
-        self.state.task_ended(TaskOutcome.REJECTED, self.clock.monotonic() - record.arrived)
         log_event(
             Event.RETRY_REFUSED,
             logging.WARNING,
@@ -615,9 +612,7 @@ class Proxy:
             outcomes=",".join(o.value for o in record.outcomes),
             duration=self.clock.monotonic() - record.arrived,
         )
-        return self._refuse(
-            reason, record.task_id, arrived=record.arrived, attempts=record.attempts
-        )
+        return self._refuse_started(task, reason)
 
     def _observe(self, outcome: AttemptOutcome, attempt: int) -> None:
         """Feed one attempt's outcome to the adaptive limit, if there is one."""

@@ -107,14 +107,13 @@ async def send(
     body: SpooledBody | None,
     deadline: float,
 ) -> AttemptResult:
-    """One attempt, bounded by `deadline` (event-loop time) from connect to the error prefix."""
+    """One attempt, bounded by `deadline` (event-loop time) from connect to the error prefix.
+
+    `headers` go as they are: the caller sets Content-Length for the body, once per task.
+    """
     response: aiohttp.ClientResponse | None = None
     data: bytes | AsyncIterator[bytes] | None = None
     if body is not None and body.size > 0:
-        length = str(body.size)
-        if headers.get("Content-Length") != length:  # callers may set it once for all attempts
-            headers = CIMultiDict(headers)
-            headers["Content-Length"] = length
         data = body.in_memory()
         if data is None:
             data = body.replay()
