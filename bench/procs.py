@@ -4,9 +4,15 @@ Every process is real: the gatekeeper (`python -m gatekeeper serve`, on uvloop o
 the simulator (`python -m gatekeeper sim`), the fast upstream (`python -m bench.upstream`),
 HAProxy and nginx with configurations generated into the run's temporary directory. Logs go to
 files there (never to a pipe nobody reads, which would stall a process that logs a lot).
+
+Each process starts in its own session, so its process group holds it and everything it forks
+(nginx's workers). Ending a process ends its group: nginx's master first gets SIGTERM and tells
+its workers to exit (a master killed outright leaves them running, owned by init); SIGKILL
+follows after a bounded wait, and then whatever is still alive in the group is killed too.
 """
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -23,13 +29,17 @@ __all__ = [
     "Proc",
     "Procs",
     "ToolMissing",
+    "end_group",
     "find_tool",
     "free_port",
+    "group_members",
     "peak_rss_mib",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
 _STARTUP = 30.0
+_STOP_WITHIN = 5.0  # seconds a process gets to end on its stop signal before SIGKILL
+_GROUP_GONE_WITHIN = 5.0  # seconds the group's last members get to die after SIGKILL
 _DEBIAN_PACKAGES = {"haproxy": "haproxy", "nginx": "nginx", "wrk": "wrk", "py-spy": "py-spy"}
 
 
@@ -92,6 +102,39 @@ def peak_rss_mib(pid: int) -> float | None:
     return None if kib is None else round(kib / 1024, 1)
 
 
+def group_members(pgid: int) -> list[int]:
+    """The live processes (zombies left out) of process group `pgid`, read from /proc."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text(encoding="ascii", errors="replace")
+        except OSError:  # it ended while we looked
+            continue
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+        fields = stat.rpartition(")")[2].split()
+        if len(fields) >= 3 and fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+async def end_group(pgid: int, within: float = _GROUP_GONE_WITHIN) -> None:
+    """SIGKILL whatever is still alive in process group `pgid` and wait (bounded) until it died.
+
+    The last resort after a process ended: nothing it forked may outlive the run.
+    """
+    deadline = time.monotonic() + within
+    while group_members(pgid):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        if time.monotonic() > deadline:
+            return  # stuck in the kernel (state D): nothing more a signal can do
+        await asyncio.sleep(0.02)
+
+
 @dataclass
 class Proc:
     """One started process and where it listens."""
@@ -101,6 +144,9 @@ class Proc:
     port: int
     log: Path
     extra_pids: list[int] = field(default_factory=list)
+    # Sent first when the process is ended, before SIGKILL: nginx's master must be asked, so
+    # that it ends its workers; the others are killed at once.
+    stop_signal: signal.Signals | None = None
 
     @property
     def url(self) -> str:
@@ -108,6 +154,11 @@ class Proc:
 
     @property
     def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def pgid(self) -> int:
+        """Its process group: it leads its own session, so the group is numbered by its pid."""
         return self.process.pid
 
     def peak_rss_mib(self) -> float | None:
@@ -163,7 +214,13 @@ class Procs:
         return env
 
     async def _spawn(
-        self, name: str, argv: list[str], port: int, *, stdout_to_log: bool = True
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        *,
+        stdout_to_log: bool = True,
+        stop_signal: signal.Signals | None = None,
     ) -> Proc:
         self._count += 1
         log = self.workdir / f"{self._count:02d}-{name}.log"
@@ -175,9 +232,11 @@ class Procs:
                 stderr=sink,
                 cwd=self.workdir,
                 env=self._env(),
-                start_new_session=True,  # a Ctrl-C at the terminal reaches only the bench
+                # A Ctrl-C at the terminal reaches only the bench, and the process and all it
+                # forks share a process group that ending it empties (see `_end`).
+                start_new_session=True,
             )
-        proc = Proc(name, process, port, log)
+        proc = Proc(name, process, port, log, stop_signal=stop_signal)
         self._running.append(proc)
         try:
             await wait_for_port(port, proc)
@@ -186,27 +245,34 @@ class Procs:
             raise
         return proc
 
-    async def stop(self, proc: Proc) -> None:
-        """SIGTERM, then SIGKILL after a moment (the run's processes need no graceful end)."""
+    async def _end(self, proc: Proc, first: signal.Signals | None, within: float) -> None:
+        """`first` (if any) and a bounded wait, then SIGKILL; then the rest of its group."""
         if proc in self._running:
             self._running.remove(proc)
-        if proc.process.returncode is None:
+        if first is not None and proc.process.returncode is None:
             try:
-                proc.process.send_signal(signal.SIGTERM)
-                async with asyncio.timeout(3):
+                proc.process.send_signal(first)
+                async with asyncio.timeout(within):
                     await proc.process.wait()
             except (TimeoutError, ProcessLookupError):
-                if proc.process.returncode is None:
-                    proc.process.kill()
-                    await proc.process.wait()
+                pass
+        if proc.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.process.kill()
+            await proc.process.wait()
+        await end_group(proc.pgid)
+
+    async def stop(self, proc: Proc) -> None:
+        """SIGTERM (or its stop signal), then SIGKILL after a moment; nothing of it survives."""
+        await self._end(proc, proc.stop_signal or signal.SIGTERM, 3.0)
 
     async def kill(self, proc: Proc) -> None:
-        """SIGKILL at once (a gatekeeper with held tasks would drain for its grace period)."""
-        if proc in self._running:
-            self._running.remove(proc)
-        if proc.process.returncode is None:
-            proc.process.kill()
-            await proc.process.wait()
+        """SIGKILL at once (a gatekeeper with held tasks would drain for its grace period).
+
+        A process with a stop signal (nginx) gets that first and a bounded wait; whatever is
+        left of its process group afterwards is killed too, so no orphan survives the run.
+        """
+        await self._end(proc, proc.stop_signal, _STOP_WITHIN)
 
     async def aclose(self) -> None:
         for proc in list(reversed(self._running)):
@@ -341,4 +407,6 @@ http {{
         path = prefix / "nginx.conf"
         path.write_text(config)
         argv = [find_tool("nginx"), "-e", "stderr", "-p", str(prefix), "-c", str(path)]
-        return await self._spawn("nginx", argv, port)
+        # SIGTERM is nginx's fast shutdown: the master ends its workers, then itself. Killed
+        # outright, the master would leave its worker running (tests/e2e/nginx_harness.py too).
+        return await self._spawn("nginx", argv, port, stop_signal=signal.SIGTERM)

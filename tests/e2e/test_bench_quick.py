@@ -4,16 +4,28 @@ Timing targets are printed by the harness, never asserted here (a shared CI mach
 noise); what is asserted is that every scenario and reference is there, the figures are
 plausible, and the correctness checks hold: exactly limit + queue tasks admitted in the flood,
 and never more tasks on the simulated GPU than the limit.
+
+The run must also leave no process behind (issue #18: nginx's worker outlived every run). The
+test process becomes a child subreaper for the run (Linux's PR_SET_CHILD_SUBREAPER), so whatever
+the bench started and left orphaned is re-parented to it instead of init, and found in /proc.
 """
 
+import asyncio
+import contextlib
+import ctypes
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from bench.procs import Procs, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.bench]
 
@@ -23,7 +35,77 @@ TOOLS = {"haproxy": "haproxy", "nginx": "nginx", "wrk": "wrk"}
 GATEKEEPERS = ["gatekeeper", "gatekeeper_asyncio"]
 _RUN_LIMIT = 240  # seconds; the quick run itself takes well under two minutes
 
+_PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+_WORKERS_WITHIN = 10.0  # seconds for nginx's master to fork its worker
+
 _cache: dict[str, Any] = {}
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, process group) of a process from /proc, None once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    fields = text.rpartition(")")[2].split()  # the command name may hold spaces and ")"
+    return fields[0], int(fields[1]), int(fields[2])
+
+
+def _processes() -> dict[int, tuple[str, int, int]]:
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
+            found[int(entry.name)] = stat
+    return found
+
+
+def _alive(stat: tuple[str, int, int] | None) -> bool:
+    return stat is not None and stat[0] not in ("Z", "X")
+
+
+def _live_in_group(pgid: int) -> list[int]:
+    """Live (not zombie) processes in process group `pgid`."""
+    return [pid for pid, stat in _processes().items() if _alive(stat) and stat[2] == pgid]
+
+
+def _children(parent: int) -> set[int]:
+    return {pid for pid, stat in _processes().items() if stat[1] == parent}
+
+
+def _describe(pid: int) -> str:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").strip()
+    except OSError:
+        cmdline = b"?"
+    return f"{pid} {cmdline.decode(errors='replace')}"
+
+
+def _set_subreaper(on: bool) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+
+
+def _run_reaping_orphans(argv: list[str]) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Run `argv` as a subreaper; also the processes it left alive, which are then killed."""
+    before = _children(os.getpid())
+    _set_subreaper(True)
+    try:
+        done = subprocess.run(
+            argv, cwd=REPO, capture_output=True, text=True, timeout=_RUN_LIMIT, check=False
+        )
+    finally:
+        _set_subreaper(False)  # orphans re-parented until now stay ours; later ones go to init
+        orphans = _children(os.getpid()) - before
+        survivors = [pid for pid in orphans if _alive(_stat(pid))]
+        left = [_describe(pid) for pid in survivors]
+        for pid in survivors:
+            os.kill(pid, signal.SIGKILL)
+        for pid in orphans:  # reap them, zombies included (they are our children now)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+    return done, left
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +125,8 @@ def _run(out: Path) -> tuple[dict[str, Any], str, str]:
                     f"(apt-get install {package}, or ./scripts/setup --test-tools)"
                 )
                 pytest.fail(_cache["failure"])
-        done = subprocess.run(
-            [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=_RUN_LIMIT,
-            check=False,
+        done, _cache["left_alive"] = _run_reaping_orphans(
+            [sys.executable, "-m", "bench", "--quick", "--out", str(out)]
         )
         if done.returncode != 0:
             _cache["failure"] = (
@@ -64,6 +141,7 @@ def _run(out: Path) -> tuple[dict[str, Any], str, str]:
 
 
 def test_quick_run_covers_every_scenario_and_reference(bench_out: Path) -> None:
+    """Every scenario ran every reference and the machine description is complete."""
     data, _, _ = _run(bench_out)
     assert data["mode"] == "quick"
     assert data["errors"] == {}
@@ -121,6 +199,7 @@ def test_overload_admits_exactly_limit_plus_queue(bench_out: Path) -> None:
 
 
 def test_overhead_and_upload_figures_are_sane(bench_out: Path) -> None:
+    """Overhead and upload figures are positive, ordered and free of failed requests."""
     data, _, _ = _run(bench_out)
     for name, res in data["scenarios"]["overhead"]["references"].items():
         assert res["bad_answers"] == 0, name
@@ -140,6 +219,7 @@ def test_overhead_and_upload_figures_are_sane(bench_out: Path) -> None:
 
 
 def test_goodput_rows_replay_one_schedule_and_keep_the_limit(bench_out: Path) -> None:
+    """Every goodput row replays the same arrivals and never exceeds its limit on the GPU."""
     data, _, _ = _run(bench_out)
     rows = data["scenarios"]["goodput"]["rows"]
     arrivals = data["scenarios"]["goodput"]["setup"]["arrivals"]
@@ -161,6 +241,7 @@ def test_goodput_rows_replay_one_schedule_and_keep_the_limit(bench_out: Path) ->
 
 
 def test_markdown_shows_tables_machine_and_targets(bench_out: Path) -> None:
+    """RESULTS.md has every section, the machine and every target with its measurement."""
     data, markdown, stderr = _run(bench_out)
     for heading in (
         "## Machine",
@@ -188,3 +269,67 @@ def test_markdown_shows_tables_machine_and_targets(bench_out: Path) -> None:
         assert target["measured"] in markdown
     assert data["machine"]["cpu_model"] in markdown
     assert "wrote" in stderr  # the harness prints where the results went, and each target
+
+
+def test_quick_run_leaves_no_process_behind(bench_out: Path) -> None:
+    """No process the bench started (nginx's workers included) is alive after the run."""
+    _run(bench_out)
+    assert _cache["left_alive"] == [], "still alive after the run (now killed)"
+
+
+async def _forked(parent: int) -> list[int]:
+    """The live children of `parent`, waiting (polling) until it has forked at least one."""
+    deadline = time.monotonic() + _WORKERS_WITHIN
+    while not (children := [pid for pid in _children(parent) if _alive(_stat(pid))]):
+        assert time.monotonic() < deadline, f"{_describe(parent)} forked nothing in time"
+        await asyncio.sleep(0.02)
+    return children
+
+
+# Each process the bench starts leads its own session: its process group is numbered by its pid.
+
+
+async def test_nginx_ends_with_its_worker(tmp_path: Path) -> None:
+    """Ending nginx (as every scenario and the run's end do) ends its worker processes too."""
+    procs = Procs(tmp_path)
+    nginx = await procs.nginx(free_port())  # nothing is proxied: the upstream need not exist
+    try:
+        workers = await _forked(nginx.pid)
+        await procs.kill(nginx)
+        assert not [pid for pid in workers if _alive(_stat(pid))], "nginx's worker outlived it"
+        assert nginx.process.returncode == 0, "nginx did not end on its own stop signal"
+        assert _live_in_group(nginx.pid) == []
+    finally:
+        await procs.aclose()
+        _kill_group(nginx.pid)
+
+
+_FORKS_A_SLEEPER = """\
+import socket, subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+listener = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+time.sleep(600)
+"""
+
+
+async def test_kill_ends_what_the_process_forked(tmp_path: Path) -> None:
+    """The last resort: what a SIGKILLed process forked is killed with its process group."""
+    procs = Procs(tmp_path)
+    port = free_port()
+    proc = await procs._spawn("forks", [sys.executable, "-c", _FORKS_A_SLEEPER, str(port)], port)
+    try:
+        (sleeper,) = await _forked(proc.pid)
+        await procs.kill(proc)
+        assert proc.process.returncode == -signal.SIGKILL
+        assert not _alive(_stat(sleeper)), "the forked child outlived its killed parent"
+        assert _live_in_group(proc.pid) == []
+    finally:
+        await procs.aclose()
+        _kill_group(proc.pid)
+
+
+def _kill_group(pgid: int) -> None:
+    """Clean up after a failed check: SIGKILL whatever is left in the group."""
+    if _live_in_group(pgid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
