@@ -4,9 +4,10 @@
 #   docker build -t asr-gatekeeper .
 #   docker run --rm -p 8000:8000 -e ASR_UPSTREAM_URL=http://whisper:9000 asr-gatekeeper
 #
-# The install path (build the wheel, `python -m venv`, pip install the wheel, run `gatekeeper
-# serve`) is the one tests/e2e/test_container.py runs for real, with ENTRYPOINT, CMD and
-# HEALTHCHECK read from this file, because no Docker engine runs on the development machines.
+# The install path (build the wheel, `python -m venv`, pip install the locked dependencies and
+# the wheel, run `gatekeeper serve`) is the one tests/e2e/test_container.py runs for real, with
+# ENTRYPOINT, CMD and HEALTHCHECK read from this file, because no Docker engine runs on the
+# development machines.
 # Settings come from the environment at run time (ASR_*, see deploy/.env.example); none are
 # baked in. For fully reproducible builds pin the base by digest: python:3.11-slim@sha256:….
 
@@ -25,11 +26,19 @@ LABEL org.opencontainers.image.title="asr-gatekeeper" \
 ENV PATH=/opt/gatekeeper/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
-# The wheel is bind-mounted from the build stage, so it never lands in a layer. Every
-# dependency ships manylinux wheels for CPython 3.11, so nothing is compiled here.
-RUN --mount=type=bind,from=build,source=/dist,target=/dist \
+# The dependencies come from requirements/runtime.txt (./scripts/lock), each at the version
+# and hash pinned there, so every build gets the versions CI tested; then the wheel, without
+# dependencies, and `pip check` proves the lock covers them. The lock and the wheel are
+# bind-mounted, so neither lands in a layer. Every dependency ships manylinux wheels for
+# CPython 3.11, so nothing is compiled here.
+RUN --mount=type=bind,source=requirements/runtime.txt,target=/requirements/runtime.txt \
+    --mount=type=bind,from=build,source=/dist,target=/dist \
     python -m venv /opt/gatekeeper \
-    && /opt/gatekeeper/bin/pip install --no-cache-dir --disable-pip-version-check /dist/*.whl \
+    && /opt/gatekeeper/bin/pip install --no-cache-dir --disable-pip-version-check \
+        --require-hashes -r /requirements/runtime.txt \
+    && /opt/gatekeeper/bin/pip install --no-cache-dir --disable-pip-version-check \
+        --no-deps /dist/*.whl \
+    && /opt/gatekeeper/bin/pip check --disable-pip-version-check \
     && useradd --system --no-log-init --user-group --uid 10001 \
         --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin gatekeeper \
     && mkdir -p /var/spool/gatekeeper \

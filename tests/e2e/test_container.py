@@ -449,20 +449,41 @@ def test_image_install_path_runs_for_real(tmp_path: Path) -> None:
     dist = tmp_path / "dist"
     wheel_argv[wheel_argv.index("--wheel-dir") + 1] = str(dist)
     _run([sys.executable, "-m", *wheel_argv], cwd=src)
-    # 2. The final stage's `python -m venv` and `pip install` of that wheel.
+    # 2. The final stage's `python -m venv`, then its pip steps in order: the dependencies from
+    #    the runtime lock (bind-mounted from the build context), the wheel, `pip check`.
     install = next(i.args for i in final if i.keyword == "RUN" and "-m venv" in i.args)
     assert f"target={image_dist}" in install, "the final stage must mount the built wheels"
-    steps = [s.strip() for s in re.sub(r"^--mount=\S+\s+", "", install).split("&&")]
+    from_context: dict[str, str] = {}  # a mount's target in the image -> the repository's file
+    for mount in re.findall(r"--mount=(\S+)", install):
+        options = dict(option.partition("=")[::2] for option in mount.split(","))
+        if options.get("type") == "bind" and "from" not in options:
+            from_context[options["target"]] = str(ROOT / options["source"])
+    allowed = {line.strip() for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()}
+    for source in from_context.values():
+        name = Path(source).relative_to(ROOT).as_posix()
+        assert f"!{name}" in allowed, f"the mounted {name} is excluded by .dockerignore"
+    steps = [s.strip() for s in re.sub(r"^(--mount=\S+\s+)+", "", install).split("&&")]
     venv_step = next(s for s in steps if " -m venv " in s)
     image_venv = shlex.split(venv_step)[-1]
     venv = tmp_path / "venv"
+    paths = {**from_context, image_venv: str(venv), image_dist: str(dist)}
+    image_path = re.compile("|".join(map(re.escape, sorted(paths, key=len, reverse=True))))
 
     def local(text: str) -> str:
-        return text.replace(image_venv, str(venv)).replace(image_dist, str(dist))
+        return image_path.sub(lambda match: paths[match[0]], text)
 
     _run([sys.executable, *shlex.split(local(venv_step))[1:]], cwd=tmp_path)
-    pip_step = next(s for s in steps if " install " in s and ".whl" in s)
-    _run(_expand(shlex.split(local(pip_step))), cwd=tmp_path)
+    pip_steps = [shlex.split(s) for s in steps if s.startswith(f"{image_venv}/bin/pip ")]
+    installs = [argv for argv in pip_steps if argv[1] == "install"]
+    lock_install, wheel_install = installs[0], installs[-1]
+    assert "--require-hashes" in lock_install, "install the dependencies from the hashed lock"
+    lock = lock_install[lock_install.index("-r") + 1]
+    assert paths.get(lock) == str(ROOT / "requirements" / "runtime.txt"), lock_install
+    assert any(a.endswith(".whl") for a in wheel_install), "install the built wheel"
+    assert "--no-deps" in wheel_install, "the lock brings the dependencies, not the wheel"
+    assert pip_steps[-1][1] == "check", "pip check proves the lock covers the wheel's needs"
+    for argv in pip_steps:
+        _run(_expand([local(arg) for arg in argv]), cwd=tmp_path)
     # 3. The container's environment: the image's ENV, with its paths mapped to tmp_path.
     image_env = _env(final)
     assert image_env["PATH"].startswith(f"{image_venv}/bin:"), "the venv must come first"
@@ -557,4 +578,4 @@ def test_image_install_path_runs_for_real(tmp_path: Path) -> None:
                     proc.wait()
     text = log.read_text(encoding="utf-8")
     assert "[ASR并发]" in text
-    assert "event_loop=uvloop" in text  # the wheel brings uvloop along, and serve uses it
+    assert "event_loop=uvloop" in text  # the lock brings uvloop along, and serve uses it
