@@ -8,7 +8,7 @@ and `cli` runs it as ``gatekeeper sim``.
 from .audio import AudioProbe, WavInfo, audio_seconds, parse_wav, silent_wav, wav_header
 from .errors import ErrorAnswer, ErrorStyle, gpu_error_answer, oom_answer, status_answer
 from .memory import GpuCompute, GpuMemory
-from .server import TASK_PATHS, JsonValue, SimConfig, Simulator
+from .server import TASK_PATHS, JsonValue, OnDisconnect, SimConfig, Simulator
 
 __all__ = [
     "TASK_PATHS",
@@ -18,6 +18,7 @@ __all__ = [
     "GpuCompute",
     "GpuMemory",
     "JsonValue",
+    "OnDisconnect",
     "SimConfig",
     "Simulator",
     "WavInfo",

@@ -12,7 +12,7 @@ import sys
 from dataclasses import fields
 
 from .errors import ErrorStyle
-from .server import SimConfig, Simulator
+from .server import OnDisconnect, SimConfig, Simulator
 
 __all__ = ["add_sim_arguments", "config_from_args", "describe", "main", "run_sim"]
 
@@ -120,6 +120,15 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="make /health, /docs and / wait while a task runs, as whisper-asr-webservice does",
     )
+    faults.add_argument(
+        "--on-disconnect",
+        choices=[choice.value for choice in OnDisconnect],
+        default=d.on_disconnect.value,
+        help="when a client hangs up mid-task: 'continue' keeps transcribing (memory, GPU share "
+        "and the active count stay taken) until the task would have finished, like a "
+        "FastAPI/uvicorn server; 'stop' drops the task at once, like whisper.cpp's server "
+        "(default: %(default)s)",
+    )
     misc = parser.add_argument_group("input and randomness")
     misc.add_argument(
         "--byte-rate",
@@ -159,6 +168,7 @@ def describe(config: SimConfig) -> str:
         f"a task needs {config.task_base_gib:.1f} GiB + {config.task_gib_per_minute:.1f} GiB "
         f"per audio minute; rtf {config.rtf:g}, errors in {config.error_style.value} style"
         + (", crashes on OOM" if config.crash_on_oom else "")
+        + (", stops a task whose client left" if config.on_disconnect is OnDisconnect.STOP else "")
         + (f", time ×{config.time_scale:g}" if config.time_scale != 1 else "")
     )
 

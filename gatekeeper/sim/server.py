@@ -8,6 +8,11 @@ tasks that fit share the GPU and take time proportional to their audio, and with
 `crash_on_oom` an OOM takes the whole process down and brings it back after a restart delay,
 like a ggml abort under a restarting container.
 
+A client that hangs up does not stop the GPU by default: like a FastAPI/uvicorn server whose
+transcription runs in a threadpool worker, the task keeps its memory, its share of the GPU and
+its place in `active_tasks` until it would have finished (`on_disconnect="continue"`). With
+`on_disconnect="stop"` the work ends with the connection, as whisper.cpp's server aborts it.
+
 Tests steer single requests with headers (`X-Sim-Fail`, `X-Sim-Status`, `X-Sim-Audio-Seconds`,
 `X-Sim-Retry-After`) that travel through the gatekeeper unchanged, and read `GET /sim/state`
 to see what actually reached the "GPU": how many tasks ran at once and the exact bytes sent.
@@ -32,7 +37,7 @@ from .audio import DEFAULT_BYTE_RATE, AudioProbe
 from .errors import ErrorAnswer, ErrorStyle, gpu_error_answer, oom_answer, status_answer
 from .memory import GpuCompute, GpuMemory
 
-__all__ = ["TASK_PATHS", "JsonValue", "SimConfig", "Simulator"]
+__all__ = ["TASK_PATHS", "JsonValue", "OnDisconnect", "SimConfig", "Simulator"]
 
 JsonValue: TypeAlias = bool | int | float | str | list["JsonValue"] | dict[str, "JsonValue"] | None
 
@@ -54,6 +59,16 @@ _RESET_GRACE = 0.05  # real seconds the half-written answer gets to leave before
 _DETECT_SECONDS = 30.0  # language detection only looks at the first 30 s, like Whisper
 _MAX_SEGMENTS = 50
 _RECENT_LIMIT = 200
+
+
+class OnDisconnect(StrEnum):
+    """What the simulated server does with a task whose client hung up mid-work."""
+
+    CONTINUE = "continue"
+    """Work on until the task would have finished, holding its memory and its place (a sync
+    handler in uvicorn's threadpool: whisper-asr-webservice, speaches)."""
+    STOP = "stop"
+    """Drop the task at once and free its memory (whisper.cpp's server aborts inference)."""
 
 
 @dataclass(frozen=True)
@@ -92,10 +107,13 @@ class SimConfig:
     stall_when_busy: bool = False
     """Non-task paths (/health, /docs, /) wait while the GPU is busy, as whisper-asr-webservice
     does because it transcribes on its event loop."""
+    on_disconnect: OnDisconnect = OnDisconnect.CONTINUE
+    """Whether a task whose client left keeps working (and counting) until its time is up."""
 
     def __post_init__(self) -> None:
-        # Accept the style's name so callers building a config from text need no enum import.
+        # Accept the enums' names so callers building a config from text need no enum import.
         object.__setattr__(self, "error_style", ErrorStyle(self.error_style))
+        object.__setattr__(self, "on_disconnect", OnDisconnect(self.on_disconnect))
         positive = {
             "total_gib": self.total_gib,
             "rtf": self.rtf,
@@ -253,6 +271,10 @@ class _GpuProcessor:
     def running(self) -> int:
         return len(self._jobs)
 
+    def __contains__(self, task_id: object) -> bool:
+        """Whether `task_id` is still on the GPU."""
+        return task_id in self._jobs
+
     def submit(self, task_id: str, work: float, marks: tuple[float, ...] = ()) -> _Job:
         loop = asyncio.get_running_loop()
         job = _Job(loop, marks)
@@ -261,6 +283,16 @@ class _GpuProcessor:
         self.idle.clear()
         self._tick()
         return job
+
+    def abandon(self, task_id: str) -> None:
+        """Take one unfinished job off the GPU (its client left and the server gives up on it)."""
+        job = self._jobs.pop(task_id, None)
+        if job is None:
+            return
+        self._compute.remove(task_id, asyncio.get_running_loop().time())
+        job.finished.cancel()
+        job.notify()
+        self._tick()  # the others speed up; the GPU may be idle now
 
     def clear(self) -> None:
         """Drop every job (the process died): waiters see their job cancelled."""
@@ -318,13 +350,18 @@ class Simulator:
     - ``X-Sim-Audio-Seconds: 300`` — use this duration instead of the one from the upload.
     - ``X-Sim-Fail: oom`` — behave as if the task did not fit (OOM answer, or a crash with
       `crash_on_oom`); ``error`` — a non-OOM 500 in the configured style; ``crash`` — reset
-      every connection and restart; ``hang`` — never answer until the client leaves;
+      every connection and restart; ``hang`` — never answer until the client leaves (no GPU
+      work, so nothing runs on after it);
       ``reset-mid-answer`` — do the work, send the status, headers and half the body, reset.
     - ``X-Sim-Status: 429`` — answer that status with a small body in the configured style.
     - ``X-Sim-Retry-After: 7`` — add ``Retry-After: 7`` to an error answer.
 
     Task answers carry ``X-Sim-Task-Id``, ``X-Sim-Audio-Bytes`` and ``X-Sim-Audio-Sha256`` so
     a test can prove the upload arrived byte for byte.
+
+    ``active_tasks`` and ``max_active_seen`` in `state()` count what is on the simulated
+    server: with the default ``on_disconnect="continue"`` a task whose client left stays
+    counted (and listed in ``orphaned_tasks``) until its work is done.
     """
 
     def __init__(
@@ -346,6 +383,9 @@ class Simulator:
         self._counters = _Counters()
         self._recent: deque[_TaskRecord] = deque(maxlen=_RECENT_LIMIT)
         self._inflight: dict[str, _TaskRecord] = {}
+        # Tasks whose client left while their job runs on (on_disconnect=continue): still
+        # counted in `_active` until the GPU is done with them.
+        self._orphans: set[str] = set()
         self._releases: dict[str, asyncio.TimerHandle] = {}
         self._active = 0
         self._next_id = 0
@@ -433,6 +473,7 @@ class Simulator:
             "memory_used_gib": round(self._memory.used_gib, 6),
             "memory_free_gib": round(self._memory.free_gib, 6),
             "active_tasks": self._active,
+            "orphaned_tasks": len(self._orphans),
             "gpu_jobs": self._processor.running,
             "pending_releases": len(self._releases),
             "max_active_seen": c.max_active_seen,
@@ -443,6 +484,7 @@ class Simulator:
             "resets": c.resets,
             "crashes": c.crashes,
             "restarting": self._restarting,
+            "on_disconnect": self._config.on_disconnect.value,
             "recent": recent,
         }
 
@@ -468,7 +510,7 @@ class Simulator:
         app = self._make_app()
         runner = web.AppRunner(
             app,
-            handler_cancellation=True,  # a client that leaves stops its handler, not its GPU job
+            handler_cancellation=True,  # a client that leaves ends its handler; see on_disconnect
             shutdown_timeout=_SHUTDOWN_TIMEOUT,
             access_log=self._access_log,
         )
@@ -543,8 +585,21 @@ class Simulator:
                 record.outcome = "client_left" if left else "internal_error"
             raise
         finally:
-            self._active -= 1
             self._inflight.pop(record.task_id, None)
+            self._end_request(record.task_id)
+
+    def _end_request(self, task_id: str) -> None:
+        """The handler is done; a GPU job it leaves behind (its client left) runs on or stops."""
+        if task_id not in self._processor:
+            self._active -= 1
+        elif self._config.on_disconnect is OnDisconnect.STOP:
+            self._processor.abandon(task_id)
+            self._active -= 1
+            self._task_finished(task_id)
+        else:
+            # The transcription goes on without anyone to answer, as in a threadpool worker:
+            # it stays active, on the GPU and in memory until `_task_finished`.
+            self._orphans.add(task_id)
 
     async def _serve_task(
         self, request: web.Request, route: _Route, record: _TaskRecord
@@ -746,6 +801,8 @@ class Simulator:
 
     def _kill_gpu(self) -> None:
         """Lose every job and all task memory, as a dead process does."""
+        self._active -= len(self._orphans)
+        self._orphans.clear()
         self._processor.clear()
         self._memory.clear()
         for handle in self._releases.values():
@@ -753,6 +810,9 @@ class Simulator:
         self._releases.clear()
 
     def _task_finished(self, task_id: str) -> None:
+        if task_id in self._orphans:
+            self._orphans.discard(task_id)
+            self._active -= 1
         delay = self._config.scaled(self._config.release_delay)
         if delay <= 0:
             self._memory.release(task_id)

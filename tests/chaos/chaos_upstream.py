@@ -1,11 +1,11 @@
 """A Whisper stand-in that misbehaves on purpose, and keeps the honest books.
 
 The chaos upstream is the source of truth for the gatekeeper's central promise: it counts the
-task requests in flight *at the upstream* itself (from the moment a request's headers arrive
-until its handler ends, whether it answered, broke off or was cut by the gatekeeper), and it
-records what it did for every request: which fault it injected, what it answered (status and the
-sha256 of the whole body it meant to send), whether the answer was written completely, whether
-the gatekeeper cut the connection, and the sha256 of the request body it received.
+task requests in flight *at the upstream* itself, from the moment a request's headers arrive
+until the upstream is done with it (see below), and it records what it did for every request:
+which fault it injected, what it answered (status and the sha256 of the whole body it meant to
+send), whether the answer was written completely, whether the gatekeeper cut the connection, and
+the sha256 of the request body it received.
 
 What each request suffers is not chosen here: the client writes a plan into the `X-Chaos-Plan`
 header (the gatekeeper forwards headers unchanged), one step per attempt, and the k-th request
@@ -13,6 +13,9 @@ the upstream receives with a given `X-Request-ID` follows the k-th step (the las
 That keeps every fault reproducible from the driver's seed. Steps (`kind:arg:arg`):
 
 - `ok:<ms>:<size>`        work ms, then 200 with `size` seeded random bytes (Content-Length);
+- `overrun:<ms>:<size>`   as `ok`, but ms is longer than the gatekeeper's attempt timeout and
+                          not stretched by `slow`: the upstream keeps computing after the
+                          gatekeeper's deadline, and after its connection closes;
 - `stream:<ms>:<size>`    work ms, then 200 chunked in a few pieces;
 - `trickle:<ms>:<size>`   200 chunked, the body trickled in small pieces over ms (may outlast
                           the gatekeeper's attempt timeout, which then cuts it);
@@ -24,9 +27,21 @@ That keeps every fault reproducible from the driver's seed. Steps (`kind:arg:arg
 - `reset_answer:<status>:<size>`  headers and half of the body, then abort;
 - `hang`                  never answer (until the gatekeeper gives up and disconnects).
 
+"Done with it" is where a real Whisper server differs from a toy one. By default
+(`on_disconnect=continue`) the upstream behaves like FastAPI/uvicorn running the model in a
+threadpool: a request whose connection goes away mid-work keeps computing, and keeps counting
+as in flight, until its service time is over (the `ms` of `ok`, `overrun`, `stream` or
+`trickle`, plus `slow` where it applies). A gatekeeper that frees the slot when it closes the
+connection lets the next task in beside it, and the count shows it. A `hang` is a request the
+server never works on, so it ends with its connection (else any gatekeeper would break the
+limit an hour later); the resets end the work themselves, and `go_down()` loses all of it, as a
+crash does. `on_disconnect=stop` ends every request with its connection, like whisper.cpp's
+server.
+
 Besides per-request faults there are global ones the driver switches: `go_down()` (a crashed
 container: the listener closes, every open connection is aborted, new connections are refused)
-and `come_back()`, and `slow` (extra milliseconds added to every step: a busy GPU).
+and `come_back()`, and `slow` (extra milliseconds added to the work of `ok`, `stream` and the
+error answers: a busy GPU).
 """
 
 import asyncio
@@ -40,6 +55,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from gatekeeper.sim.errors import ErrorAnswer, ErrorStyle, gpu_error_answer, oom_answer
+from gatekeeper.sim.server import OnDisconnect
 
 __all__ = [
     "CHAOS_BODY_SHA",
@@ -83,13 +99,15 @@ class Served:
     arrival: int  # 1 for the first request with this id, 2 for the second, ...
     step: str
     started: float
-    ended: float = 0.0
+    ended: float = 0.0  # the upstream was done: answered, broke off, or stopped computing
+    busy_until: float | None = None  # when its computation ends (time.monotonic())
     status: int | None = None
     answer_sha: str | None = None  # of the whole body the step meant to send
     answer_size: int = 0
     complete: bool = False  # the whole answer was handed to the socket
     cut: bool = False  # the connection went away before the handler was done
     crashed: bool = False  # aborted by go_down()
+    orphaned: bool = False  # kept computing after the connection went away
     body_sha: str | None = None  # of the request body, when it was read completely
     body_expected: str | None = None
     in_flight_at_start: int = 0
@@ -108,15 +126,18 @@ class ChaosUpstream:
     """The misbehaving Whisper server, on a fixed loopback port for its whole life."""
 
     limit: int
+    on_disconnect: OnDisconnect = OnDisconnect.CONTINUE
     slow_ms: int = 0
-    in_flight: int = 0
+    in_flight: int = 0  # computations included whose connection is gone
     max_in_flight: int = 0
+    orphans_total: int = 0  # requests that kept computing after their connection went away
     violations: list[str] = field(default_factory=list)
     arrivals: int = 0
     by_id: dict[str, list[Served]] = field(default_factory=lambda: defaultdict(list))
     downtimes: list[Downtime] = field(default_factory=list)
     port: int = 0
     _current: dict[str, Served] = field(default_factory=dict)
+    _orphans: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
     _arrived: dict[tuple[str, int], asyncio.Event] = field(default_factory=dict)
     _answered: dict[tuple[str, int], asyncio.Event] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
@@ -130,6 +151,11 @@ class ChaosUpstream:
     @property
     def down(self) -> bool:
         return self._server is None
+
+    @property
+    def orphans(self) -> int:
+        """Requests in flight now whose connection is gone (they are still computing)."""
+        return len(self._orphans)
 
     async def start(self) -> None:
         app = web.Application(client_max_size=1 << 30)
@@ -149,6 +175,9 @@ class ChaosUpstream:
             self._server = None
         if self._runner is not None:
             await self._runner.cleanup()
+        # Computations that outlived their connection end with the server, not after it.
+        for key in list(self._orphans):
+            self._finish(key)
 
     async def _listen(self) -> None:
         assert self._runner is not None
@@ -167,6 +196,8 @@ class ChaosUpstream:
         self._server = None
         for served in self._current.values():
             served.crashed = True
+        for key in list(self._orphans):
+            self._finish(key)  # a dead process computes nothing
         assert self._runner is not None
         assert self._runner.server is not None
         for handler in self._runner.server.connections:
@@ -218,13 +249,18 @@ class ChaosUpstream:
         served.in_flight_at_start = self.in_flight
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         if self.in_flight > self.limit:
+            current = sorted(
+                key + (f" ({other.step}, computing after the hang-up)" if other.orphaned else "")
+                for key, other in self._current.items()
+            )
             self.violations.append(
                 f"{self.in_flight} tasks in flight at the upstream (limit {self.limit}) when "
-                f"{request_id} arrived; in flight: {sorted(self._current)}"
+                f"{request_id} arrived; in flight: {current}"
             )
         self.arrivals += 1
         self.by_id[request_id].append(served)
-        self._current[f"{request_id}#{arrival}"] = served
+        key = f"{request_id}#{arrival}"
+        self._current[key] = served
         self.event("arrived", request_id, arrival).set()
         try:
             return await self._perform(request, served)
@@ -232,10 +268,27 @@ class ChaosUpstream:
             served.cut = True
             raise
         finally:
-            self.in_flight -= 1
-            served.ended = time.monotonic()
-            del self._current[f"{request_id}#{arrival}"]
             self.event("answered", request_id, arrival).set()
+            self._end(key, served)
+
+    def _end(self, key: str, served: Served) -> None:
+        """The handler is over; a request cut mid-work stays in flight while it computes on."""
+        left = 0.0 if served.busy_until is None else served.busy_until - time.monotonic()
+        carry_on = served.cut and not served.crashed and left > 0
+        if carry_on and self.on_disconnect is OnDisconnect.CONTINUE:
+            served.orphaned = True
+            self.orphans_total += 1
+            self._orphans[key] = asyncio.get_running_loop().call_later(left, self._finish, key)
+            return
+        self._finish(key)
+
+    def _finish(self, key: str) -> None:
+        handle = self._orphans.pop(key, None)
+        if handle is not None:
+            handle.cancel()
+        served = self._current.pop(key)
+        served.ended = time.monotonic()
+        self.in_flight -= 1
 
     async def _read_body(self, request: web.Request, served: Served) -> None:
         digest = hashlib.sha256()
@@ -243,10 +296,16 @@ class ChaosUpstream:
             digest.update(chunk)
         served.body_sha = digest.hexdigest()
 
-    async def _work(self, ms: int) -> None:
-        total = ms + self.slow_ms
-        if total > 0:
-            await asyncio.sleep(total / 1000)
+    def _compute(self, served: Served, ms: float, *, slow: bool = True) -> float:
+        """Start `ms` of computing (plus `slow_ms` when `slow`); return its length in seconds."""
+        seconds = max(0.0, ms + (self.slow_ms if slow else 0)) / 1000
+        served.busy_until = time.monotonic() + seconds
+        return seconds
+
+    async def _work(self, served: Served, ms: float, *, slow: bool = True) -> None:
+        seconds = self._compute(served, ms, slow=slow)
+        if seconds > 0:
+            await asyncio.sleep(seconds)
 
     async def _perform(self, request: web.Request, served: Served) -> web.StreamResponse:
         try:
@@ -264,18 +323,20 @@ class ChaosUpstream:
             await request.content.readany()
             return await self._abort(request)
         await self._read_body(request, served)
-        if kind in ("ok", "stream", "trickle"):
+        if kind in ("ok", "overrun", "stream", "trickle"):
             ms, size = int(args[0]), int(args[1])
             body = answer_bytes(served.request_id, served.arrival, size)
             self._note_answer(served, 200, body)
-            if kind == "ok":
-                await self._work(ms)
+            if kind in ("ok", "overrun"):
+                await self._work(served, ms, slow=kind == "ok")
                 response = web.Response(body=body, content_type="application/octet-stream")
                 served.complete = True
                 return response
             pieces = 4 if kind == "stream" else 12
             if kind == "stream":
-                await self._work(ms)
+                await self._work(served, ms)
+            else:
+                self._compute(served, ms, slow=False)  # the trickle below is the computing
             stream = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
             await stream.prepare(request)
             step = max(1, -(-size // pieces))
@@ -299,7 +360,7 @@ class ChaosUpstream:
             await asyncio.sleep(_HANG_SECONDS)
             raise AssertionError("the gatekeeper never gave up on a hung attempt")
         answer = _error_answer(kind, args)
-        await self._work(0)
+        await self._work(served, 0)
         headers = {"Retry-After": args[0]} if kind == "busy" else {}
         body = answer.body.encode()
         self._note_answer(served, answer.status, body)

@@ -8,7 +8,9 @@ seed fixes is which faults and which client behaviours meet.
 
 Checks, continuously (`Monitor`, and the upstream itself at every arrival) and at the end
 (`Verdict`):
-- the upstream never has more than `limit` tasks in flight (counted by the upstream);
+- the upstream never has more than `limit` tasks in flight (counted by the upstream, which
+  keeps computing after the gatekeeper hangs up, as a real Whisper server does: an attempt that
+  timed out still counts until its work is over; the `overrun` fault makes sure some do);
 - the gatekeeper's books: active ≤ limit, queued ≤ max_queue, and total = ended + active + queued;
 - every client gets exactly one answer of the right kind (`judge`), deliberate leavers excepted;
 - retries: never more than 1 + max_retries attempts, never after a 2xx, 4xx or timeout, never
@@ -72,7 +74,7 @@ LEAVING = frozenset({"leave_queued", "leave_uploading", "leave_running", "leave_
 
 # What the upstream does on one attempt (weights out of 100).
 STEP_KINDS: dict[str, int] = {
-    "ok": 58,
+    "ok": 57,
     "stream": 6,
     "trickle": 4,
     "oom": 9,
@@ -81,7 +83,9 @@ STEP_KINDS: dict[str, int] = {
     "client": 2,
     "reset_upload": 5,
     "reset_answer": 6,
-    "hang": 2,
+    "hang": 1,
+    # Computes past ASR_REQUEST_TIMEOUT and on after the gatekeeper hangs up (issue #13).
+    "overrun": 2,
 }
 # How the gatekeeper must classify an attempt that suffered each step (unless a crash hit it).
 _EXPECTED_OUTCOME = {
@@ -90,6 +94,7 @@ _EXPECTED_OUTCOME = {
     "busy": "error",
     "client": "client_error",
     "hang": "timeout",
+    "overrun": "timeout",
 }
 _NON_BARE = [s.value for s in ErrorStyle if s is not ErrorStyle.BARE]
 _USAGE = re.compile(r"^\d+/\d+ \(\d+%\)$")
@@ -110,6 +115,10 @@ class ChaosConfig:
     max_queue: int = 16
     queue_timeout: float = 1.0
     request_timeout: float = 0.6
+    # ASR_TIMEOUT_HOLD: how long a timed-out attempt may keep its slot while the Whisper server
+    # still computes. None leaves the gatekeeper's default (= request_timeout) and sets nothing;
+    # `overrun` steps end within request_timeout + hold / 2 either way.
+    timeout_hold: float | None = None
     retry_delay: float = 0.02
     max_retries: int = 3
     client_body_timeout: float = 0.4
@@ -137,7 +146,7 @@ class ChaosConfig:
 
     def gatekeeper_settings(self, spool_dir: str) -> dict[str, Any]:
         """Settings for an in-process gatekeeper (load_settings overrides)."""
-        return {
+        settings: dict[str, Any] = {
             "max_concurrent": self.limit,
             "max_queue": self.max_queue,
             "queue_timeout": self.queue_timeout,
@@ -151,6 +160,14 @@ class ChaosConfig:
             # whisper-asr-webservice hides OOM behind a bare 500; the README's advice.
             "oom_patterns": ("^Internal Server Error$",),
         }
+        if self.timeout_hold is not None:
+            settings["timeout_hold"] = self.timeout_hold
+        return settings
+
+    @property
+    def hold(self) -> float:
+        """Seconds a timed-out attempt keeps its slot at most (the gatekeeper's hold limit)."""
+        return self.request_timeout if self.timeout_hold is None else self.timeout_hold
 
     def gatekeeper_flags(self, spool_dir: str) -> list[str]:
         """The same settings as `gatekeeper serve` flags."""
@@ -188,6 +205,12 @@ def _step(rng: random.Random, cfg: ChaosConfig) -> str:
     size = _log_uniform(rng, 128 * 1024)
     if kind in ("ok", "stream"):
         return f"{kind}:{min(200, int(rng.expovariate(1 / cfg.work_ms)))}:{size}"
+    if kind == "overrun":
+        # Past the attempt's deadline but well within the hold, so a gatekeeper that keeps the
+        # slot until the upstream is done never has to give up on it.
+        low = 1.15 * cfg.request_timeout
+        ms = 1000 * rng.uniform(low, max(low, cfg.request_timeout + cfg.hold / 2))
+        return f"overrun:{int(ms)}:{size}"
     if kind == "trickle":
         long = rng.random() < 0.25
         ms = cfg.request_timeout * 1000 * rng.uniform(1.3, 1.8) if long else rng.uniform(40, 150)
@@ -474,10 +497,25 @@ def books_problems(doc: dict[str, Any], cfg: ChaosConfig) -> list[str]:
     """What is wrong with one /stats reading, judged on its own."""
     problems = []
     ended = sum(doc[name] for name in _ENDED)
-    in_progress = doc["active_tasks"] + doc["queued_tasks"] + doc["retrying_tasks"]
+    # A held slot (a timed-out attempt the Whisper server may still compute) belongs to a task
+    # that has ended already; an upload is a task without a slot or a queue place yet.
+    in_progress = (
+        doc["uploading_tasks"]
+        + doc["active_tasks"]
+        - doc["held_tasks"]
+        + doc["queued_tasks"]
+        + doc["retrying_tasks"]
+    )
     if doc["total_tasks"] != ended + in_progress:
         parts = ", ".join(
-            f"{name}={doc[name]}" for name in (*_ENDED, "active_tasks", "retrying_tasks")
+            f"{name}={doc[name]}"
+            for name in (
+                *_ENDED,
+                "uploading_tasks",
+                "active_tasks",
+                "held_tasks",
+                "retrying_tasks",
+            )
         )
         problems.append(
             f"/stats does not reconcile: total_tasks={doc['total_tasks']} != {parts}, "
@@ -527,7 +565,11 @@ class Monitor:
                 if len(self.problems) < 1000:
                     self.problems.extend(books_problems(doc, self.cfg))
                     if self.upstream.in_flight > self.cfg.limit:
-                        self.problems.append(f"upstream in flight {self.upstream.in_flight}")
+                        self.problems.append(
+                            f"upstream in flight {self.upstream.in_flight} > limit "
+                            f"{self.cfg.limit} ({self.upstream.orphans} of them computing "
+                            "after the gatekeeper hung up)"
+                        )
                 await asyncio.sleep(0.025)
 
 
@@ -764,7 +806,7 @@ class Verdict:
             self.tally["504_timeout"] += 1
             last = arrivals[-1] if arrivals else None
             slow = last is not None and (
-                last.step.split(":")[0] in ("hang", "trickle")
+                last.step.split(":")[0] in ("hang", "trickle", "overrun")
                 or last.ended - last.started >= 0.5 * self.cfg.request_timeout
                 or self._crashed(last)
             )
@@ -843,7 +885,7 @@ class Verdict:
             kind = served.step.split(":")[0]
             # A 2xx broken off mid-body may be retried as a crash if nothing reached the client
             # yet, so only complete answers, 4xx and time-outs must end a task.
-            final = kind in ("ok", "stream", "trickle", "client", "hang")
+            final = kind in ("ok", "overrun", "stream", "trickle", "client", "hang")
             if final and not self._crashed(served):
                 self.fail(
                     result,
@@ -865,12 +907,9 @@ class Verdict:
         """At rest: the stats add up, agree with /metrics, and match what the clients saw."""
         for problem in books_problems(stats, self.cfg):
             self.fail(None, problem)
-        if stats["active_tasks"] or stats["queued_tasks"] or stats["retrying_tasks"]:
-            self.fail(
-                None,
-                f"not at rest: active={stats['active_tasks']}, queued={stats['queued_tasks']}, "
-                f"retrying={stats['retrying_tasks']}",
-            )
+        busy = ("uploading_tasks", "active_tasks", "held_tasks", "queued_tasks", "retrying_tasks")
+        if any(stats[name] for name in busy):
+            self.fail(None, "not at rest: " + ", ".join(f"{n}={stats[n]}" for n in busy))
         t = self.tally
         leavers = t["left"] + t["no_answer"]
         expected = {
@@ -935,6 +974,8 @@ class Verdict:
             (metric("active_tasks"), stats["active_tasks"], "active"),
             (metric("queued_tasks"), stats["queued_tasks"], "queued"),
             (metric("retrying_tasks"), stats["retrying_tasks"], "retrying"),
+            (metric("uploading_tasks"), stats["uploading_tasks"], "uploading"),
+            (metric("held_tasks"), stats["held_tasks"], "held"),
             (metric("oom_errors_total"), stats["oom_errors"], "oom_errors"),
         ]
         for reason, count in stats["rejected_by_reason"].items():
@@ -965,7 +1006,9 @@ class Verdict:
                 )
         if attempts["timeout"] < self.clean_outcomes["timeout"]:
             self.fail(
-                None, f"{attempts['timeout']} timeouts for {self.clean_outcomes['timeout']} hangs"
+                None,
+                f"{attempts['timeout']} timeouts for {self.clean_outcomes['timeout']} hangs and "
+                "overruns",
             )
 
     def coverage_gaps(self, *, needed: tuple[str, ...]) -> list[str]:

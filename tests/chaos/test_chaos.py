@@ -7,6 +7,7 @@ See docs/reliability.md for what each check proves.
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import itertools
@@ -18,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gatekeeper.sim.server import OnDisconnect
 from tests.chaos.chaos_upstream import ChaosUpstream, answer_bytes
 from tests.chaos.driver import (
     ChaosConfig,
@@ -33,6 +35,7 @@ from tests.chaos.driver import (
 )
 from tests.conftest import GatekeeperFactory
 from tests.processes import gatekeeper_process
+from tests.waiting import until
 
 pytestmark = pytest.mark.chaos
 
@@ -49,6 +52,7 @@ _NEEDED = (
     "reset_upload",
     "reset_answer",
     "hang",
+    "overrun",
     "downtime",
     *("normal", "chunked", "slow_upload", "stall_upload", "too_large_cl", "too_large_chunked"),
     *("left_mid_queued", "left_mid_uploading", "left_mid_running", "left_mid_retry"),
@@ -132,7 +136,11 @@ async def test_chaos_in_process(
     spool.mkdir()
     upstream = ChaosUpstream(limit=cfg.limit)
     await upstream.start()
-    extra = {"adaptive": _ADAPTIVE, "adaptive_queue": _ADAPTIVE, "no_cooldown": _NO_COOLDOWN}
+    extra: dict[str, dict[str, Any]] = {
+        "adaptive": _ADAPTIVE,
+        "adaptive_queue": _ADAPTIVE,
+        "no_cooldown": _NO_COOLDOWN,
+    }
     settings = {**cfg.gatekeeper_settings(str(spool)), **extra.get(mode, {})}
     if mode == "adaptive_queue":
         # No ASR_MAX_QUEUE: the queue follows the moving limit (10 places a slot), so a cut
@@ -179,9 +187,10 @@ async def test_chaos_in_process(
         await upstream.stop()
     elapsed = time.monotonic() - began
     verdict.reconcile(stats, metrics, admitted_refusals=False)
+    # The upstream's own account first: it names the tasks in flight when the limit broke.
+    verdict.violations.extend(upstream.violations[:20])
     for problem in monitor.problems[:20]:
         verdict.fail(None, f"while running: {problem}")
-    verdict.violations.extend(upstream.violations[:20])
     _check_leaks(verdict, rounds, spool, cfg)
     for line in events.errors[:10]:
         verdict.fail(None, f"error logged: {line}")
@@ -199,6 +208,7 @@ async def test_chaos_in_process(
                 "tasks_per_second": round(verdict.results / elapsed, 1),
                 "upstream_max_in_flight": upstream.max_in_flight,
                 "limit": cfg.limit,
+                "upstream_orphans": upstream.orphans_total,
                 "gatekeeper_max_active_seen": monitor.max_active,
                 "gatekeeper_max_queued_seen": monitor.max_queued,
                 "stats_readings": monitor.readings,
@@ -391,7 +401,7 @@ async def test_chaos_sigterm_drain(tmp_path: Path) -> None:
         drain.fail(None, f"spool directory not empty after exit: {list(spool.iterdir())[:3]}")
     if rounds[1].fds - rounds[1].sockets > rounds[0].fds - rounds[0].sockets:
         drain.fail(None, f"non-socket fds grew between rounds: {rounds}")
-    drain.violations[:0] = verdict.violations + monitor.problems[:20] + upstream.violations[:20]
+    drain.violations[:0] = verdict.violations + upstream.violations[:20] + monitor.problems[:20]
     for line in events.errors[:10]:
         drain.fail(None, f"error logged: {line.strip()}")
     print(
@@ -404,6 +414,7 @@ async def test_chaos_sigterm_drain(tmp_path: Path) -> None:
                 "exit_seconds_after_sigterm": round(took, 2),
                 "upstream_max_in_flight": upstream.max_in_flight,
                 "limit": cfg.limit,
+                "upstream_orphans": upstream.orphans_total,
                 "rounds": [r.__dict__ for r in rounds],
                 "before": verdict.figures()["results"],
                 "around_sigterm": drain_figures["results"],
@@ -494,3 +505,72 @@ async def test_task_still_uploading_when_grace_ends_gets_503() -> None:
         await upstream.stop()
     assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
     assert b"shutting_down" in answer
+
+
+# -- issue #13: an attempt that timed out is still on the GPU --------------------------------
+
+
+@pytest.mark.parametrize("on_disconnect", list(OnDisconnect))
+async def test_chaos_upstream_counts_work_that_outlives_its_connection(
+    on_disconnect: OnDisconnect,
+) -> None:
+    """The chaos upstream counts a computation whose connection closed until its time is up,
+    or, with on_disconnect=stop, only until the connection closes."""
+    upstream = ChaosUpstream(limit=1, on_disconnect=on_disconnect)
+    await upstream.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            headers = {"X-Request-ID": "gone", "X-Chaos-Plan": "overrun:400:16"}
+            call = asyncio.ensure_future(session.post(f"{upstream.url}/asr", headers=headers))
+            await upstream.event("arrived", "gone", 1).wait()
+            call.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await call
+            await upstream.event("answered", "gone", 1).wait()  # the handler saw the hang-up
+            [served] = upstream.by_id["gone"]
+            if on_disconnect is OnDisconnect.CONTINUE:
+                assert (upstream.in_flight, served.orphaned) == (1, True)
+                await until(lambda: upstream.in_flight == 0)
+                assert served.ended - served.started >= 0.4
+            else:
+                assert (upstream.in_flight, served.orphaned) == (0, False)
+                assert served.ended - served.started < 0.4
+    finally:
+        await upstream.stop()
+    assert served.cut
+
+
+async def test_a_timed_out_attempt_keeps_its_slot_while_the_upstream_computes(
+    start_gatekeeper: GatekeeperFactory,
+) -> None:
+    """With one slot, a task queued behind an attempt that timed out reaches the Whisper server
+    only once the server is done computing the first, while the first client gets its 504 at
+    the deadline."""
+    upstream = ChaosUpstream(limit=1)
+    await upstream.start()
+    timeout, work = 0.5, 0.8  # the overrun ends well within the default hold (= timeout)
+    try:
+        base, _ = await start_gatekeeper(upstream.url, max_concurrent=1, request_timeout=timeout)
+        async with aiohttp.ClientSession() as session:
+
+            async def post(request_id: str, plan: str) -> tuple[int, float]:
+                headers = {"X-Request-ID": request_id, "X-Chaos-Plan": plan}
+                async with session.post(f"{base}/asr", data=b"audio", headers=headers) as r:
+                    await r.read()
+                    return r.status, time.monotonic()
+
+            slow = asyncio.ensure_future(post("overrun", f"overrun:{int(work * 1000)}:16"))
+            await upstream.event("arrived", "overrun", 1).wait()
+            queued = asyncio.ensure_future(post("queued", "ok:0:16"))
+            (slow_status, slow_answered), (queued_status, _) = await asyncio.gather(slow, queued)
+            await until(lambda: upstream.in_flight == 0)
+    finally:
+        await upstream.stop()
+    [first], [second] = upstream.by_id["overrun"], upstream.by_id["queued"]
+    assert (slow_status, queued_status) == (504, 200)
+    assert slow_answered < first.started + work  # the 504 does not wait for the GPU
+    assert upstream.max_in_flight == 1, (
+        f"upstream max in flight {upstream.max_in_flight} (limit 1): the queued task arrived "
+        f"{second.started - first.started:.2f} s after the timed-out one, which computed for "
+        f"{first.ended - first.started:.2f} s; {upstream.violations}"
+    )

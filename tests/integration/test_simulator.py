@@ -2,19 +2,21 @@
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, cast
 
 import aiohttp
 import pytest
 
-from gatekeeper.sim import ErrorStyle, SimConfig, Simulator, silent_wav
+from gatekeeper.sim import ErrorStyle, OnDisconnect, SimConfig, Simulator, silent_wav
 from gatekeeper.sim.cli import add_sim_arguments, config_from_args, describe
 from tests.conftest import StartSim
+from tests.waiting import until
 
 FIVE_MINUTES = {"X-Sim-Audio-Seconds": "300"}
 
@@ -61,13 +63,6 @@ async def _post(
 
 def _state(sim: Simulator) -> dict[str, Any]:
     return cast(dict[str, Any], sim.state())
-
-
-async def _until(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.002)
 
 
 # -- API shapes ---------------------------------------------------------------------------
@@ -280,7 +275,7 @@ async def test_three_concurrent_five_minute_tasks_fit_and_a_fourth_gets_oom(
     three = [
         asyncio.create_task(_post(session, sim, "/asr", headers=FIVE_MINUTES)) for _ in range(3)
     ]
-    await _until(lambda: _state(sim)["memory_used_gib"] == pytest.approx(24.0))
+    await until(lambda: _state(sim)["memory_used_gib"] == pytest.approx(24.0))
     status, headers, body = await _post(session, sim, "/asr", headers=FIVE_MINUTES)
     assert status == 500
     assert headers["Content-Type"] == "text/plain; charset=utf-8"
@@ -333,7 +328,7 @@ async def test_delayed_release_frees_memory_after_the_delay(
     sim = await start_sim(time_scale=100.0, release_delay=10.0)
     await _post(session, sim, "/asr", headers={"X-Sim-Audio-Seconds": "60"})
     assert _state(sim)["memory_used_gib"] == pytest.approx(8.8)
-    await _until(lambda: _state(sim)["memory_used_gib"] == pytest.approx(6.0))
+    await until(lambda: _state(sim)["memory_used_gib"] == pytest.approx(6.0))
 
 
 # -- processing time ----------------------------------------------------------------------
@@ -458,7 +453,7 @@ async def test_hang_never_answers_until_the_client_leaves(
     sim = await start_sim()
     with pytest.raises(TimeoutError):
         await _post_with_deadline(session, sim, {"X-Sim-Fail": "hang"}, seconds=0.2)
-    await _until(lambda: _state(sim)["active_tasks"] == 0)
+    await until(lambda: _state(sim)["active_tasks"] == 0)
     assert _state(sim)["recent"][-1]["outcome"] == "hang"
 
 
@@ -491,7 +486,7 @@ async def test_stall_when_busy_makes_health_wait_for_the_gpu(
     """With stall_when_busy, /health answers only once the running task is done."""
     sim = await start_sim(time_scale=20.0, stall_when_busy=True)
     task = asyncio.create_task(_post(session, sim, "/asr", headers={"X-Sim-Audio-Seconds": "60"}))
-    await _until(lambda: _state(sim)["gpu_jobs"] == 1)
+    await until(lambda: _state(sim)["gpu_jobs"] == 1)
     health = asyncio.create_task(session.get(sim.url + "/health"))
     await asyncio.sleep(0.05)
     assert not health.done()
@@ -499,6 +494,71 @@ async def test_stall_when_busy_makes_health_wait_for_the_gpu(
     async with await health as response:
         assert response.status == 200
     assert task.done()
+
+
+# -- a client that hangs up mid-task ------------------------------------------------------
+
+ONE_MINUTE = {"X-Sim-Audio-Seconds": "60"}  # 6 GPU-seconds of work at the default rtf
+
+
+async def _leave_mid_task(session: aiohttp.ClientSession, sim: Simulator) -> None:
+    """Send a one-minute task, hang up once it is on the GPU, return when the sim noticed."""
+    request = asyncio.create_task(_post(session, sim, "/asr", headers=ONE_MINUTE))
+    await until(lambda: _state(sim)["gpu_jobs"] == 1)
+    request.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await request
+    await until(lambda: _state(sim)["recent"][0]["outcome"] == "client_left")
+
+
+async def test_a_task_whose_client_left_keeps_working_and_counting_until_its_time_is_up(
+    start_sim: StartSim, session: aiohttp.ClientSession
+) -> None:
+    """By default a task whose client hung up stays active, on the GPU and in memory until done."""
+    sim = await start_sim(time_scale=12.0)  # one minute of audio: 6 GPU-seconds, 0.5 s here
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await _leave_mid_task(session, sim)
+    state = _state(sim)
+    assert (state["active_tasks"], state["orphaned_tasks"], state["gpu_jobs"]) == (1, 1, 1)
+    assert state["memory_used_gib"] == pytest.approx(8.8)
+    # A task sent now shares the GPU with the abandoned one: two at once, as the server sees it.
+    status, _, _ = await _post(session, sim, "/asr", headers={"X-Sim-Audio-Seconds": "1"})
+    assert status == 200
+    assert _state(sim)["max_active_seen"] == 2
+    await until(lambda: _state(sim)["active_tasks"] == 0)
+    assert loop.time() - began >= 0.5  # not before its work was done
+    state = _state(sim)
+    assert (state["orphaned_tasks"], state["gpu_jobs"], state["tasks_done"]) == (0, 0, 1)
+    assert state["memory_used_gib"] == pytest.approx(6.0)
+
+
+async def test_on_disconnect_stop_ends_the_task_with_its_connection(
+    start_sim: StartSim, session: aiohttp.ClientSession
+) -> None:
+    """With on_disconnect=stop a client that hangs up frees its place, GPU share and memory."""
+    sim = await start_sim(time_scale=1.0, on_disconnect="stop")  # 6 s of work, never waited
+    await _leave_mid_task(session, sim)
+    state = _state(sim)
+    assert (state["active_tasks"], state["orphaned_tasks"], state["gpu_jobs"]) == (0, 0, 0)
+    assert state["memory_used_gib"] == pytest.approx(6.0)
+    assert (await _post(session, sim, "/asr"))[0] == 200
+    state = _state(sim)
+    assert (state["max_active_seen"], state["tasks_done"]) == (1, 1)
+
+
+async def test_stop_ends_the_work_of_clients_that_left(
+    start_sim: StartSim, session: aiohttp.ClientSession
+) -> None:
+    """Stopping the simulator ends work that outlived its client, leaving nothing behind."""
+    sim = await start_sim(time_scale=1.0)  # 6 s of work, cut short by the stop
+    await _leave_mid_task(session, sim)
+    assert _state(sim)["orphaned_tasks"] == 1
+    await sim.stop()
+    state = _state(sim)
+    assert (state["active_tasks"], state["orphaned_tasks"], state["gpu_jobs"]) == (0, 0, 0)
+    assert state["memory_used_gib"] == pytest.approx(6.0)
+    assert asyncio.all_tasks() == {asyncio.current_task()}
 
 
 # -- crashes ------------------------------------------------------------------------------
@@ -519,7 +579,7 @@ async def test_crash_resets_connections_refuses_then_comes_back(
     sim = await start_sim(time_scale=100.0, restart_seconds=40.0)  # down for 0.4 s
     port = sim.port
     running = asyncio.create_task(_post(session, sim, "/asr", headers=FIVE_MINUTES))
-    await _until(lambda: _state(sim)["gpu_jobs"] == 1)
+    await until(lambda: _state(sim)["gpu_jobs"] == 1)
     with pytest.raises(aiohttp.ClientConnectionError):
         await _post(session, sim, "/asr", headers={"X-Sim-Fail": "crash"})
     with pytest.raises(aiohttp.ClientConnectionError):
@@ -545,12 +605,12 @@ async def test_crash_on_oom_takes_every_task_down(
     three = [
         asyncio.create_task(_post(session, sim, "/asr", headers=FIVE_MINUTES)) for _ in range(3)
     ]
-    await _until(lambda: _state(sim)["memory_used_gib"] == pytest.approx(24.0))
+    await until(lambda: _state(sim)["memory_used_gib"] == pytest.approx(24.0))
     with pytest.raises(aiohttp.ClientConnectionError):
         await _post(session, sim, "/asr", headers=FIVE_MINUTES)
     results = await asyncio.gather(*three, return_exceptions=True)
     assert all(isinstance(r, aiohttp.ClientConnectionError) for r in results)
-    await _until(lambda: not _state(sim)["restarting"])
+    await until(lambda: not _state(sim)["restarting"])
     state = _state(sim)
     assert (state["ooms"], state["crashes"], state["memory_used_gib"]) == (1, 1, 6.0)
     assert await _health_status(session, sim) == 200
@@ -565,7 +625,7 @@ async def test_stop_during_work_leaves_no_tasks_behind(
         asyncio.create_task(_post(session, sim, "/asr", headers={"X-Sim-Fail": "hang"})),
         asyncio.create_task(_post(session, sim, "/asr", headers=FIVE_MINUTES)),
     ]
-    await _until(lambda: _state(sim)["active_tasks"] == 2)
+    await until(lambda: _state(sim)["active_tasks"] == 2)
     began = time.monotonic()
     await sim.stop()
     assert time.monotonic() - began < 1.0
@@ -584,6 +644,7 @@ def test_cli_flags_build_the_config_and_describe_the_card() -> None:
     defaults = parser.parse_args([])
     assert (defaults.host, defaults.port) == ("127.0.0.1", 9000)
     assert config_from_args(defaults) == SimConfig()
+    assert SimConfig().on_disconnect is OnDisconnect.CONTINUE
     assert describe(SimConfig()).startswith(
         "24 GiB card, 6 GiB reserved, a task needs 2.0 GiB + 0.8 GiB per audio minute"
     )
@@ -597,3 +658,13 @@ def test_cli_flags_build_the_config_and_describe_the_card() -> None:
         True,
         7,
     )
+    stopping = config_from_args(parser.parse_args(["--on-disconnect", "stop"]))
+    assert stopping.on_disconnect is OnDisconnect.STOP
+    assert describe(stopping).endswith(", stops a task whose client left")
+
+
+def test_on_disconnect_accepts_only_continue_or_stop() -> None:
+    """SimConfig takes on_disconnect by name and refuses anything else."""
+    assert SimConfig(on_disconnect="stop").on_disconnect is OnDisconnect.STOP  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="pause"):
+        SimConfig(on_disconnect="pause")  # type: ignore[arg-type]
