@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -36,17 +37,75 @@ class Event(StrEnum):
     RETRY = "重试转录"
     RETRY_REFUSED = "重试无法进行，拒绝任务"
     TIMEOUT = "转录超时"
+    HOLD = "超时任务仍在GPU上，保留槽位"
+    HOLD_ENDED = "超时任务已结束，释放槽位"
     CRASH = "Whisper服务连接中断"
     UPSTREAM_ERROR = "Whisper服务返回错误"
     CLIENT_LEFT = "客户端已断开"
     BODY_TOO_LARGE = "请求体过大，拒绝任务"
     BODY_TIMEOUT = "上传超时，释放排队位置"
+    UPLOAD_TIMEOUT = "上传总时间超时，拒绝任务"
     CONFIG_CHANGED = "配置已更改"
     CONFIG_NEEDS_RESTART = "配置更改需要重启才能生效"
     LIMIT_CHANGED = "调整并发"
     SERVING = "网关已启动"
     DRAINING = "收到停止信号，等待任务完成"
+    DRAINING_CUT = "再次收到停止信号，不再等待"
     STOPPED = "网关已停止"
+
+
+def _escape(text: str, keep: str = "") -> str:
+    """`text` with every non-printable character (but those in `keep`) as a backslash escape.
+
+    Paths, request ids and header values come from clients: written raw, a NUL, an escape
+    sequence or a line separator (U+2028, U+0085) would garble a terminal or forge a line.
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() or c in keep else c.encode("unicode_escape").decode("ascii")
+        for c in text
+    )
+
+
+def _json_escape(text: str) -> str:
+    """JSON text with the non-printable characters json.dumps leaves raw (DEL, C1 controls,
+    line separators, lone surrogates) as \\u escapes; outside strings JSON text is printable."""
+    if text.isprintable():
+        return text
+    out = []
+    for c in text:
+        code = ord(c)
+        if c.isprintable():
+            out.append(c)
+        elif code > 0xFFFF:
+            code -= 0x10000
+            out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+        else:
+            out.append(f"\\u{code:04x}")
+    return "".join(out)
+
+
+# The pieces of a traceback that Python writes itself; the rest (exception messages) may hold
+# client text, so their line breaks are escaped too: a message cannot forge a log line.
+_TRACEBACK_FRAMES = ("Traceback (most recent call last):\n", '  File "')
+_TRACEBACK_LINKS = frozenset(
+    {
+        "\nThe above exception was the direct cause of the following exception:\n\n",
+        "\nDuring handling of the above exception, another exception occurred:\n\n",
+    }
+)
+
+
+def _format_exception(exc: BaseException) -> str:
+    """The standard traceback, with every non-printable character of the messages escaped."""
+    pieces = []
+    for piece in traceback.format_exception(exc):
+        if piece.startswith(_TRACEBACK_FRAMES) or piece in _TRACEBACK_LINKS:
+            pieces.append(_escape(piece, keep="\n"))
+        else:
+            pieces.append(_escape(piece.removesuffix("\n")) + "\n")
+    return "".join(pieces).removesuffix("\n")
 
 
 def _format_value(value: Any) -> str:
@@ -57,7 +116,9 @@ def _format_value(value: Any) -> str:
     if kind is int:
         return str(value)
     text = value if kind is str else str(value)
-    return text if text and " " not in text and "=" not in text else json.dumps(text)
+    bare = text.isprintable() and " " not in text and "=" not in text and '"' not in text
+    # Quoted values are JSON strings: every control and non-ASCII character escaped.
+    return text if text and bare else json.dumps(text)
 
 
 def _number(value: float) -> str:
@@ -86,11 +147,21 @@ class _TextFormatter(logging.Formatter):
         self._second = -1
         self._second_text = ""
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = _escape(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return _format_exception(ei[1]) if ei[1] is not None else super().formatException(ei)
+
+    def formatStack(self, stack_info: str) -> str:
+        return _escape(super().formatStack(stack_info), keep="\n")
+
     def format(self, record: logging.LogRecord) -> str:
         if record.exc_info or record.exc_text or record.stack_info:
             line = super().format(record)  # tracebacks: the standard layout
         else:
-            record.message = record.getMessage()
+            record.message = _escape(record.getMessage())
             second = int(record.created)
             if second != self._second:
                 self._second_text = time.strftime(self.default_time_format, self.converter(second))
@@ -119,7 +190,7 @@ class _JsonFormatter(logging.Formatter):
             data.update(fields)
         if record.exc_info:
             data["exc_info"] = self.formatException(record.exc_info)
-        return json.dumps(data, ensure_ascii=False, default=str)
+        return _json_escape(json.dumps(data, ensure_ascii=False, default=str))
 
 
 class _MalformedRequestFilter(logging.Filter):

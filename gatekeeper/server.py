@@ -16,6 +16,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from gatekeeper.app import CONTROL, PROXY, build_app
+from gatekeeper.connections import GatekeeperRunner
 from gatekeeper.logs import LOG_PREFIX, Event, log_event, logger
 from gatekeeper.outcomes import RejectReason
 from gatekeeper.settings import Settings, SettingsError
@@ -71,8 +72,9 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
     """
     _raise_open_file_limit()
     app = build_app(settings)
-    runner = web.AppRunner(
+    runner = GatekeeperRunner(
         app,
+        header_timeout=settings.header_timeout,  # slow request heads (gatekeeper/connections.py)
         handler_cancellation=True,  # how a client that left is noticed (see proxy.py)
         # A gzip-encoded upload goes upstream exactly as sent, still labelled gzip, not
         # inflated under a header that still says gzip (bytes in = bytes out).
@@ -92,9 +94,10 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
     def on_signal(signame: str) -> None:
         if stop.is_set():
             hurry.set()
+            log_event(Event.DRAINING_CUT, signal=signame)
         else:
             stop.set()
-        log_event(Event.DRAINING, signal=signame, grace=settings.shutdown_grace)
+            log_event(Event.DRAINING, signal=signame, grace=settings.shutdown_grace)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
@@ -148,17 +151,14 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
             task.cancel()
         if running:
             await asyncio.wait(running, timeout=_FINAL_FLUSH)
-        counts = proxy.gate.counts()
-        log_event(
-            Event.STOPPED,
-            refused_waiting=refused,
-            stopped_running=len(running),
-            active=counts.active,
-            queued=counts.queued,
-        )
+        stopped = {"refused_waiting": refused, "stopped_running": len(running)}
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
         await runner.cleanup()
+    # Only now is every answer out (the cleanup waits for the handlers still writing theirs):
+    # the last line says so, with what was left.
+    counts = proxy.gate.counts()
+    log_event(Event.STOPPED, **stopped, active=counts.active, queued=counts.queued)
     return 0

@@ -8,15 +8,28 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiohttp.web_runner import BaseRunner
 
 from gatekeeper.app import build_app
 from gatekeeper.clock import Clock
+from gatekeeper.connections import GatekeeperRunner
 from gatekeeper.settings import load_settings
 from gatekeeper.sim import SimConfig, Simulator
 from tests.fakes import FakeUpstream
 
 GatekeeperFactory = Callable[..., Awaitable[tuple[str, web.Application]]]
 StartSim = Callable[..., Awaitable[Simulator]]
+
+
+class _GatekeeperTestServer(TestServer):
+    """aiohttp's TestServer with the gatekeeper's runner (the request-head deadline)."""
+
+    def __init__(self, app: web.Application, *, header_timeout: float) -> None:
+        super().__init__(app)
+        self._header_timeout = header_timeout
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return GatekeeperRunner(self.app, header_timeout=self._header_timeout, **kwargs)
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +62,7 @@ async def start_gatekeeper() -> AsyncIterator[GatekeeperFactory]:
         app = build_app(config, clock=clock, rng=random.Random(seed))
         # As `gatekeeper serve` runs it (gatekeeper/server.py); TestServer turns handler
         # cancellation on itself.
-        server = TestServer(app)
+        server = _GatekeeperTestServer(app, header_timeout=config.header_timeout)
         await server.start_server(auto_decompress=False)
         servers.append(server)
         return str(server.make_url("")).rstrip("/"), app
