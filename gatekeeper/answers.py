@@ -20,8 +20,12 @@ __all__ = [
     "body_broken",
     "body_timeout",
     "body_too_large",
+    "header_timeout_bytes",
     "json_answer",
+    "own_path_elsewhere",
     "refusal",
+    "transfer_coding_refused",
+    "upload_timeout",
     "upstream_failure",
     "upstream_unreachable",
 ]
@@ -151,6 +155,20 @@ def body_timeout(seconds: float, *, request_id: str) -> web.Response:
     )
 
 
+def upload_timeout(seconds: float, *, request_id: str) -> web.Response:
+    """408 for an upload that took longer than ASR_UPLOAD_TIMEOUT in all (a steady trickle)."""
+    return json_answer(
+        408,
+        {
+            "error": "上传超时",
+            "reason": "upload_timeout",
+            "detail": f"the upload took longer than {seconds:g} s in all (ASR_UPLOAD_TIMEOUT); "
+            "send it faster, or let nginx buffer it first",
+        },
+        headers={REQUEST_ID: request_id, REASON_HEADER: "upload_timeout", "Connection": "close"},
+    )
+
+
 def upstream_unreachable(reason: str) -> web.Response:
     """502 for a pass-through request the Whisper server did not answer."""
     return json_answer(
@@ -161,3 +179,84 @@ def upstream_unreachable(reason: str) -> web.Response:
             "detail": f"could not reach the Whisper server: {reason}",
         },
     )
+
+
+def own_path_elsewhere(own: str, *, allowed: tuple[str, ...], exact: bool) -> web.Response:
+    """404 (405 for another method) for one of the gatekeeper's own paths spelled loosely.
+
+    `/STATS`, `/stats/` or `POST /stats` are answered here, never passed on: the token sent with
+    them is meant for the gatekeeper, not for the Whisper server.
+    """
+    if exact:
+        return json_answer(
+            405,
+            {
+                "error": "method not allowed",
+                "path": own,
+                "detail": f"{own} is the gatekeeper's own endpoint: use {' or '.join(allowed)}",
+            },
+            headers={"Allow": ",".join(allowed)},
+        )
+    return json_answer(
+        404,
+        {
+            "error": "not found",
+            "path": own,
+            "detail": f"the gatekeeper's own endpoint is {own}, spelled exactly so; this request "
+            "was not passed to the Whisper server",
+        },
+    )
+
+
+def transfer_coding_refused(transfer_encoding: str, *, invalid: str | None = None) -> web.Response:
+    """501 for a body in a transfer coding other than chunked alone; 400 (saying why, in
+    `invalid`) for a Transfer-Encoding that makes no sense at all.
+
+    The body is never read: its framing cannot be trusted, so the connection closes after the
+    answer (RFC 9112 §6.1).
+    """
+    if invalid is not None:
+        status, reason, error, detail = 400, "transfer_encoding_invalid", "bad request", invalid
+    else:
+        status, reason, error = 501, "transfer_coding_not_implemented", "not implemented"
+        detail = (
+            "only 'Transfer-Encoding: chunked' is accepted; send the body as it is, with "
+            "Content-Length or chunked (a compressed upload says so in Content-Encoding)"
+        )
+    response = json_answer(
+        status,
+        {
+            "error": error,
+            "reason": reason,
+            "transfer_encoding": transfer_encoding,
+            "detail": detail,
+        },
+        headers={REASON_HEADER: reason, "Connection": "close"},
+    )
+    response.force_close()
+    return response
+
+
+@functools.lru_cache(maxsize=8)
+def header_timeout_bytes(seconds: float) -> bytes:
+    """408 for a request head that did not arrive within ASR_HEADER_TIMEOUT, as raw bytes.
+
+    Written straight onto the connection (no request was parsed to answer), which then closes.
+    """
+    body = json.dumps(
+        {
+            "error": "请求超时",
+            "reason": "client_header_timeout",
+            "detail": f"the request line and headers did not arrive within {seconds:g} s "
+            "(ASR_HEADER_TIMEOUT)",
+        },
+        ensure_ascii=False,
+    ).encode()
+    head = (
+        "HTTP/1.1 408 Request Timeout\r\n"
+        f"Content-Type: {_JSON}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"{REASON_HEADER}: client_header_timeout\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body

@@ -6,7 +6,7 @@ import hmac
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Container
 
 import aiohttp
 from aiohttp import web
@@ -15,12 +15,13 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from pydantic import SecretStr
 
 from gatekeeper import __version__
-from gatekeeper.answers import json_answer
+from gatekeeper.answers import json_answer, own_path_elsewhere
 from gatekeeper.clock import Clock, SystemClock, local_iso
 from gatekeeper.control import RELOADABLE, Controller
 from gatekeeper.gate import Gate
 from gatekeeper.health import HealthProbe
 from gatekeeper.metrics import create_registry
+from gatekeeper.middlewares import refuse_transfer_codings
 from gatekeeper.proxy import Proxy, ProxyConfig, adaptive_from_settings
 from gatekeeper.settings import Settings, SettingsError
 from gatekeeper.state import LiveState
@@ -51,14 +52,20 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _bearer_guard(token: SecretStr | None, realm: str, handler: Handler) -> Handler:
-    """Wrap `handler` so it needs `Authorization: Bearer <token>` (compared in constant time)."""
+    """Wrap `handler` so it needs `Authorization: Bearer <token>` (compared in constant time).
+
+    The scheme's letter case does not matter (`bearer` is as good: RFC 9110 §11.1).
+    """
     if token is None:
         return handler
-    expected = f"Bearer {token.get_secret_value()}".encode()
+    expected = token.get_secret_value().encode()
 
     async def guarded(request: web.Request) -> web.StreamResponse:
-        given = request.headers.get("Authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        # Undecodable header bytes arrive as surrogates: they compare unequal, never raise.
+        given_bytes = given.lstrip(" ").encode("utf-8", "surrogateescape")
+        matches = hmac.compare_digest(given_bytes, expected)
+        if not (matches and scheme.lower() == "bearer"):
             return json_answer(
                 401,
                 {"error": "unauthorized", "detail": "send 'Authorization: Bearer <token>'"},
@@ -77,7 +84,9 @@ def build_app(
 ) -> web.Application:
     """Wire the gatekeeper together; `clock` and `rng` are injectable for tests."""
     clock = clock or SystemClock()
-    app = web.Application(handler_args={"max_field_size": 65536})
+    app = web.Application(
+        handler_args={"max_field_size": 65536}, middlewares=[refuse_transfer_codings]
+    )
     gate = Gate(limit=settings.start_limit, max_queue=settings.queue_limit)
     state = LiveState(gate, now=clock.monotonic)
     proxy = Proxy(
@@ -129,7 +138,17 @@ def build_app(
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    app.cleanup_ctx.extend([session_ctx, health_ctx, adaptive_ctx])
+    async def upstream_work_ctx(app: web.Application) -> AsyncIterator[None]:
+        yield
+        # Before the session closes: attempt loops and holds of timed-out attempts still
+        # running (a test that ends early; `serve` has drained already) end here, not later.
+        leftover = [task for task in proxy.runners if not task.done()]
+        for task in leftover:
+            task.cancel()
+        if leftover:
+            await asyncio.wait(leftover)
+
+    app.cleanup_ctx.extend([session_ctx, health_ctx, adaptive_ctx, upstream_work_ctx])
 
     async def stats(request: web.Request) -> web.StreamResponse:
         extras = {
@@ -217,5 +236,37 @@ def build_app(
             "/admin/config",
             _bearer_guard(settings.admin_token, "asr-gatekeeper admin", admin_patch),
         )
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    # Every other request goes to the Whisper server, except other spellings of the paths above.
+    own_methods: dict[str, set[str]] = {}
+    for route in app.router.routes():
+        if route.resource is not None:
+            own_methods.setdefault(route.resource.canonical, set()).add(route.method)
+    own_allowed = {path: tuple(sorted(methods)) for path, methods in own_methods.items()}
+
+    async def elsewhere(request: web.Request) -> web.StreamResponse:
+        own = _own_path(request.path, own_allowed)
+        if own is not None:
+            exact = own == request.path
+            return own_path_elsewhere(own, allowed=own_allowed[own], exact=exact)
+        return await proxy.handle(request)
+
+    app.router.add_route("*", "/{tail:.*}", elsewhere, expect_handler=proxy.expect)
     return app
+
+
+def _own_path(path: str, own: Container[str]) -> str | None:
+    """The gatekeeper's own path that `path` spells loosely, if any.
+
+    Letter case, trailing or doubled slashes and dot segments are ignored (`/STATS/`, `//stats`,
+    `/x/../stats`): passed on, such a request would carry a token meant for the gatekeeper to the
+    Whisper server.
+    """
+    parts: list[str] = []
+    for part in path.lower().split("/"):
+        if part == "..":
+            if parts:
+                parts.pop()
+        elif part and part != ".":
+            parts.append(part)
+    loose = "/" + "/".join(parts)
+    return loose if loose in own else None

@@ -7,12 +7,19 @@ the GPU) still work on the task.
 
 The worst case of one task, from arrival at the gatekeeper to the first byte of its answer:
 
-    queue_timeout                        waiting for a slot (the upload from nginx included)
+    queue_timeout                        waiting for a slot, from the end of the upload
   + oom_cooldown                         a task that starts just after an OOM waits once
   + (max_retries + 1) × request_timeout  every attempt runs into its deadline
   + the longest delay before each retry  the OOM/crash schedule d·3^(k−1), jitter at its top
   + max_retries × request_timeout        without a cool-down only: after each delay, the wait
                                          for a slot to retry in
+  + max_retries × timeout_hold           with ASR_RETRY_ON_TIMEOUT only: a timed-out attempt
+                                         is retried once the Whisper server is done with it
+
+The upload itself comes before all this (bounded by ASR_UPLOAD_TIMEOUT): nginx's read timeout
+starts once it has sent the whole request, and nginx buffers the upload and sends it at once.
+Without ASR_RETRY_ON_TIMEOUT a timed-out attempt's hold does not delay its answer (the 504
+goes out at the deadline); it only keeps the slot, which the queue timeout already bounds.
 
 Every attempt counts in full even though timeouts are not retried by default: an attempt can
 take almost `request_timeout` and then end in a 500 that is retried. An upstream `Retry-After`
@@ -60,6 +67,9 @@ class TaskBudget:
     """The longest delay before retry 1, 2, … (schedule and jitter at their top)."""
     retry_delays_with_retry_after: tuple[float, ...]
     """The same, each raised to the 300 s cap an upstream Retry-After may push it to."""
+    retry_hold: float = 0.0
+    """Before each retry, the longest wait for the Whisper server to finish a timed-out attempt
+    (ASR_TIMEOUT_HOLD with ASR_RETRY_ON_TIMEOUT, else 0)."""
 
     @property
     def attempts_seconds(self) -> float:
@@ -73,6 +83,11 @@ class TaskBudget:
         if self.oom_cooldown > 0:
             return 0.0
         return (self.attempts - 1) * self.request_timeout
+
+    @property
+    def retry_hold_seconds(self) -> float:
+        """With ASR_RETRY_ON_TIMEOUT: every retry waits out a hold first."""
+        return (self.attempts - 1) * self.retry_hold
 
     @property
     def retry_delay_seconds(self) -> float:
@@ -99,6 +114,7 @@ class TaskBudget:
             + self.oom_cooldown
             + self.attempts_seconds
             + self.retry_slot_wait_seconds
+            + self.retry_hold_seconds
         )
 
     def limit(self, *, upstream_retry_after: bool = True) -> float:
@@ -118,6 +134,8 @@ def task_budget(
     retry_delay: float,
     retry_jitter: float,
     oom_cooldown: float,
+    retry_on_timeout: bool = False,
+    timeout_hold: float = 0.0,
 ) -> TaskBudget:
     """The worst case of one task for these settings (plain numbers, as in Settings)."""
     policy = RetryPolicy(
@@ -141,6 +159,7 @@ def task_budget(
         request_timeout=request_timeout,
         retry_delays=delays,
         retry_delays_with_retry_after=capped,
+        retry_hold=timeout_hold if retry_on_timeout else 0.0,
     )
 
 
@@ -153,4 +172,6 @@ def from_settings(settings: "Settings") -> TaskBudget:
         retry_delay=settings.retry_delay,
         retry_jitter=settings.retry_jitter,
         oom_cooldown=settings.oom_cooldown_s,
+        retry_on_timeout=settings.retry_on_timeout,
+        timeout_hold=settings.timeout_hold_s,
     )

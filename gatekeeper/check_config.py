@@ -259,7 +259,7 @@ def _delays(delays: tuple[float, ...]) -> str:
 def describe_budget(budget: TaskBudget, settings: Settings) -> list[str]:
     """The worst case in operator words, one line per part."""
     rows = [
-        ("waiting for a slot, upload included (ASR_QUEUE_TIMEOUT)", budget.queue_timeout),
+        ("waiting for a slot after the upload (ASR_QUEUE_TIMEOUT)", budget.queue_timeout),
         ("OOM cool-down before the first attempt (ASR_OOM_COOLDOWN)", budget.oom_cooldown),
         (
             f"{budget.attempts} attempt(s) × {_num(budget.request_timeout)} s "
@@ -278,6 +278,14 @@ def describe_budget(budget: TaskBudget, settings: Settings) -> list[str]:
                 f"{len(budget.retry_delays)} wait(s) for a slot to retry in (no cool-down: "
                 "the slot is given away during a delay; at most ASR_REQUEST_TIMEOUT each)",
                 budget.retry_slot_wait_seconds,
+            )
+        )
+    if budget.retry_hold_seconds:
+        rows.append(
+            (
+                f"{len(budget.retry_delays)} wait(s) for the Whisper server to finish a timed-out "
+                f"attempt before its retry (ASR_RETRY_ON_TIMEOUT, ASR_TIMEOUT_HOLD)",
+                budget.retry_hold_seconds,
             )
         )
     width = max(len(label) for label, _ in rows)

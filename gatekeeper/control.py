@@ -30,6 +30,8 @@ RELOADABLE = frozenset(
         "oom_window",
         "oom_cooldown",
         "client_body_timeout",
+        "timeout_hold",
+        "upload_timeout",
         "adaptive",
         "min_concurrent",
         "initial_concurrent",

@@ -5,6 +5,10 @@ The one invariant everything rests on: `active` (slots held) never exceeds `limi
 mix of timeouts, cancellations and errors happens. A slot is handed directly from the task that
 frees it to the first waiter, so nobody can slip in between.
 
+A task's upload is received before it joins the queue (`Gate.begin_upload`): an upload holds
+no slot and no queue place, so a slow client never keeps the GPU idle. Uploads are only counted
+(and bounded); an arrival is refused at once when the queue is already full.
+
 Between two attempts (the retry delay) a task may give its slot back (`Ticket.pause`; the proxy
 does so when there is no OOM cool-down): the GPU is not working for it, and an idle slot would
 leave the card idle too. When its delay is over it takes a slot again (`Ticket.resume`) ahead of
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 from gatekeeper.admission import Admission, Decision, decide
 from gatekeeper.outcomes import RejectReason
 
-__all__ = ["Gate", "GateCounts", "Refused", "Ticket"]
+__all__ = ["Gate", "GateCounts", "Refused", "Ticket", "Upload"]
 
 
 class Refused(Exception):
@@ -44,6 +48,9 @@ class GateCounts:
     retrying: int = 0
     """Admitted tasks between two attempts: in their retry delay, or waiting for a slot to retry
     (ahead of the queue). They hold no slot and no queue place."""
+    uploading: int = 0
+    """Tasks whose upload is still being received: they hold no slot and are not queued yet,
+    but arrivals count them against the queue's room."""
 
 
 class Ticket:
@@ -137,6 +144,33 @@ class Ticket:
             self._left = True
 
 
+class Upload:
+    """One arriving task receiving its body; `enter()` then queues it, `end()` gives up.
+
+    Both end the upload exactly once; `end()` is idempotent, so every exit path may call it.
+    """
+
+    __slots__ = ("_done", "_gate")
+
+    def __init__(self, gate: "Gate") -> None:
+        self._gate = gate
+        self._done = False
+
+    def enter(self) -> Ticket:
+        """The body is in: admit the task to the queue (or a free slot), or raise Refused.
+
+        The shutdown does not refuse it: its upload began before the shutdown did, and a task
+        admitted before the shutdown may still run within the grace period.
+        """
+        self.end()
+        return self._gate._enter(shutting_down=False)
+
+    def end(self) -> None:
+        if not self._done:
+            self._done = True
+            self._gate._upload_ended()
+
+
 class Gate:
     """Slots for tasks upstream, and the queue in front of them."""
 
@@ -145,6 +179,7 @@ class Gate:
             raise ValueError("limit must be at least 1")
         self._limit = limit
         self._max_queue = max_queue
+        self._uploading = 0
         self._active = 0
         self._waiters: deque[Ticket] = deque()
         self._paused = 0  # tickets between two attempts (holding nothing)
@@ -161,22 +196,51 @@ class Gate:
             self._max_queue,
             self._shutting_down,
             self._paused,
+            self._uploading,
         )
+
+    def arrival_refusal(self) -> RejectReason | None:
+        """Why an arriving task would be refused right now, before its body is read; None: take
+        it. Uploads in progress count as queued here (each will need a slot or a queue place),
+        so the room of slots + queue bounds them too (memory and spool disk are finite), and a
+        burst is refused queue_full at once rather than after its uploads."""
+        if self._shutting_down:
+            return RejectReason.SHUTTING_DOWN
+        taken = self._active + len(self._waiters) + self._uploading
+        if taken >= self._limit + self._max_queue:
+            return RejectReason.QUEUE_FULL
+        return None
+
+    def begin_upload(self) -> Upload:
+        """Let one arriving task receive its body, or raise Refused (see `arrival_refusal`)."""
+        reason = self.arrival_refusal()
+        if reason is not None:
+            raise Refused(reason)
+        self._uploading += 1
+        self._idle.clear()
+        return Upload(self)
 
     def enter(self) -> Ticket:
         """Admit one arriving task or raise Refused(queue_full/shutting_down).
 
         The returned ticket already holds a slot when one was free and nobody waited.
         """
-        admission = decide(
+        return self._enter(shutting_down=self._shutting_down)
+
+    def _decide(self, *, shutting_down: bool) -> Admission:
+        return decide(
             active=self._active,
             queued=len(self._waiters),
             limit=self._limit,
             max_queue=self._max_queue,
-            shutting_down=self._shutting_down,
+            shutting_down=shutting_down,
         )
+
+    def _enter(self, *, shutting_down: bool) -> Ticket:
+        admission = self._decide(shutting_down=shutting_down)
         if admission.decision is Decision.REJECT:
             assert admission.reason is not None
+            self._check_idle()
             raise Refused(admission.reason, admission)
         ticket = Ticket(self, admission)
         self._idle.clear()
@@ -187,7 +251,12 @@ class Gate:
             self._waiters.append(ticket)
         return ticket
 
-    def set_limits(self, *, limit: int | None = None, max_queue: int | None = None) -> None:
+    def set_limits(
+        self,
+        *,
+        limit: int | None = None,
+        max_queue: int | None = None,
+    ) -> None:
         """Change the limits live: lowering never stops running tasks, raising starts waiters."""
         if limit is not None:
             if limit < 1:
@@ -211,8 +280,13 @@ class Gate:
         return refused
 
     async def wait_idle(self) -> None:
-        """Return once no task holds a slot, waits for one, or waits to retry."""
+        """Return once no task uploads, holds a slot, waits for one, or waits to retry."""
         await self._idle.wait()
+
+    def _upload_ended(self) -> None:
+        self._uploading -= 1
+        assert self._uploading >= 0, "upload ended twice"
+        self._check_idle()
 
     def _release(self) -> None:
         self._active -= 1
@@ -254,5 +328,5 @@ class Gate:
         self._check_idle()
 
     def _check_idle(self) -> None:
-        if self._active == 0 and not self._waiters and self._paused == 0:
+        if self._active == 0 and not self._waiters and self._paused == 0 and not self._uploading:
             self._idle.set()

@@ -40,7 +40,8 @@ def _connection_named(headers: Headers) -> set[str]:
 
 
 # Framing is redone on each side of the proxy: Content-Length is recomputed for the body sent.
-_DROP = HOP_BY_HOP | {"content-length"}
+# Expect: 100-continue is answered here (the body is spooled before it goes on), never upstream.
+_DROP = HOP_BY_HOP | {"content-length", "expect"}
 
 
 def _end_to_end(headers: Headers, drop: frozenset[str]) -> CIMultiDict[str]:

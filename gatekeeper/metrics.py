@@ -16,7 +16,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from gatekeeper.outcomes import AttemptOutcome, RejectReason, TaskOutcome
+from gatekeeper.outcomes import AttemptOutcome, HoldEnd, RejectReason, TaskOutcome
 from gatekeeper.state import HistogramData, Snapshot
 
 __all__ = ["LIMIT_CHANGE_KINDS", "PREFIX", "SnapshotCollector", "create_registry"]
@@ -56,8 +56,21 @@ class SnapshotCollector(Collector):
         yield _gauge("max_concurrent", "Tasks allowed upstream at once.", gate.limit)
         yield _gauge(
             "active_tasks",
-            "Tasks holding a slot: upstream, cooling down, or in a retry delay with a cool-down.",
+            "Slots taken: tasks upstream, cooling down, or in a retry delay with a cool-down, and "
+            "timed-out attempts the Whisper server may still be computing (held_tasks).",
             gate.active,
+        )
+        yield _gauge(
+            "held_tasks",
+            "Slots kept after a timeout (the client has its 504) until the Whisper server answers "
+            "or closes, at most ASR_TIMEOUT_HOLD.",
+            snap.held_tasks,
+        )
+        yield _gauge(
+            "uploading_tasks",
+            "Tasks whose upload is still being received: no slot yet, but counted against the "
+            "queue's room when new tasks arrive.",
+            gate.uploading,
         )
         yield _gauge(
             "upstream_in_flight",
@@ -85,7 +98,10 @@ class SnapshotCollector(Collector):
         )
         yield _counter(
             "tasks_total",
-            "Admitted tasks that ended, by outcome.",
+            "Tasks that ended, by outcome; a task counts from the start of its upload. "
+            "outcome=rejected: refused with 503 after its upload began (no queue place once the "
+            "upload was in, queue timeout, retry without a slot, shutdown); refusals at arrival "
+            "are counted in rejected_total only.",
             "outcome",
             {o.value: snap.tasks[o] for o in TaskOutcome},
         )
@@ -108,6 +124,14 @@ class SnapshotCollector(Collector):
             {o.value: snap.retries[o] for o in AttemptOutcome if o.is_failure},
         )
         yield _counter(
+            "timeout_holds_total",
+            "Holds of a timed-out attempt's slot that ended, by how: answered, closed (by the "
+            "Whisper server), expired (ASR_TIMEOUT_HOLD; the connection was cut), stopped "
+            "(shutdown).",
+            "end",
+            {end.value: snap.holds.get(end, 0) for end in HoldEnd},
+        )
+        yield _counter(
             "limit_changes_total",
             "Changes of the adaptive limit, by what caused them.",
             "reason",
@@ -119,7 +143,9 @@ class SnapshotCollector(Collector):
         oom.add_metric([], snap.oom_errors)
         yield oom
         yield _histogram(
-            "queue_wait_seconds", "Time from arrival to getting a slot.", snap.queue_wait
+            "queue_wait_seconds",
+            "Time from joining the queue (the upload received) to getting a slot.",
+            snap.queue_wait,
         )
         yield _histogram(
             "upstream_duration_seconds",

@@ -6,7 +6,7 @@ part of the external contract (SPEC "Outcomes, retries, delays").
 
 from enum import StrEnum
 
-__all__ = ["AttemptOutcome", "RejectReason", "TaskOutcome"]
+__all__ = ["AttemptOutcome", "HoldEnd", "RejectReason", "TaskOutcome"]
 
 
 class AttemptOutcome(StrEnum):
@@ -37,9 +37,21 @@ class TaskOutcome(StrEnum):
     FAILED = "failed"
     CLIENT_ERROR = "client_error"
     CANCELLED = "cancelled"
-    # Admitted, then refused before reaching the Whisper server (queue timeout, shutdown).
-    # Not in the SPEC's list; without it total_tasks could not be reconciled.
+    # Admitted (its upload begun), then refused with 503: no queue place once its upload was
+    # in, a queue timeout, a retry without a slot, or the shutdown. Refusals at arrival are not
+    # tasks (they are only in rejected_total). Not in the SPEC's list; without it total_tasks
+    # could not be reconciled.
     REJECTED = "rejected"
+
+
+class HoldEnd(StrEnum):
+    """How the hold of a timed-out attempt's slot ended (SPEC: a timed-out attempt is still on
+    the GPU, so its slot stays taken until the Whisper server is done with it)."""
+
+    ANSWERED = "answered"  # the server answered at last; the answer was read and dropped
+    CLOSED = "closed"  # the server closed the connection
+    EXPIRED = "expired"  # ASR_TIMEOUT_HOLD ran out: the connection was closed, the slot freed
+    STOPPED = "stopped"  # the shutdown's grace period ended
 
 
 class RejectReason(StrEnum):

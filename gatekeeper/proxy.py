@@ -1,13 +1,22 @@
 """The proxy: pass-through requests, and tasks that wait, run upstream, retry and answer once.
 
+A task's life: its upload is received whole (spooled; no slot, no queue place), then it queues,
+takes a slot, and its runner makes the attempts. A task never holds a slot while its body is
+still arriving, so a slow client cannot keep the GPU idle.
+
 How a client that leaves is noticed: the server runs with aiohttp's `handler_cancellation`, so
 a dropped connection cancels the request handler.
-- While a task waits (uploading its body or queued) that cancellation takes it out of the queue
-  at once; it never reaches the Whisper server.
+- While a task uploads or waits in the queue that cancellation ends it at once; it never reaches
+  the Whisper server.
 - Once a task holds a slot, its work runs in a separate asyncio task (the *runner*) that the
   handler only awaits through `asyncio.shield`. A cancelled handler marks the task "client gone";
   the runner lets the current upstream attempt finish (the GPU is busy with it anyway),
   discards the answer, makes no further attempts, and only then gives the slot back.
+
+A timed-out attempt is still on the GPU (a real Whisper server keeps transcribing after its
+client leaves): the client gets its 504 at the deadline, but the slot stays taken (a *hold*)
+until the server answers (read and dropped) or closes the connection, at most ASR_TIMEOUT_HOLD.
+With ASR_RETRY_ON_TIMEOUT the retry waits for the hold to end.
 """
 
 import asyncio
@@ -33,6 +42,7 @@ from gatekeeper.answers import (
     body_timeout,
     body_too_large,
     refusal,
+    upload_timeout,
     upstream_failure,
     upstream_unreachable,
 )
@@ -45,10 +55,10 @@ from gatekeeper.headers import (
     forward_response_headers,
 )
 from gatekeeper.logs import Event, log_event
-from gatekeeper.outcomes import AttemptOutcome, RejectReason, TaskOutcome
+from gatekeeper.outcomes import AttemptOutcome, HoldEnd, RejectReason, TaskOutcome
 from gatekeeper.retry import RetryPolicy, parse_retry_after
 from gatekeeper.settings import Settings
-from gatekeeper.spool import BodyTimeout, BodyTooLarge, SpooledBody
+from gatekeeper.spool import BodyTimeout, BodyTooLarge, SpooledBody, UploadTimeout
 from gatekeeper.state import LiveState, TaskRecord
 from gatekeeper.upstream import AttemptResult, send, upstream_url
 
@@ -69,12 +79,15 @@ class ProxyConfig:
 
     upstream: str
     gated_paths: tuple[str, ...]
+    task_methods: frozenset[str]
     max_body_size: int
     spool_memory_size: int
     spool_dir: str | None
     queue_timeout: float
     request_timeout: float
     client_body_timeout: float
+    upload_timeout: float
+    timeout_hold: float
     oom_window: float
     oom_cooldown: float
     retry: RetryPolicy
@@ -87,12 +100,15 @@ class ProxyConfig:
         return cls(
             upstream=settings.upstream_url,
             gated_paths=settings.gated_paths,
+            task_methods=frozenset(settings.task_methods),
             max_body_size=settings.max_body_size,
             spool_memory_size=settings.spool_memory_size,
             spool_dir=str(settings.spool_dir) if settings.spool_dir else None,
             queue_timeout=settings.queue_timeout,
             request_timeout=settings.request_timeout,
             client_body_timeout=settings.client_body_timeout,
+            upload_timeout=settings.upload_timeout,
+            timeout_hold=settings.timeout_hold_s,
             oom_window=settings.oom_window_s,
             oom_cooldown=settings.oom_cooldown_s,
             retry=RetryPolicy(
@@ -142,7 +158,17 @@ class _Resume(Enum):
 class _Task:
     """Everything one admitted task carries from the handler into its runner."""
 
-    __slots__ = ("answering", "body", "gone", "headers", "record", "request", "runner", "ticket")
+    __slots__ = (
+        "answering",
+        "body",
+        "gone",
+        "headers",
+        "hold",
+        "record",
+        "request",
+        "runner",
+        "ticket",
+    )
 
     def __init__(
         self,
@@ -160,6 +186,9 @@ class _Task:
         self.gone = asyncio.Event()
         self.runner: asyncio.Task[object] | None = None
         self.answering = False  # the upstream's answer has begun to go to the client
+        # A timed-out last attempt the Whisper server may still compute: it owns the slot and
+        # the body from the runner's end until the server is done (or ASR_TIMEOUT_HOLD).
+        self.hold: asyncio.Task[HoldEnd] | None = None
 
 
 class Proxy:
@@ -181,7 +210,8 @@ class Proxy:
         self.clock = clock
         self.rng = rng
         self._session = session
-        self.runners: set[asyncio.Task[web.StreamResponse]] = set()
+        # Attempt loops, and holds of timed-out attempts: what still works upstream.
+        self.runners: set[asyncio.Task[Any]] = set()
         # Per refusal reason: when its last line was logged, and how many refusals since.
         self._refusal_log: dict[RejectReason, tuple[float, int]] = {}
         self.adaptive: AdaptiveLimit | None = None
@@ -212,7 +242,8 @@ class Proxy:
             self.adaptive = AdaptiveLimit(params, initial=limit, now=self.clock.monotonic)
         queue = self.config.queue_for(limit)
         self.gate.set_limits(
-            limit=limit, max_queue=settings.queue_limit if queue is None else queue
+            limit=limit,
+            max_queue=settings.queue_limit if queue is None else queue,
         )
 
     def adaptive_stats(self) -> dict[str, object]:
@@ -254,13 +285,41 @@ class Proxy:
 
     # -- routing -----------------------------------------------------------------------------
 
-    def is_task(self, path: str) -> bool:
-        return path.startswith(self.config.gated_paths)
+    def is_task(self, method: str, path: str) -> bool:
+        """Work for the GPU: a task method (POST) on a task path; the rest passes through."""
+        return method in self.config.task_methods and path.startswith(self.config.gated_paths)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if self.is_task(request.path):
+        if self.is_task(request.method, request.path):
             return await self._task(request)
         return await self._pass_through(request)
+
+    async def expect(self, request: web.Request) -> web.StreamResponse | None:
+        """`Expect: 100-continue`: a task that would be refused is refused now, before the
+        client sends its body (413 from Content-Length, 503 when the queue is full); otherwise
+        `100 Continue`. The Expect header itself never goes upstream."""
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            return web.Response(status=417, text="only 'Expect: 100-continue' is supported\n")
+        if self.is_task(request.method, request.path):
+            early = self._early_answer(request, request.headers.get(REQUEST_ID))
+            if early is not None:
+                early.force_close()  # the client will not send the body: start afresh
+                return early
+        if request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the answer's own byte count starts after this
+        return None
+
+    def _early_answer(self, request: web.Request, request_id: str | None) -> web.Response | None:
+        """What a task gets before its body is read, if it cannot be taken: 413 (Content-Length
+        over ASR_MAX_BODY_SIZE) or 503 (shutting down, no room in the queue)."""
+        task_id = request_id or os.urandom(16).hex()
+        limit = self.config.max_body_size
+        if request.content_length is not None and request.content_length > limit:
+            log_event(Event.BODY_TOO_LARGE, logging.WARNING, task_id=task_id, limit=limit)
+            return body_too_large(limit, request_id=task_id)
+        refused = self.gate.arrival_refusal()
+        return None if refused is None else self._refuse(refused, task_id)
 
     # -- pass-through ------------------------------------------------------------------------
 
@@ -310,7 +369,7 @@ class Proxy:
             log_event(Event.BODY_TOO_LARGE, logging.WARNING, task_id=request_id, limit=limit)
             return body_too_large(limit, request_id=request_id)
         try:
-            ticket = self.gate.enter()
+            upload = self.gate.begin_upload()
         except Refused as refused:  # the hot path of a flood: nothing more to set up
             return self._refuse(refused.reason, request_id)
         record = TaskRecord(request_id, request.method, request.path, self.clock.monotonic())
@@ -319,59 +378,24 @@ class Proxy:
             memory_limit=self.config.spool_memory_size,
             directory=None if self.config.spool_dir is None else Path(self.config.spool_dir),
         )
+        ticket: Ticket | None = None
         handed_over = False
-        handler = asyncio.current_task()
         try:
-            self._uploading.add(handler)  # type: ignore[arg-type]
-            try:
-                await body.fill(
-                    request.content.readany,
-                    max_size=limit,
-                    idle_timeout=self.config.client_body_timeout,
-                )
-            except asyncio.CancelledError:
-                if not self._uploads_stopped or handler is None:
-                    raise  # the client left
-                handler.uncancel()  # stopped by the shutdown, not by the client: say so
+            failed = await self._receive(request, record, body)
+            if failed is not None:
+                return failed
+            if self._uploads_stopped:  # the upload ended just as the grace period did
                 self.state.task_ended(TaskOutcome.REJECTED)
-                answer = self._refuse(
-                    RejectReason.SHUTTING_DOWN, request_id, arrived=record.arrived
-                )
-                # Send it and hang up now: the rest of the upload is not worth waiting for.
-                if await _client_write(answer.prepare(request)):
-                    await _client_write(answer.write_eof())
-                request.protocol.force_close()
-                return answer
-            except BodyTooLarge:
-                log_event(Event.BODY_TOO_LARGE, logging.WARNING, task_id=request_id, limit=limit)
-                self.state.task_ended(TaskOutcome.CLIENT_ERROR)
-                return body_too_large(limit, request_id=request_id)
-            except BodyTimeout as stalled:
-                log_event(
-                    Event.BODY_TIMEOUT,
-                    logging.WARNING,
-                    task_id=request_id,
-                    received=body.size,
-                    timeout=stalled.seconds,
-                )
-                self.state.task_ended(TaskOutcome.CLIENT_ERROR)
-                return body_timeout(stalled.seconds, request_id=request_id)
-            except (ConnectionError, HttpProcessingError) as broken:
-                # The client hung up mid-upload, or sent a truncated/garbled chunked body.
-                self.state.task_ended(TaskOutcome.CANCELLED)
-                log_event(
-                    Event.CLIENT_LEFT,
-                    task_id=request_id,
-                    stage="uploading",
-                    received=body.size,
-                    error=type(broken).__name__,
-                )
-                return body_broken(request_id=request_id)
-            finally:
-                self._uploading.discard(handler)
-            waited = self.clock.monotonic() - record.arrived
+                return self._refuse(RejectReason.SHUTTING_DOWN, request_id, arrived=record.arrived)
             try:
-                await ticket.wait(max(0.0, self.config.queue_timeout - waited))
+                ticket = upload.enter()
+            except Refused as refused:  # the queue filled up while this upload came in
+                self.state.task_ended(TaskOutcome.REJECTED)
+                return self._refuse(refused.reason, request_id, arrived=record.arrived)
+            # ASR_QUEUE_TIMEOUT counts from here: the upload had its own limit.
+            record.queued_at = self.clock.monotonic()
+            try:
+                await ticket.wait(self.config.queue_timeout)
             except Refused as refused:
                 self.state.task_ended(TaskOutcome.REJECTED)
                 return self._refuse(refused.reason, request_id, arrived=record.arrived)
@@ -383,36 +407,110 @@ class Proxy:
             handed_over = True
             self.runners.add(runner)
             runner.add_done_callback(self.runners.discard)
-            try:
-                return await asyncio.shield(runner)
-            except asyncio.CancelledError:
-                stopped = runner.cancelled() and handler is not None and not handler.cancelling()
-                if stopped and not task.answering:
-                    # The shutdown's grace period ended with this task still upstream: answer
-                    # it rather than cut it.
-                    return self._refuse_started(task, RejectReason.SHUTTING_DOWN)
-                if stopped:  # its answer had begun: a 503 cannot follow it, so it is cut
-                    self.state.task_ended(
-                        TaskOutcome.FAILED, self.clock.monotonic() - task.record.arrived
-                    )
-                # The client left (or the server stops): the runner decides what that means.
-                task.gone.set()
-                raise
+            return await self._await_runner(task, runner)
         except asyncio.CancelledError:
             if not handed_over:
-                queued = not ticket.granted
                 self.state.task_ended(TaskOutcome.CANCELLED)
                 log_event(
                     Event.CLIENT_LEFT,
                     task_id=request_id,
-                    stage="queued" if queued else "uploading",
+                    stage="uploading" if ticket is None else "queued",
                     waited=self.clock.monotonic() - record.arrived,
                 )
             raise
         finally:
+            upload.end()
             if not handed_over:
-                ticket.leave()
+                if ticket is not None:
+                    ticket.leave()
                 body.close()
+
+    async def _receive(
+        self, request: web.Request, record: TaskRecord, body: SpooledBody
+    ) -> web.StreamResponse | None:
+        """Receive the task's whole body into its spool; None when it is in, else the answer
+        that ends the task (the upload failed, or the shutdown's grace period ended)."""
+        request_id, limit = record.task_id, self.config.max_body_size
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._uploading.add(handler)
+        try:
+            await body.fill(
+                request.content.readany,
+                max_size=limit,
+                idle_timeout=self.config.client_body_timeout,
+                total_timeout=self.config.upload_timeout,
+            )
+        except asyncio.CancelledError:
+            if not self._uploads_stopped:
+                raise  # the client left
+            handler.uncancel()  # stopped by the shutdown, not by the client: say so
+            self.state.task_ended(TaskOutcome.REJECTED)
+            answer = self._refuse(RejectReason.SHUTTING_DOWN, request_id, arrived=record.arrived)
+            # Send it and hang up now: the rest of the upload is not worth waiting for.
+            if await _client_write(answer.prepare(request)):
+                await _client_write(answer.write_eof())
+            request.protocol.force_close()
+            return answer
+        except BodyTooLarge:
+            log_event(Event.BODY_TOO_LARGE, logging.WARNING, task_id=request_id, limit=limit)
+            self.state.task_ended(TaskOutcome.CLIENT_ERROR)
+            return body_too_large(limit, request_id=request_id)
+        except BodyTimeout as stalled:
+            log_event(
+                Event.BODY_TIMEOUT,
+                logging.WARNING,
+                task_id=request_id,
+                received=body.size,
+                timeout=stalled.seconds,
+            )
+            self.state.task_ended(TaskOutcome.CLIENT_ERROR)
+            return body_timeout(stalled.seconds, request_id=request_id)
+        except UploadTimeout as slow:
+            log_event(
+                Event.UPLOAD_TIMEOUT,
+                logging.WARNING,
+                task_id=request_id,
+                received=body.size,
+                timeout=slow.seconds,
+            )
+            self.state.task_ended(TaskOutcome.CLIENT_ERROR)
+            return upload_timeout(slow.seconds, request_id=request_id)
+        except (ConnectionError, HttpProcessingError) as broken:
+            # The client hung up mid-upload, or sent a truncated/garbled chunked body.
+            self.state.task_ended(TaskOutcome.CANCELLED)
+            log_event(
+                Event.CLIENT_LEFT,
+                task_id=request_id,
+                stage="uploading",
+                received=body.size,
+                error=type(broken).__name__,
+            )
+            return body_broken(request_id=request_id)
+        finally:
+            self._uploading.discard(handler)
+        return None
+
+    async def _await_runner(
+        self, task: "_Task", runner: "asyncio.Task[web.StreamResponse]"
+    ) -> web.StreamResponse:
+        """The handler's side of a running task: its answer, or what a cancellation means."""
+        handler = asyncio.current_task()
+        try:
+            return await asyncio.shield(runner)
+        except asyncio.CancelledError:
+            stopped = runner.cancelled() and handler is not None and not handler.cancelling()
+            if stopped and not task.answering:
+                # The shutdown's grace period ended with this task still upstream: answer
+                # it rather than cut it.
+                return self._refuse_started(task, RejectReason.SHUTTING_DOWN)
+            if stopped:  # its answer had begun: a 503 cannot follow it, so it is cut
+                self.state.task_ended(
+                    TaskOutcome.FAILED, self.clock.monotonic() - task.record.arrived
+                )
+            # The client left (or the server stops): the runner decides what that means.
+            task.gone.set()
+            raise
 
     def _refuse(
         self, reason: RejectReason, task_id: str, *, arrived: float | None = None, attempts: int = 0
@@ -458,15 +556,22 @@ class Proxy:
         record = task.record
         record.started = record.held_since = self.clock.monotonic()
         task.runner = asyncio.current_task()
-        self.state.queue_waited(record.started - record.arrived)
+        self.state.queue_waited(record.started - (record.queued_at or record.arrived))
         try:
             return await self._attempts(task)
         finally:
-            task.ticket.leave()
-            task.body.close()
-            if record.held_since is not None:
-                record.held += self.clock.monotonic() - record.held_since
-            self.state.slot_held(record.held)
+            if task.hold is None:
+                self._free_slot(task)
+
+    def _free_slot(self, task: _Task) -> None:
+        """The task's work upstream is over: give back its slot and its spooled body."""
+        record = task.record
+        task.ticket.leave()
+        task.body.close()
+        if record.held_since is not None:
+            record.held += self.clock.monotonic() - record.held_since
+            record.held_since = None
+        self.state.slot_held(record.held)
 
     async def _attempts(self, task: _Task) -> web.StreamResponse:
         record, cfg = task.record, self.config
@@ -496,6 +601,7 @@ class Proxy:
             deadline = loop.time() + cfg.request_timeout
             # The GPU is busy with this attempt from the request until its answer is fully read.
             self.state.upstream_began()
+            held = False  # a hold took over the attempt (and ends it upstream)
             try:
                 result = await send(
                     self._session(),
@@ -518,10 +624,13 @@ class Proxy:
                 if outcome in (AttemptOutcome.OK, AttemptOutcome.CLIENT_ERROR) or not (
                     cfg.retry.should_retry(outcome, record.attempts) and not task.gone.is_set()
                 ):
-                    answer, outcome, client_left = await self._deliver(
+                    answer, outcome, client_left, still = await self._deliver(
                         task, outcome, result, deadline
                     )
                     self._record_attempt(task, outcome, result, began)
+                    if still is not None:  # the client gets its answer; the slot stays taken
+                        held = True
+                        self._hold_after(task, still)
                     return self._conclude(task, outcome, result, answer, client_left)
                 self._record_attempt(task, outcome, result, began)
                 delay = cfg.retry.delay(
@@ -534,10 +643,14 @@ class Proxy:
                         else None
                     ),
                 )
-                if result.response is not None:
+                if result.still_upstream is not None:  # a timeout retried: after the GPU is done
+                    held = True
+                    await self._hold(task, _finish_attempt(result.still_upstream))
+                elif result.response is not None:
                     await _discard(result.response, deadline)
             finally:
-                self.state.upstream_ended()
+                if not held:
+                    self.state.upstream_ended()
             record.retry_delay_total += delay
             self.state.retry_scheduled(outcome, delay)
             log_event(
@@ -642,27 +755,95 @@ class Proxy:
 
     async def _deliver(
         self, task: _Task, outcome: AttemptOutcome, result: AttemptResult, deadline: float
-    ) -> tuple[web.StreamResponse, AttemptOutcome, bool]:
+    ) -> tuple[web.StreamResponse, AttemptOutcome, bool, Coroutine[Any, Any, HoldEnd] | None]:
         """Answer the client with the last attempt's result.
 
         Returns the answer, the attempt's final outcome (an answer the upstream broke off
-        mid-way is a crash, or a timeout, however it began) and whether the client had left.
+        mid-way is a crash, or a timeout, however it began), whether the client had left, and,
+        after a timeout, what the Whisper server may still be doing (to hold the slot for).
         """
         record = task.record
         if result.response is None:
             failure = upstream_failure(outcome, attempts=record.attempts, request_id=record.task_id)
-            return failure, outcome, task.gone.is_set()
+            still = (
+                None if result.still_upstream is None else _finish_attempt(result.still_upstream)
+            )
+            return failure, outcome, task.gone.is_set(), still
         extra = {ATTEMPTS_HEADER: str(record.attempts), REQUEST_ID: record.task_id}
         task.answering = True
+        end = _RelayEnd.UPSTREAM_BROKE
         try:
             answer, end = await self._relay(task.request, result, extra, deadline, task.gone)
         finally:
-            result.response.close()
+            if end is not _RelayEnd.TIMED_OUT:
+                result.response.close()
         if end is _RelayEnd.UPSTREAM_BROKE:
             outcome = AttemptOutcome.CRASH
         elif end is _RelayEnd.TIMED_OUT:
-            outcome = AttemptOutcome.TIMEOUT
-        return answer, outcome, end is _RelayEnd.CLIENT_GONE or task.gone.is_set()
+            # Cut mid-answer at the deadline: the server is still sending (and computing).
+            still = _finish_answer(result.response)
+            return answer, AttemptOutcome.TIMEOUT, task.gone.is_set(), still
+        return answer, outcome, end is _RelayEnd.CLIENT_GONE or task.gone.is_set(), None
+
+    def _hold_after(self, task: _Task, still: Coroutine[Any, Any, HoldEnd]) -> None:
+        """The task is answered, but the Whisper server may still be on its last attempt: a
+        task of its own keeps the slot (and the body) until the server is done."""
+        began = self._hold_began(task)
+        hold = asyncio.create_task(self._hold_for(still), name=f"hold-{task.record.task_id}")
+
+        def ended(hold: "asyncio.Task[HoldEnd]") -> None:
+            # A callback, not a `finally`: it runs even if the hold is cancelled before it starts.
+            still.close()  # a no-op unless it never started
+            end = HoldEnd.STOPPED if hold.cancelled() else hold.result()
+            self._hold_ended(task, end, began)
+            self._free_slot(task)
+            self.runners.discard(hold)
+
+        hold.add_done_callback(ended)
+        task.hold = hold
+        self.runners.add(hold)
+
+    async def _hold(self, task: _Task, still: Coroutine[Any, Any, HoldEnd]) -> None:
+        """The same hold inside the runner (a timed-out attempt to be retried: the retry waits
+        for the Whisper server to be done with the first one)."""
+        began = self._hold_began(task)
+        end = HoldEnd.STOPPED
+        try:
+            end = await self._hold_for(still)
+        finally:
+            still.close()
+            self._hold_ended(task, end, began)
+
+    async def _hold_for(self, still: Coroutine[Any, Any, HoldEnd]) -> HoldEnd:
+        """Wait until the Whisper server is done with a timed-out attempt, at most
+        ASR_TIMEOUT_HOLD (then its connection is closed)."""
+        try:
+            async with asyncio.timeout(self.config.timeout_hold):
+                return await still
+        except TimeoutError:
+            return HoldEnd.EXPIRED
+
+    def _hold_began(self, task: _Task) -> float:
+        self.state.hold_began()
+        log_event(
+            Event.HOLD,
+            logging.WARNING,
+            task_id=task.record.task_id,
+            hold=self.config.timeout_hold,
+        )
+        return self.clock.monotonic()
+
+    def _hold_ended(self, task: _Task, end: HoldEnd, began: float) -> None:
+        """The attempt has left the Whisper server (or was cut): count it and say so."""
+        self.state.upstream_ended()
+        self.state.hold_ended(end)
+        log_event(
+            Event.HOLD_ENDED,
+            logging.WARNING if end is HoldEnd.EXPIRED else logging.INFO,
+            task_id=task.record.task_id,
+            end=end.value,
+            held=self.clock.monotonic() - began,
+        )
 
     def _conclude(
         self,
@@ -692,7 +873,8 @@ class Proxy:
             attempts=record.attempts,
             outcomes=",".join(o.value for o in record.outcomes),
             status=result.status if result.status is not None else "-",
-            queue_wait=(record.started or record.arrived) - record.arrived,
+            upload=(record.queued_at or record.arrived) - record.arrived,
+            queue_wait=(record.started or record.arrived) - (record.queued_at or record.arrived),
             duration=self.clock.monotonic() - record.arrived,
             retry_delay=record.retry_delay_total,
             cooldown=record.cooldown,
@@ -866,6 +1048,33 @@ async def _client_write(write: "asyncio.Future[object] | object") -> bool:
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         return False
     return True
+
+
+async def _finish_attempt(attempt: "asyncio.Task[AttemptResult]") -> HoldEnd:
+    """Wait for a timed-out attempt to end upstream; read and drop any answer it gets.
+
+    Cancelling this (the hold ran out, or the shutdown) cancels the attempt: its connection
+    is closed, which is all a proxy can do to stop the work.
+    """
+    result = await attempt
+    if result.response is None:
+        return HoldEnd.CLOSED
+    if result.complete:
+        result.response.close()
+        return HoldEnd.ANSWERED
+    return await _finish_answer(result.response)
+
+
+async def _finish_answer(response: aiohttp.ClientResponse) -> HoldEnd:
+    """Read an answer nobody wants to its end: ANSWERED, or CLOSED if the server broke off."""
+    try:
+        while await response.content.read(_CLIENT_CHUNK):
+            pass
+    except (aiohttp.ClientError, OSError):
+        return HoldEnd.CLOSED
+    finally:
+        response.close()
+    return HoldEnd.ANSWERED
 
 
 async def _discard(response: aiohttp.ClientResponse, deadline: float) -> None:

@@ -6,12 +6,13 @@ SPEC's settings table; anything added beyond it is marked "extra" in its descrip
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, get_args
 
 from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -54,6 +55,9 @@ class Settings(BaseSettings):
         extra="ignore",
         frozen=True,
         validate_default=True,
+        # inf, nan and 1e999 are no number of seconds: `ASR_RETRY_DELAY=inf` or a PATCH with
+        # Infinity would start or be accepted, then break the stats JSON and every schedule.
+        allow_inf_nan=False,
     )
 
     upstream_url: str = Field(
@@ -120,7 +124,17 @@ class Settings(BaseSettings):
         "still be working on it, a retry would double its load).",
     )
     request_timeout: float = Field(
-        300.0, gt=0, description="Seconds one upstream attempt may take, body upload included."
+        300.0,
+        gt=0,
+        description="Seconds one upstream attempt may take, sending the spooled body included.",
+    )
+    timeout_hold: float | None = Field(
+        None,
+        gt=0,
+        description="Extra: after an attempt times out (504 at ASR_REQUEST_TIMEOUT), seconds its "
+        "slot stays taken while the Whisper server may still be computing it: until the server "
+        "answers (read and dropped) or closes the connection, at most this long. Default: "
+        "ASR_REQUEST_TIMEOUT.",
     )
     oom_window: float | None = Field(
         None, ge=0, description="Seconds after an OOM during which new tasks cool down first."
@@ -135,6 +149,11 @@ class Settings(BaseSettings):
         DEFAULT_GATED_PATHS,
         description="Path prefixes that are tasks (queued, limited, retried).",
     )
+    task_methods: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("POST",),
+        description="Extra: HTTP methods that carry work on the task paths; other methods "
+        "(OPTIONS preflights, HEAD, GET) on those paths pass straight through.",
+    )
     oom_patterns: Annotated[tuple[str, ...], NoDecode] = Field(
         (), description="Extra regular expressions that mark an upstream error body as OOM."
     )
@@ -146,6 +165,22 @@ class Settings(BaseSettings):
         gt=0,
         description="Extra: seconds a client may pause while sending its body before it gets "
         "408 and its place is freed (like nginx's client_body_timeout).",
+    )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Extra: seconds a client may take to send a request's line and headers, "
+        "from when it connects or starts the next request on a kept-alive connection; then "
+        "it gets 408 and the connection closes (like nginx's client_header_timeout). Idle "
+        "kept-alive connections are not affected.",
+    )
+    upload_timeout: float = Field(
+        600.0,
+        gt=0,
+        description="Extra: seconds a task's whole upload may take. An upload is received in "
+        "full before its task queues: it holds no slot, only a place (a task arrives only while "
+        "running + queued + uploading tasks < ASR_MAX_CONCURRENT + ASR_MAX_QUEUE); past this "
+        "the client gets 408. ASR_QUEUE_TIMEOUT counts from the end of the upload.",
     )
     spool_memory_size: int = Field(
         1_048_576,
@@ -203,10 +238,21 @@ class Settings(BaseSettings):
             raise ValueError("must not carry a query string or fragment")
         return str(url).rstrip("/")
 
-    @field_validator("gated_paths", "oom_patterns", mode="before")
+    @field_validator("gated_paths", "oom_patterns", "task_methods", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         return _split_list(value)
+
+    @field_validator("task_methods")
+    @classmethod
+    def _check_methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        methods = tuple(dict.fromkeys(m.upper() for m in value))
+        for method in methods:
+            if not re.fullmatch(r"[A-Z]+", method):
+                raise ValueError(f"each method must be a word like POST, got {method!r}")
+        if not methods:
+            raise ValueError("name at least one method, e.g. POST")
+        return methods
 
     @field_validator("spool_dir")
     @classmethod
@@ -241,6 +287,17 @@ class Settings(BaseSettings):
         OomMatcher.from_patterns(value)  # raises ValueError naming the bad pattern
         return value
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_true_or_false_for_numbers(cls, value: object, info: ValidationInfo) -> object:
+        # pydantic reads true as 1: `{"max_concurrent": true}` in a PATCH would set the limit
+        # to 1. Text from the environment ("3") is never a bool and still converts.
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if {int, float} & set(get_args(annotation) or (annotation,)):
+                raise ValueError("must be a number, not true or false")
+        return value
+
     @field_validator("log_format", "event_loop", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
@@ -261,6 +318,8 @@ class Settings(BaseSettings):
             object.__setattr__(self, "max_queue", 10 * self.start_limit)
         if self.oom_window is None:
             object.__setattr__(self, "oom_window", 3 * self.retry_delay)
+        if self.timeout_hold is None:
+            object.__setattr__(self, "timeout_hold", self.request_timeout)
         if self.oom_cooldown is None:
             object.__setattr__(
                 self, "oom_cooldown", 0.0 if self.adaptive else 1.5 * self.retry_delay
@@ -290,6 +349,11 @@ class Settings(BaseSettings):
         assert self.oom_cooldown is not None
         return self.oom_cooldown
 
+    @property
+    def timeout_hold_s(self) -> float:
+        assert self.timeout_hold is not None
+        return self.timeout_hold
+
     def oom_matcher(self) -> OomMatcher:
         """The built-in OOM patterns plus the operator's."""
         return OomMatcher.from_patterns(self.oom_patterns)
@@ -312,6 +376,7 @@ class Settings(BaseSettings):
         data["max_queue"] = self.queue_limit
         data["oom_window"] = self.oom_window_s
         data["oom_cooldown"] = self.oom_cooldown_s
+        data["timeout_hold"] = self.timeout_hold_s
         data["stats_token_set"] = self.stats_token is not None
         data["admin_token_set"] = self.admin_token is not None
         return data

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import IO
 
-__all__ = ["BodyTimeout", "BodyTooLarge", "SpooledBody"]
+__all__ = ["BodyTimeout", "BodyTooLarge", "SpooledBody", "UploadTimeout"]
 
 _READ_CHUNK = 256 * 1024
 
@@ -29,6 +29,14 @@ class BodyTimeout(Exception):
 
     def __init__(self, seconds: float) -> None:
         super().__init__(f"no request body data for {seconds:g} s")
+        self.seconds = seconds
+
+
+class UploadTimeout(Exception):
+    """The whole upload took longer than ASR_UPLOAD_TIMEOUT (a steady trickle included)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the upload took longer than {seconds:g} s")
         self.seconds = seconds
 
 
@@ -51,14 +59,30 @@ class SpooledBody:
         self.complete = False
 
     async def fill(
-        self, read: Callable[[], Awaitable[bytes]], *, max_size: int, idle_timeout: float
+        self,
+        read: Callable[[], Awaitable[bytes]],
+        *,
+        max_size: int,
+        idle_timeout: float,
+        total_timeout: float | None = None,
     ) -> None:
         """Copy the client's body in until `read()` returns b"".
 
-        Refuses the body as soon as it grows past `max_size` (BodyTooLarge), and gives up when
+        Refuses the body as soon as it grows past `max_size` (BodyTooLarge), gives up when
         the client sends nothing for `idle_timeout` seconds (BodyTimeout) — like nginx's
-        client_body_timeout, a slow but steady upload is fine, a stalled one is not.
+        client_body_timeout — and when the whole upload takes longer than `total_timeout`
+        (UploadTimeout), so a steady trickle of one byte a second cannot last forever either.
         """
+        try:
+            async with asyncio.timeout(total_timeout):
+                await self._fill(read, max_size=max_size, idle_timeout=idle_timeout)
+        except TimeoutError:
+            assert total_timeout is not None
+            raise UploadTimeout(total_timeout) from None
+
+    async def _fill(
+        self, read: Callable[[], Awaitable[bytes]], *, max_size: int, idle_timeout: float
+    ) -> None:
         while True:
             try:
                 async with asyncio.timeout(idle_timeout):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from gatekeeper.admission import ServiceTimeEstimate
 from gatekeeper.gate import Gate, GateCounts
 from gatekeeper.health import UpstreamHealth
-from gatekeeper.outcomes import AttemptOutcome, RejectReason, TaskOutcome
+from gatekeeper.outcomes import AttemptOutcome, HoldEnd, RejectReason, TaskOutcome
 
 __all__ = [
     "DURATION_BUCKETS",
@@ -122,6 +122,8 @@ class TaskRecord:
     method: str
     path: str
     arrived: float
+    queued_at: float | None = None
+    """When its upload was in and it joined the queue (or took a free slot)."""
     started: float | None = None
     attempts: int = 0
     outcomes: list[AttemptOutcome] = field(default_factory=list)
@@ -156,6 +158,11 @@ class Snapshot:
     upstream_up: bool | None
     upstream_in_flight: int
     limit_changes: dict[str, int]
+    held_tasks: int = 0
+    """Slots kept by timed-out attempts the Whisper server may still be computing (part of
+    `gate.active`; their tasks have already ended)."""
+    holds: dict[HoldEnd, int] = field(default_factory=dict)
+    """Holds of timed-out attempts that ended, by how."""
 
     @property
     def active_tasks(self) -> int:
@@ -190,6 +197,8 @@ class LiveState:
         self.upstream_up: bool | None = None
         self.upstream_in_flight = 0
         self.limit_changes: Counter[str] = Counter()
+        self.held_tasks = 0
+        self.holds: Counter[HoldEnd] = Counter()
         self.oom_times: deque[float] = deque()
         self.queue_wait = HistogramData.empty(QUEUE_WAIT_BUCKETS)
         self.upstream_duration = HistogramData.empty(DURATION_BUCKETS)
@@ -222,6 +231,14 @@ class LiveState:
 
     def upstream_ended(self) -> None:
         self.upstream_in_flight -= 1
+
+    def hold_began(self) -> None:
+        """A timed-out attempt keeps its slot while the Whisper server may still be on it."""
+        self.held_tasks += 1
+
+    def hold_ended(self, end: HoldEnd) -> None:
+        self.held_tasks -= 1
+        self.holds[end] += 1
 
     def task_admitted(self) -> None:
         self.total_tasks += 1
@@ -284,4 +301,6 @@ class LiveState:
             upstream_up=self.upstream_up,
             upstream_in_flight=self.upstream_in_flight,
             limit_changes=dict(self.limit_changes),
+            held_tasks=self.held_tasks,
+            holds={end: self.holds[end] for end in HoldEnd},
         )

@@ -4,7 +4,7 @@ from typing import Any
 
 from gatekeeper.admission import queue_usage
 from gatekeeper.clock import local_iso
-from gatekeeper.outcomes import AttemptOutcome, RejectReason, TaskOutcome
+from gatekeeper.outcomes import AttemptOutcome, HoldEnd, RejectReason, TaskOutcome
 from gatekeeper.state import Snapshot, percentile
 
 __all__ = ["stats_document"]
@@ -36,6 +36,9 @@ def stats_document(snap: Snapshot, *, extras: dict[str, Any] | None = None) -> d
         # Extras after the seed's fields.
         "max_queue": snap.gate.max_queue,
         "retrying_tasks": snap.gate.retrying,
+        "uploading_tasks": snap.gate.uploading,
+        "held_tasks": snap.held_tasks,
+        "timeout_holds": {end.value: snap.holds.get(end, 0) for end in HoldEnd},
         "upstream_in_flight": snap.upstream_in_flight,
         "succeeded_tasks": snap.tasks[TaskOutcome.SUCCESS],
         "client_error_tasks": snap.tasks[TaskOutcome.CLIENT_ERROR],

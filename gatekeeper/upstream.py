@@ -46,8 +46,23 @@ def create_session(*, pool_size: int) -> aiohttp.ClientSession:
 
 
 def upstream_url(base: str, raw_path: str) -> URL:
-    """The upstream URL for a request path, query string byte-for-byte as the client sent it."""
+    """The upstream URL for a request target, query string byte-for-byte as the client sent it.
+
+    An absolute-form target (`POST http://host/asr?x`, which RFC 9112 §3.2.2 says a server must
+    accept) goes upstream in origin-form: its path and query only, never its scheme and host.
+    """
+    if not raw_path.startswith("/"):
+        raw_path = _origin_form(raw_path)
     return URL(base + raw_path, encoded=True)
+
+
+def _origin_form(target: str) -> str:
+    """`http://host:1/a?b` → `/a?b`, `http://host?b` → `/?b` (sliced: no byte re-encoded)."""
+    _, scheme_sep, rest = target.partition("://")
+    if scheme_sep:
+        ends = [i for i in (rest.find("/"), rest.find("?")) if i >= 0]
+        target = rest[min(ends) :] if ends else ""
+    return target if target.startswith("/") else "/" + target
 
 
 @dataclass
@@ -63,6 +78,9 @@ class AttemptResult:
     complete: bool = False
     error: BaseException | None = None
     timed_out: bool = False
+    still_upstream: "asyncio.Task[AttemptResult] | None" = None
+    """After a timeout: the attempt itself, still running. The Whisper server keeps computing
+    a task whose client gave up, so the caller keeps its slot until this ends (or cancels it)."""
 
     @property
     def status(self) -> int | None:
@@ -107,28 +125,51 @@ async def send(
     body: SpooledBody | None,
     deadline: float,
 ) -> AttemptResult:
-    """One attempt, bounded by `deadline` (event-loop time) from connect to the error prefix.
+    """One attempt, waited for until `deadline` (event-loop time), connect to the error prefix.
 
     `headers` go as they are: the caller sets Content-Length for the body, once per task.
+    At the deadline the attempt is not cut: the result says `timed_out` and carries the attempt,
+    still running, as `still_upstream` (the body may still be streaming from the spool, so the
+    caller keeps the body open until it ends). Cancelling `send` cancels the attempt.
     """
-    response: aiohttp.ClientResponse | None = None
     data: bytes | AsyncIterator[bytes] | None = None
     if body is not None and body.size > 0:
         data = body.in_memory()
         if data is None:
             data = body.replay()
+    attempt = asyncio.ensure_future(_exchange(session, method, url, headers, data))
     try:
         async with asyncio.timeout_at(deadline):
-            response = await session.request(
-                method, url, headers=headers, data=data, allow_redirects=False
-            )
-            if response.status >= 400:
-                prefix, complete = await read_prefix(response, CLASSIFY_BODY_LIMIT)
-                return AttemptResult(response, prefix, complete)
-            if _small_answer(method, response):
-                return AttemptResult(response, await response.content.read(), complete=True)
-            return AttemptResult(response)
+            return await asyncio.shield(attempt)
     except TimeoutError as exc:
+        if attempt.done():  # it ended just as the deadline came
+            return attempt.result()
+        return AttemptResult(None, error=exc, timed_out=True, still_upstream=attempt)
+    except asyncio.CancelledError:
+        attempt.cancel()
+        raise
+
+
+async def _exchange(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: URL,
+    headers: CIMultiDict[str],
+    data: bytes | AsyncIterator[bytes] | None,
+) -> AttemptResult:
+    """The attempt's I/O without a deadline: `send` decides how long to wait for it."""
+    response: aiohttp.ClientResponse | None = None
+    try:
+        response = await session.request(
+            method, url, headers=headers, data=data, allow_redirects=False
+        )
+        if response.status >= 400:
+            prefix, complete = await read_prefix(response, CLASSIFY_BODY_LIMIT)
+            return AttemptResult(response, prefix, complete)
+        if _small_answer(method, response):
+            return AttemptResult(response, await response.content.read(), complete=True)
+        return AttemptResult(response)
+    except TimeoutError as exc:  # the session's connect timeout: nothing reached the server
         if response is not None:
             response.close()
         return AttemptResult(None, error=exc, timed_out=True)
@@ -136,3 +177,7 @@ async def send(
         if response is not None:
             response.close()
         return AttemptResult(None, error=exc)
+    except BaseException:  # cancelled: the connection goes with it
+        if response is not None:
+            response.close()
+        raise

@@ -40,12 +40,14 @@ def _port(base: str) -> int:
 async def test_stalled_upload_gets_408_and_frees_its_place(
     upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory
 ) -> None:
-    """A client that stops sending its body gets 408 after the body timeout; its slot frees."""
+    """A client that stops sending its body gets 408 after the body timeout; its place frees."""
     base, app = await start_gatekeeper(upstream.url, client_body_timeout=0.3, max_queue=0)
     reader, writer = await asyncio.open_connection("127.0.0.1", _port(base))
     writer.write(b"POST /asr HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\npartial")
     await writer.drain()
-    await until(lambda: app[STATE].snapshot().active_tasks == 1)
+    # Uploading: it holds no slot, but the only place (limit 1 + queue 0) is promised to it.
+    await until(lambda: app[STATE].snapshot().gate.uploading == 1)
+    assert app[STATE].snapshot().active_tasks == 0
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{base}/asr", data=b"x") as response:
             assert response.status == 503  # the staller holds the only place meanwhile
@@ -54,7 +56,7 @@ async def test_stalled_upload_gets_408_and_frees_its_place(
     assert head.startswith(b"HTTP/1.1 408")
     assert json.loads(head.split(b"\r\n\r\n", 1)[1])["reason"] == "client_body_timeout"
     snap = app[STATE].snapshot()
-    assert (snap.active_tasks, snap.queued_tasks) == (0, 0)
+    assert (snap.active_tasks, snap.queued_tasks, snap.gate.uploading) == (0, 0, 0)
     assert snap.tasks[TaskOutcome.CLIENT_ERROR] == 1
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{base}/asr", data=b"x") as response:

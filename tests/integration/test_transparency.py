@@ -10,8 +10,10 @@ import os
 import aiohttp
 
 from gatekeeper.app import STATE
+from gatekeeper.outcomes import HoldEnd
 from tests.conftest import GatekeeperFactory
 from tests.fakes import GZIP_BODY, FakeUpstream
+from tests.waiting import until
 
 
 async def test_50mb_multipart_upload_arrives_byte_exact(
@@ -183,8 +185,9 @@ async def test_sse_answer_streams_chunk_by_chunk(
 async def test_attempt_timeout_gives_504_json(
     upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory
 ) -> None:
-    """An attempt that exceeds ASR_REQUEST_TIMEOUT answers 504 with the SPEC's JSON body."""
-    base, app = await start_gatekeeper(upstream.url, request_timeout=0.3)
+    """An attempt that exceeds ASR_REQUEST_TIMEOUT answers 504 with the SPEC's JSON body; the
+    slot stays held (the server may still compute it) until ASR_TIMEOUT_HOLD runs out."""
+    base, app = await start_gatekeeper(upstream.url, request_timeout=0.3, timeout_hold=0.3)
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{base}/asr", data=b"x", headers={"X-Fake-Hold": "never"}) as r:
             assert r.status == 504
@@ -195,7 +198,12 @@ async def test_attempt_timeout_gives_504_json(
     assert doc["error"]
     snap = app[STATE].snapshot()
     assert snap.failed_tasks == 1
-    assert snap.active_tasks == 0
+    assert (snap.active_tasks, snap.held_tasks) == (1, 1)
+    await until(lambda: app[STATE].snapshot().active_tasks == 0)
+    snap = app[STATE].snapshot()
+    assert snap.held_tasks == 0
+    assert snap.holds[HoldEnd.EXPIRED] == 1
+    assert snap.upstream_in_flight == 0
 
 
 async def test_refused_connection_gives_502_json(start_gatekeeper: GatekeeperFactory) -> None:

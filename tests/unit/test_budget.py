@@ -129,6 +129,33 @@ def test_a_proxy_timeout_covers_the_worst_case_only_beyond_it(
     assert budget.covered_by(proxy, upstream_retry_after=retry_after) is covered
 
 
+@pytest.mark.parametrize("retry_on_timeout", [False, True])
+def test_a_retried_timeout_waits_out_its_hold(retry_on_timeout: bool) -> None:
+    """With ASR_RETRY_ON_TIMEOUT each retry may first wait ASR_TIMEOUT_HOLD for the Whisper
+    server to finish the timed-out attempt; without it the 504 goes out at the deadline."""
+    common = {
+        "queue_timeout": 600,
+        "request_timeout": 300,
+        "max_retries": 3,
+        "retry_delay": 10,
+        "retry_jitter": 0.1,
+        "oom_cooldown": 15,
+    }
+    held = task_budget(**common, retry_on_timeout=retry_on_timeout, timeout_hold=400)
+    plain = task_budget(**common)
+    assert held.retry_hold_seconds == (3 * 400 if retry_on_timeout else 0)
+    assert held.worst_case == pytest.approx(plain.worst_case + held.retry_hold_seconds)
+    settings = load_settings(
+        {
+            "upstream_url": "http://w:9000",
+            "retry_on_timeout": retry_on_timeout,
+            "timeout_hold": 400,
+        },
+        env_file=None,
+    )
+    assert from_settings(settings) == held
+
+
 def test_budget_is_a_frozen_value() -> None:
     """The result is an immutable value that can be logged and compared."""
     budget = task_budget(
