@@ -35,15 +35,29 @@ out of GPU memory, and that the gatekeeper sees exactly (an `oom` outcome). The 
 import math
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 
 from gatekeeper.outcomes import AttemptOutcome
 
-__all__ = ["HISTORY_LENGTH", "AdaptiveLimit", "AdaptiveParams", "LimitChange"]
+__all__ = ["HISTORY_LENGTH", "AdaptiveLimit", "AdaptiveParams", "LimitChange", "LimitChangeKind"]
 
 HISTORY_LENGTH = 20
 """How many past changes `history` (and so /stats) keeps."""
+
+
+class LimitChangeKind(StrEnum):
+    """What moved the limit (the `reason` label of asr_gatekeeper_limit_changes_total)."""
+
+    OOM = "oom"
+    CRASH = "crash"
+    STABLE = "stable"
+    CEILING_FADED = "ceiling_faded"
+
+    def reason(self, level: int | None = None) -> str:
+        """The change's reason text: the kind, with the level it was measured at if any."""
+        return self.value if level is None else f"{self.value}_at_{level}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,12 +73,14 @@ class LimitChange:
     new: int
     reason: str
     at: float
+    cause: LimitChangeKind | None = field(default=None, compare=False)
+    """The kind of change, as the algorithm decided it (None only in hand-made examples)."""
 
     @property
-    def kind(self) -> str:
-        """The reason without its level (`oom`, `crash`, `stable`, `ceiling_faded`): a label."""
-        head, sep, tail = self.reason.rpartition("_at_")
-        return head if sep and tail.isdigit() else self.reason
+    def kind(self) -> LimitChangeKind:
+        """The reason without its level: a label for metrics."""
+        assert self.cause is not None, "a LimitChange from the algorithm always has a cause"
+        return self.cause
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,14 +302,16 @@ class AdaptiveLimit:
         ceiling = self._ceiling_at_time(now)
         if ceiling is not None:
             new = min(new, ceiling)
-        return self._set(max(p.minimum, new), f"oom_at_{in_flight}", now)
+        return self._set(max(p.minimum, new), LimitChangeKind.OOM, now, level=in_flight)
 
     def _on_crash(self, in_flight: int, now: float) -> LimitChange | None:
         last = self._last_crash_cut
         if last is not None and now - last < self._params.crash_holdoff_seconds:
             return None
         self._last_crash_cut = now
-        return self._set(self._params.decreased(self._limit), f"crash_at_{in_flight}", now)
+        return self._set(
+            self._params.decreased(self._limit), LimitChangeKind.CRASH, now, level=in_flight
+        )
 
     def _maybe_rise(self, now: float) -> LimitChange | None:
         p = self._params
@@ -304,15 +322,18 @@ class AdaptiveLimit:
         if ceiling is not None and self._limit >= ceiling:
             self._held_by_ceiling = True
             return None
-        reason = "ceiling_faded" if self._held_by_ceiling else f"stable_at_{self._limit}"
-        return self._set(self._limit + 1, reason, now)
+        if self._held_by_ceiling:
+            return self._set(self._limit + 1, LimitChangeKind.CEILING_FADED, now)
+        return self._set(self._limit + 1, LimitChangeKind.STABLE, now, level=self._limit)
 
-    def _set(self, new: int, reason: str, now: float) -> LimitChange | None:
+    def _set(
+        self, new: int, kind: LimitChangeKind, now: float, *, level: int | None = None
+    ) -> LimitChange | None:
         """Move to `new` (a decision already within the bounds) and start a new stretch."""
         self._restart_stretch(now)
         if new == self._limit:
             return None
-        change = LimitChange(self._limit, new, reason, now)
+        change = LimitChange(self._limit, new, kind.reason(level), now, kind)
         self._limit = new
         self._history.append(change)
         return change

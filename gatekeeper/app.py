@@ -18,11 +18,10 @@ from gatekeeper import __version__
 from gatekeeper.answers import json_answer, own_path_elsewhere
 from gatekeeper.clock import Clock, SystemClock, local_iso
 from gatekeeper.control import RELOADABLE, Controller
-from gatekeeper.gate import Gate
 from gatekeeper.health import HealthProbe
 from gatekeeper.metrics import create_registry
 from gatekeeper.middlewares import refuse_transfer_codings
-from gatekeeper.proxy import Proxy, ProxyConfig, adaptive_from_settings
+from gatekeeper.proxy import Proxy
 from gatekeeper.settings import Settings, SettingsError
 from gatekeeper.state import LiveState
 from gatekeeper.stats import stats_document
@@ -87,17 +86,8 @@ def build_app(
     app = web.Application(
         handler_args={"max_field_size": 65536}, middlewares=[refuse_transfer_codings]
     )
-    gate = Gate(limit=settings.start_limit, max_queue=settings.queue_limit)
-    state = LiveState(gate, now=clock.monotonic)
-    proxy = Proxy(
-        ProxyConfig.from_settings(settings),
-        gate=gate,
-        state=state,
-        clock=clock,
-        rng=rng or random.Random(),
-        session=lambda: app[SESSION],
-    )
-    proxy.adaptive = adaptive_from_settings(settings, clock.monotonic)
+    proxy = Proxy(settings, clock=clock, rng=rng or random.Random(), session=lambda: app[SESSION])
+    gate, state = proxy.gate, proxy.state
     control = Controller(settings, on_change=proxy.reconfigure)
     app[STATE] = state
     app[PROXY] = proxy
@@ -152,11 +142,9 @@ def build_app(
 
     async def stats(request: web.Request) -> web.StreamResponse:
         extras = {
-            "upstream_up": app[HEALTH].status.up,
             "uptime_seconds": round(time.time() - started, 1),
             "started_at": local_iso(started),
             "version": __version__,
-            **proxy.adaptive_stats(),
             "settings": control.settings.public_dict(),
         }
         return json_answer(200, stats_document(state.snapshot(), extras=extras))

@@ -11,35 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from gatekeeper.logs import Event, log_event
-from gatekeeper.settings import Settings, SettingsError, validate_settings
+from gatekeeper.settings import LIVE_SETTINGS, Settings, SettingsError, validate_settings
 
 __all__ = ["RELOADABLE", "ConfigChange", "Controller"]
 
-# What may change without a restart. The rest (where we listen, where the upstream is, tokens,
-# paths, spooling, logging) is wired into long-lived objects: changing it needs a restart.
-RELOADABLE = frozenset(
-    {
-        "max_concurrent",
-        "max_queue",
-        "queue_timeout",
-        "max_retries",
-        "retry_delay",
-        "retry_jitter",
-        "retry_on_timeout",
-        "request_timeout",
-        "oom_window",
-        "oom_cooldown",
-        "client_body_timeout",
-        "timeout_hold",
-        "upload_timeout",
-        "adaptive",
-        "min_concurrent",
-        "initial_concurrent",
-        "adaptive_stable_successes",
-        "adaptive_stable_seconds",
-        "adaptive_fade_seconds",
-    }
-)
+# What may change without a restart: said on the settings themselves (settings.py, `_LIVE`).
+RELOADABLE = LIVE_SETTINGS
 
 
 @dataclass(frozen=True, slots=True)

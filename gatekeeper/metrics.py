@@ -16,13 +16,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from gatekeeper.adaptive import LimitChangeKind
 from gatekeeper.outcomes import AttemptOutcome, HoldEnd, RejectReason, TaskOutcome
 from gatekeeper.state import HistogramData, Snapshot
 
-__all__ = ["LIMIT_CHANGE_KINDS", "PREFIX", "SnapshotCollector", "create_registry"]
-
-# The causes the adaptive limit reports (LimitChange.kind); listed so every series exists at 0.
-LIMIT_CHANGE_KINDS = ("oom", "crash", "stable", "ceiling_faded")
+__all__ = ["PREFIX", "SnapshotCollector", "create_registry"]
 
 PREFIX = "asr_gatekeeper_"
 
@@ -135,7 +133,7 @@ class SnapshotCollector(Collector):
             "limit_changes_total",
             "Changes of the adaptive limit, by what caused them.",
             "reason",
-            {kind: snap.limit_changes.get(kind, 0) for kind in LIMIT_CHANGE_KINDS},
+            {kind.value: snap.limit_changes.get(kind, 0) for kind in LimitChangeKind},
         )
         oom = CounterMetricFamily(
             PREFIX + "oom_errors", "Upstream attempts that ended in out-of-memory."

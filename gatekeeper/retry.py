@@ -6,6 +6,7 @@ Delays derive from the one base `ASR_RETRY_DELAY` d (SPEC "Outcomes, retries, de
 - `error`: d/2 × 2^(k−1) → 5, 10, 20 s at d = 10.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gatekeeper.outcomes import AttemptOutcome
@@ -58,6 +59,27 @@ class RetryPolicy:
         if outcome is AttemptOutcome.TIMEOUT:
             return self.retry_on_timeout
         return outcome in _RETRYABLE
+
+    def next_delay(
+        self,
+        outcome: AttemptOutcome,
+        attempts_done: int,
+        *,
+        client_gone: bool,
+        unit_random: Callable[[], float],
+        upstream_retry_after: float | None = None,
+    ) -> float | None:
+        """The one decision after an attempt: None to deliver its answer (a success, a client
+        error, a failure not worth another try, no retries left, or nobody left to answer),
+        else the seconds to wait before the next attempt. `unit_random` is drawn only then."""
+        if client_gone or not self.should_retry(outcome, attempts_done):
+            return None
+        return self.delay(
+            outcome,
+            attempts_done,
+            unit_random=unit_random(),
+            upstream_retry_after=upstream_retry_after,
+        )
 
     def delay(
         self,

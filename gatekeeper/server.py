@@ -1,9 +1,8 @@
 """Running the gatekeeper as a process: listen, serve, and drain on SIGTERM/SIGINT.
 
-Shutdown, in order: stop admitting (new tasks get 503 shutting_down, other paths still pass),
-let running and queued tasks finish for up to ASR_SHUTDOWN_GRACE seconds, then refuse whatever
-still waits with 503 shutting_down, stop what still runs, close the listener and exit 0.
-A second signal skips the grace period.
+Shutdown is `drain.drain` (stop admitting, let the work finish for up to ASR_SHUTDOWN_GRACE
+seconds, then answer or stop what is left), then the listener closes and the process exits 0.
+A second signal skips the rest of the grace period.
 """
 
 import asyncio
@@ -17,14 +16,11 @@ from aiohttp import web
 
 from gatekeeper.app import CONTROL, PROXY, build_app
 from gatekeeper.connections import GatekeeperRunner
+from gatekeeper.drain import FINAL_FLUSH, DrainReport, drain
 from gatekeeper.logs import LOG_PREFIX, Event, log_event, logger
-from gatekeeper.outcomes import RejectReason
 from gatekeeper.settings import Settings, SettingsError
 
 __all__ = ["EventLoopMissing", "loop_factory", "serve"]
-
-# Seconds aiohttp gives handlers to write their last answers once our own drain is over.
-_FINAL_FLUSH = 1.0
 
 
 class EventLoopMissing(Exception):
@@ -79,7 +75,7 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
         # A gzip-encoded upload goes upstream exactly as sent, still labelled gzip, not
         # inflated under a header that still says gzip (bytes in = bytes out).
         auto_decompress=False,
-        shutdown_timeout=_FINAL_FLUSH,
+        shutdown_timeout=FINAL_FLUSH,  # aiohttp gives handlers this to write their last answers
         access_log_format='%a "%r" %s %b %Tfs "%{X-Request-ID}o"',
     )
     await runner.setup()
@@ -130,28 +126,10 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
             LOG_PREFIX,
             settings.port,
         )
+    report = DrainReport(refused_waiting=0, stopped_running=0)
     try:
         await stop.wait()
-        proxy.gate.begin_shutdown()
-        idle = asyncio.ensure_future(proxy.gate.wait_idle())
-        hurried = asyncio.ensure_future(hurry.wait())
-        await asyncio.wait(
-            {idle, hurried}, timeout=settings.shutdown_grace, return_when=asyncio.FIRST_COMPLETED
-        )
-        idle.cancel()
-        hurried.cancel()
-        refused = proxy.gate.refuse_waiting(RejectReason.SHUTTING_DOWN)
-        refused += proxy.stop_uploads()
-        between = proxy.stop_retries()  # tasks between attempts answer 503 themselves
-        refused += len(between)
-        if between:
-            await asyncio.wait(between, timeout=_FINAL_FLUSH)
-        running = [task for task in proxy.runners if not task.done()]
-        for task in running:
-            task.cancel()
-        if running:
-            await asyncio.wait(running, timeout=_FINAL_FLUSH)
-        stopped = {"refused_waiting": refused, "stopped_running": len(running)}
+        report = await drain(proxy, grace=settings.shutdown_grace, hurry=hurry)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(Exception):
@@ -160,5 +138,11 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
     # Only now is every answer out (the cleanup waits for the handlers still writing theirs):
     # the last line says so, with what was left.
     counts = proxy.gate.counts()
-    log_event(Event.STOPPED, **stopped, active=counts.active, queued=counts.queued)
+    log_event(
+        Event.STOPPED,
+        refused_waiting=report.refused_waiting,
+        stopped_running=report.stopped_running,
+        active=counts.active,
+        queued=counts.queued,
+    )
     return 0

@@ -24,6 +24,8 @@ from gatekeeper.classify import OomMatcher
 __all__ = [
     "DEFAULT_GATED_PATHS",
     "ENV_PREFIX",
+    "LIVE_SETTINGS",
+    "QUEUE_PER_SLOT",
     "Settings",
     "SettingsError",
     "load_settings",
@@ -31,7 +33,16 @@ __all__ = [
 ]
 
 ENV_PREFIX = "ASR_"
+QUEUE_PER_SLOT = 10
+"""The seed's queue size: 10 waiting tasks per slot (ASR_MAX_QUEUE's default, and the adaptive
+mode's queue that follows its limit)."""
 DEFAULT_GATED_PATHS = ("/asr", "/detect-language", "/v1/audio/", "/inference")
+
+
+_LIVE: dict[str, Any] = {"live": True}
+"""Marks a setting that may change while serving (PATCH /admin/config, SIGHUP); the rest is
+wired into long-lived objects (where we listen, the upstream, tokens, paths, spooling, logging)
+and needs a restart."""
 
 
 def _split_list(value: object) -> object:
@@ -66,15 +77,24 @@ class Settings(BaseSettings):
     host: str = Field("0.0.0.0", min_length=1, description="Address the gatekeeper listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the gatekeeper listens on.")
     max_concurrent: int = Field(
-        1, ge=1, le=1024, description="Tasks sent to the Whisper server at once."
+        1,
+        ge=1,
+        le=1024,
+        description="Tasks sent to the Whisper server at once.",
+        json_schema_extra=_LIVE,
     )
     adaptive: bool = Field(
         False,
         description="Extra: let the gatekeeper tune its own limit between ASR_MIN_CONCURRENT "
         "and ASR_MAX_CONCURRENT, lowering it on OOM and raising it after stable stretches.",
+        json_schema_extra=_LIVE,
     )
     min_concurrent: int = Field(
-        1, ge=1, le=1024, description="Extra: lowest limit the adaptive mode may choose."
+        1,
+        ge=1,
+        le=1024,
+        description="Extra: lowest limit the adaptive mode may choose.",
+        json_schema_extra=_LIVE,
     )
     initial_concurrent: int | None = Field(
         None,
@@ -82,51 +102,72 @@ class Settings(BaseSettings):
         le=1024,
         description="Extra: limit the adaptive mode starts from (default: ASR_MIN_CONCURRENT, "
         "the seed's conservative start).",
+        json_schema_extra=_LIVE,
     )
     adaptive_stable_successes: int = Field(
         3,
         ge=1,
         description="Extra: successes at the full limit, with tasks waiting, before the "
         "adaptive mode tries one more.",
+        json_schema_extra=_LIVE,
     )
     adaptive_stable_seconds: float = Field(
         30.0,
         ge=0,
         description="Extra: least seconds at a limit before the adaptive mode raises it.",
+        json_schema_extra=_LIVE,
     )
     adaptive_fade_seconds: float = Field(
         3600.0,
         gt=0,
         description="Extra: seconds the adaptive mode remembers OOMs; a ceiling learned from "
         "them goes once they are older (so a fixed or restarted Whisper server is probed again).",
+        json_schema_extra=_LIVE,
     )
     max_queue: int | None = Field(
         None,
         ge=0,
         description="Tasks allowed to wait; beyond it, refuse. Default 10 × concurrent (in the "
         "adaptive mode: 10 × the current limit, following it as it moves).",
+        json_schema_extra=_LIVE,
     )
     queue_timeout: float = Field(
-        600.0, gt=0, description="Seconds a task may wait in the queue before it is refused."
+        600.0,
+        gt=0,
+        description="Seconds a task may wait in the queue before it is refused.",
+        json_schema_extra=_LIVE,
     )
     max_retries: int = Field(
-        3, ge=0, le=100, description="Retries after the first attempt (0 = never retry)."
+        3,
+        ge=0,
+        le=100,
+        description="Retries after the first attempt (0 = never retry).",
+        json_schema_extra=_LIVE,
     )
     retry_delay: float = Field(
-        10.0, ge=0, description="Base retry delay in seconds; every schedule derives from it."
+        10.0,
+        ge=0,
+        description="Base retry delay in seconds; every schedule derives from it.",
+        json_schema_extra=_LIVE,
     )
     retry_jitter: float = Field(
-        0.1, ge=0, lt=1, description="Each delay is multiplied by uniform(1-j, 1+j)."
+        0.1,
+        ge=0,
+        lt=1,
+        description="Each delay is multiplied by uniform(1-j, 1+j).",
+        json_schema_extra=_LIVE,
     )
     retry_on_timeout: bool = Field(
         False,
         description="Extra: retry an attempt that hit ASR_REQUEST_TIMEOUT (off: the GPU may "
         "still be working on it, a retry would double its load).",
+        json_schema_extra=_LIVE,
     )
     request_timeout: float = Field(
         300.0,
         gt=0,
         description="Seconds one upstream attempt may take, sending the spooled body included.",
+        json_schema_extra=_LIVE,
     )
     timeout_hold: float | None = Field(
         None,
@@ -135,15 +176,20 @@ class Settings(BaseSettings):
         "slot stays taken while the Whisper server may still be computing it: until the server "
         "answers (read and dropped) or closes the connection, at most this long. Default: "
         "ASR_REQUEST_TIMEOUT.",
+        json_schema_extra=_LIVE,
     )
     oom_window: float | None = Field(
-        None, ge=0, description="Seconds after an OOM during which new tasks cool down first."
+        None,
+        ge=0,
+        description="Seconds after an OOM during which new tasks cool down first.",
+        json_schema_extra=_LIVE,
     )
     oom_cooldown: float | None = Field(
         None,
         ge=0,
         description="Seconds a task waits before starting inside the OOM window. Default "
         "1.5 × delay; 0 in the adaptive mode, where the limit cut after an OOM does its job.",
+        json_schema_extra=_LIVE,
     )
     gated_paths: Annotated[tuple[str, ...], NoDecode] = Field(
         DEFAULT_GATED_PATHS,
@@ -165,6 +211,7 @@ class Settings(BaseSettings):
         gt=0,
         description="Extra: seconds a client may pause while sending its body before it gets "
         "408 and its place is freed (like nginx's client_body_timeout).",
+        json_schema_extra=_LIVE,
     )
     header_timeout: float = Field(
         10.0,
@@ -181,6 +228,7 @@ class Settings(BaseSettings):
         "full before its task queues: it holds no slot, only a place (a task arrives only while "
         "running + queued + uploading tasks < ASR_MAX_CONCURRENT + ASR_MAX_QUEUE); past this "
         "the client gets 408. ASR_QUEUE_TIMEOUT counts from the end of the upload.",
+        json_schema_extra=_LIVE,
     )
     spool_memory_size: int = Field(
         1_048_576,
@@ -315,7 +363,7 @@ class Settings(BaseSettings):
         # The adaptive mode (extra) sizes the queue by its current limit and needs no cool-down:
         # the cut after an OOM already holds new starts back while the retried task waits.
         if self.max_queue is None:
-            object.__setattr__(self, "max_queue", 10 * self.start_limit)
+            object.__setattr__(self, "max_queue", QUEUE_PER_SLOT * self.start_limit)
         if self.oom_window is None:
             object.__setattr__(self, "oom_window", 3 * self.retry_delay)
         if self.timeout_hold is None:
@@ -380,6 +428,14 @@ class Settings(BaseSettings):
         data["stats_token_set"] = self.stats_token is not None
         data["admin_token_set"] = self.admin_token is not None
         return data
+
+
+LIVE_SETTINGS = frozenset(
+    name
+    for name, info in Settings.model_fields.items()
+    if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("live")
+)
+"""The settings that may change without a restart."""
 
 
 class SettingsError(Exception):

@@ -9,6 +9,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from gatekeeper.adaptive import LimitChangeKind
 from gatekeeper.admission import ServiceTimeEstimate
 from gatekeeper.gate import Gate, GateCounts
 from gatekeeper.health import UpstreamHealth
@@ -20,7 +21,6 @@ __all__ = [
     "HistogramData",
     "LiveState",
     "Snapshot",
-    "TaskRecord",
     "percentile",
 ]
 
@@ -114,26 +114,6 @@ def percentile(values: tuple[float, ...], q: float) -> float | None:
     return ordered[rank]
 
 
-@dataclass
-class TaskRecord:
-    """What happened to one task, kept while it lives and summarised when it ends."""
-
-    task_id: str
-    method: str
-    path: str
-    arrived: float
-    queued_at: float | None = None
-    """When its upload was in and it joined the queue (or took a free slot)."""
-    started: float | None = None
-    attempts: int = 0
-    outcomes: list[AttemptOutcome] = field(default_factory=list)
-    retry_delay_total: float = 0.0
-    cooldown: float = 0.0
-    held: float = 0.0
-    """Seconds the task held a slot so far (not its retry delays, when it gave the slot back)."""
-    held_since: float | None = None
-
-
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """One consistent reading of everything the gatekeeper knows about itself."""
@@ -155,9 +135,12 @@ class Snapshot:
     queue_wait: HistogramData
     upstream_duration: HistogramData
     task_duration: HistogramData
-    upstream_up: bool | None
+    upstream: UpstreamHealth | None
+    """The background probe's latest verdict (None until the first check)."""
     upstream_in_flight: int
-    limit_changes: dict[str, int]
+    limit_changes: dict[LimitChangeKind, int]
+    adaptive: dict[str, object] | None = None
+    """The adaptive limit's state (None when the limit is fixed)."""
     held_tasks: int = 0
     """Slots kept by timed-out attempts the Whisper server may still be computing (part of
     `gate.active`; their tasks have already ended)."""
@@ -171,6 +154,11 @@ class Snapshot:
     @property
     def queued_tasks(self) -> int:
         return self.gate.queued
+
+    @property
+    def upstream_up(self) -> bool | None:
+        """The Whisper server accepted the last check (None before the first one)."""
+        return None if self.upstream is None else self.upstream.up
 
     @property
     def failed_tasks(self) -> int:
@@ -194,9 +182,11 @@ class LiveState:
     def __init__(self, gate: Gate, *, now: Callable[[], float]) -> None:
         self.gate = gate
         self._now = now  # monotonic clock, for "in the last hour"
-        self.upstream_up: bool | None = None
+        self.upstream: UpstreamHealth | None = None
+        # The adaptive limit's state at snapshot time (the limiter sets this; None: fixed).
+        self.adaptive_view: Callable[[], dict[str, object] | None] = lambda: None
         self.upstream_in_flight = 0
-        self.limit_changes: Counter[str] = Counter()
+        self.limit_changes: Counter[LimitChangeKind] = Counter()
         self.held_tasks = 0
         self.holds: Counter[HoldEnd] = Counter()
         self.oom_times: deque[float] = deque()
@@ -218,15 +208,15 @@ class LiveState:
 
     def set_upstream(self, health: "UpstreamHealth") -> None:
         """The background probe's latest verdict (None until the first check)."""
-        self.upstream_up = health.up
+        self.upstream = health
 
     def upstream_began(self) -> int:
         """An attempt is being sent; returns how many are upstream now, this one included."""
         self.upstream_in_flight += 1
         return self.upstream_in_flight
 
-    def limit_changed(self, kind: str) -> None:
-        """The adaptive limit moved (`kind`: oom, crash, stable, ceiling_faded)."""
+    def limit_changed(self, kind: LimitChangeKind) -> None:
+        """The adaptive limit moved, for this kind of reason."""
         self.limit_changes[kind] += 1
 
     def upstream_ended(self) -> None:
@@ -298,7 +288,8 @@ class LiveState:
             queue_wait=self.queue_wait,
             upstream_duration=self.upstream_duration,
             task_duration=self.task_duration,
-            upstream_up=self.upstream_up,
+            upstream=self.upstream,
+            adaptive=self.adaptive_view(),
             upstream_in_flight=self.upstream_in_flight,
             limit_changes=dict(self.limit_changes),
             held_tasks=self.held_tasks,

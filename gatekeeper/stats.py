@@ -55,6 +55,8 @@ def stats_document(snap: Snapshot, *, extras: dict[str, Any] | None = None) -> d
         "upstream_duration_seconds": _quantiles(snap.recent_upstream_durations),
         "mean_service_seconds": round(snap.mean_service_seconds, 3),
         "shutting_down": snap.gate.shutting_down,
+        "upstream_up": snap.upstream_up,
+        "adaptive": snap.adaptive,
     }
     if extras:
         doc.update(extras)

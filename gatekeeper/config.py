@@ -1,0 +1,59 @@
+"""What the task path (handler, runner, relay) needs from the settings, resolved once."""
+
+from dataclasses import dataclass
+
+from gatekeeper.classify import OomMatcher
+from gatekeeper.retry import RetryPolicy
+from gatekeeper.settings import Settings
+
+__all__ = ["ProxyConfig"]
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """The task path's settings; rebuilt whole on a live change (running tasks keep theirs)."""
+
+    upstream: str
+    gated_paths: tuple[str, ...]
+    task_methods: frozenset[str]
+    max_body_size: int
+    spool_memory_size: int
+    spool_dir: str | None
+    queue_timeout: float
+    request_timeout: float
+    client_body_timeout: float
+    upload_timeout: float
+    timeout_hold: float
+    oom_window: float
+    oom_cooldown: float
+    retry: RetryPolicy
+    matcher: OomMatcher
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "ProxyConfig":
+        return cls(
+            upstream=settings.upstream_url,
+            gated_paths=settings.gated_paths,
+            task_methods=frozenset(settings.task_methods),
+            max_body_size=settings.max_body_size,
+            spool_memory_size=settings.spool_memory_size,
+            spool_dir=str(settings.spool_dir) if settings.spool_dir else None,
+            queue_timeout=settings.queue_timeout,
+            request_timeout=settings.request_timeout,
+            client_body_timeout=settings.client_body_timeout,
+            upload_timeout=settings.upload_timeout,
+            timeout_hold=settings.timeout_hold_s,
+            oom_window=settings.oom_window_s,
+            oom_cooldown=settings.oom_cooldown_s,
+            retry=RetryPolicy(
+                max_retries=settings.max_retries,
+                base=settings.retry_delay,
+                jitter=settings.retry_jitter,
+                retry_on_timeout=settings.retry_on_timeout,
+            ),
+            matcher=settings.oom_matcher(),
+        )
+
+    def is_task(self, method: str, path: str) -> bool:
+        """Work for the GPU: a task method (POST) on a task path; the rest passes through."""
+        return method in self.task_methods and path.startswith(self.gated_paths)

@@ -1,0 +1,564 @@
+"""The runner: a task that holds a slot makes its attempts, retries, and answers once.
+
+It runs in an asyncio task of its own that the request handler only awaits through
+`asyncio.shield`: a client that leaves marks the task "gone" (`Task.gone`); the runner lets
+the current attempt finish (the GPU is busy with it anyway), discards the answer, makes no
+further attempts, and only then gives the slot back.
+
+"Deliver or retry after d" is one pure decision (`RetryPolicy.next_delay`); this module does
+the waiting. A timed-out attempt is still on the GPU (a real Whisper server keeps transcribing
+after its client leaves): the client gets its 504 at the deadline, but the slot stays taken (a
+*hold*) until the server answers (read and dropped) or closes the connection, at most
+ASR_TIMEOUT_HOLD. With ASR_RETRY_ON_TIMEOUT the retry waits for the hold to end.
+"""
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Coroutine
+from enum import Enum
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gatekeeper.answers import ATTEMPTS_HEADER, upstream_failure
+from gatekeeper.classify import classify
+from gatekeeper.clock import Clock
+from gatekeeper.config import ProxyConfig
+from gatekeeper.gate import Ticket
+from gatekeeper.headers import REQUEST_ID
+from gatekeeper.ledger import TaskRecord
+from gatekeeper.limiter import Limiter
+from gatekeeper.logs import Event, log_event
+from gatekeeper.outcomes import AttemptOutcome, HoldEnd, RejectReason, TaskOutcome
+from gatekeeper.refusals import Refusals
+from gatekeeper.relay import RelayEnd, discard, finish_answer, finish_attempt, relay
+from gatekeeper.retry import parse_retry_after
+from gatekeeper.spool import SpooledBody
+from gatekeeper.state import LiveState
+from gatekeeper.upstream import AttemptResult, send, upstream_url
+
+__all__ = ["Runner", "Task"]
+
+Still = Coroutine[Any, Any, HoldEnd]
+"""What the Whisper server may still be doing for a timed-out attempt, to hold the slot for."""
+
+_TASK_OUTCOMES = {
+    AttemptOutcome.OK: TaskOutcome.SUCCESS,
+    AttemptOutcome.CLIENT_ERROR: TaskOutcome.CLIENT_ERROR,
+}
+
+_ATTEMPT_EVENTS = {
+    AttemptOutcome.OOM: Event.OOM,
+    AttemptOutcome.TIMEOUT: Event.TIMEOUT,
+    AttemptOutcome.CRASH: Event.CRASH,
+    AttemptOutcome.ERROR: Event.UPSTREAM_ERROR,
+}
+
+
+class _Resume(Enum):
+    """How a retry's wait for a slot ended."""
+
+    GRANTED = "granted"
+    GONE = "gone"
+    TIMED_OUT = "timed_out"
+    STOPPED = "stopped"  # the shutdown's grace period ended
+
+
+class Task:
+    """Everything one admitted task carries from the handler into its runner."""
+
+    __slots__ = (
+        "answering",
+        "body",
+        "gone",
+        "headers",
+        "hold",
+        "record",
+        "request",
+        "runner",
+        "ticket",
+    )
+
+    def __init__(
+        self,
+        request: web.Request,
+        record: TaskRecord,
+        ticket: Ticket,
+        body: SpooledBody,
+        headers: CIMultiDict[str],
+    ) -> None:
+        self.request = request
+        self.record = record
+        self.ticket = ticket
+        self.body = body
+        self.headers = headers
+        self.gone = asyncio.Event()
+        self.runner: asyncio.Task[web.StreamResponse] | None = None
+        self.answering = False  # the upstream's answer has begun to go to the client
+        # A timed-out last attempt the Whisper server may still compute: it owns the slot and
+        # the body from the runner's end until the server is done (or ASR_TIMEOUT_HOLD).
+        self.hold: asyncio.Task[HoldEnd] | None = None
+
+
+class Runner:
+    """Starts and tracks runners (and holds); the shutdown asks it to stop retries."""
+
+    def __init__(
+        self,
+        config: Callable[[], ProxyConfig],
+        *,
+        limiter: Limiter,
+        state: LiveState,
+        refusals: Refusals,
+        clock: Clock,
+        rng: random.Random,
+        session: Callable[[], aiohttp.ClientSession],
+    ) -> None:
+        self._config = config
+        self._limiter = limiter
+        self._state = state
+        self._refusals = refusals
+        self._clock = clock
+        self._rng = rng
+        self._session = session
+        # Attempt loops, and holds of timed-out attempts: what still works upstream.
+        self.running: set[asyncio.Task[Any]] = set()
+        # Tasks between two attempts without a slot, so a shutdown can answer them.
+        self._between: set[Task] = set()
+        self._retries_stopped = asyncio.Event()
+
+    def start(self, task: Task) -> "asyncio.Task[web.StreamResponse]":
+        """Run `task` (its ticket holds a slot) in a runner of its own."""
+        runner = asyncio.create_task(self._run(task), name=f"task-{task.record.task_id}")
+        task.runner = runner
+        self.running.add(runner)
+        runner.add_done_callback(self.running.discard)
+        return runner
+
+    def stop_retries(self) -> list["asyncio.Task[web.StreamResponse]"]:
+        """End of a shutdown grace period: tasks between two attempts (in a retry delay without
+        a slot, or waiting for one) get 503 shutting_down now. Returns their runners."""
+        self._retries_stopped.set()
+        return [t.runner for t in self._between if t.runner is not None]
+
+    def refuse_started(self, task: Task, reason: RejectReason) -> web.StreamResponse:
+        """503 for a task that already reached the Whisper server (its attempts say how often):
+        its retry found no slot in time, or the end of a shutdown stopped it."""
+        record = task.record
+        record.end(TaskOutcome.REJECTED)
+        return self._refusals.refuse(
+            reason, record.task_id, arrived=record.arrived, attempts=record.attempts
+        )
+
+    # -- the task's life with a slot -----------------------------------------------------------
+
+    async def _run(self, task: Task) -> web.StreamResponse:
+        record = task.record
+        record.started = record.held_since = self._clock.monotonic()
+        self._state.queue_waited(record.started - (record.queued_at or record.arrived))
+        try:
+            if await self._cool_down(task):
+                return self._gone(task, "cooldown")
+            self._log_start(task)
+            return await self._attempts(task)
+        finally:
+            if task.hold is None:
+                self._free_slot(task)
+
+    async def _cool_down(self, task: Task) -> bool:
+        """The seed's cool-down: a task starting soon after an OOM waits first. True if the
+        client left meanwhile."""
+        cfg = self._config()
+        last_oom = self._state.last_oom_monotonic
+        if cfg.oom_cooldown <= 0 or last_oom is None:
+            return False
+        if self._clock.monotonic() - last_oom >= cfg.oom_window:
+            return False
+        task.record.cooldown = cfg.oom_cooldown
+        log_event(Event.COOLDOWN, task_id=task.record.task_id, delay=cfg.oom_cooldown)
+        return await self._wait_or_gone(cfg.oom_cooldown, task)
+
+    def _log_start(self, task: Task) -> None:
+        counts = self._limiter.gate.counts()
+        log_event(
+            Event.START,
+            task_id=task.record.task_id,
+            active=f"{counts.active}/{counts.limit}",
+            queued=counts.queued,
+            path=task.record.path,
+        )
+
+    def _free_slot(self, task: Task) -> None:
+        """The task's work upstream is over: give back its slot and its spooled body."""
+        record = task.record
+        task.ticket.leave()
+        task.body.close()
+        if record.held_since is not None:
+            record.held += self._clock.monotonic() - record.held_since
+            record.held_since = None
+        self._state.slot_held(record.held)
+
+    async def _attempts(self, task: Task) -> web.StreamResponse:
+        """Attempt after attempt until one is delivered (or the task ends between two)."""
+        while True:
+            delay_or_answer = await self._attempt(task)
+            if isinstance(delay_or_answer, web.StreamResponse):
+                return delay_or_answer
+            final = await self._between_attempts(task, delay_or_answer)
+            if final is not None:
+                return final
+
+    async def _attempt(self, task: Task) -> web.StreamResponse | float:
+        """One attempt upstream: the task's final answer, or the delay before the next one."""
+        record, cfg = task.record, self._config()
+        record.attempts += 1
+        began = self._clock.monotonic()
+        deadline = asyncio.get_running_loop().time() + cfg.request_timeout
+        # The GPU is busy with this attempt from the request until its answer is fully read.
+        self._state.upstream_began()
+        held = False  # a hold took over the attempt (and ends it upstream)
+        try:
+            result = await send(
+                self._session(),
+                method=task.request.method,
+                url=upstream_url(cfg.upstream, task.request.raw_path),
+                headers=task.headers,
+                body=task.body,
+                deadline=deadline,
+            )
+            outcome = _classify(result, cfg)
+            delay = cfg.retry.next_delay(
+                outcome,
+                record.attempts,
+                client_gone=task.gone.is_set(),
+                unit_random=self._rng.random,
+                upstream_retry_after=_retry_after(result),
+            )
+            if delay is None:
+                answer, outcome, client_left, still = await self._deliver(
+                    task, outcome, result, deadline
+                )
+                self._record_attempt(task, outcome, result, began)
+                if still is not None:  # the client gets its answer; the slot stays taken
+                    held = True
+                    self._hold_after(task, still)
+                return self._conclude(task, outcome, result, answer, client_left)
+            self._record_attempt(task, outcome, result, began)
+            if result.still_upstream is not None:  # a timeout retried: after the GPU is done
+                held = True
+                await self._hold(task, finish_attempt(result.still_upstream))
+            elif result.response is not None:
+                await discard(result.response, deadline)
+        finally:
+            if not held:
+                self._state.upstream_ended()
+        self._retry_scheduled(task, outcome, delay)
+        return delay
+
+    def _retry_scheduled(self, task: Task, outcome: AttemptOutcome, delay: float) -> None:
+        record = task.record
+        record.retry_delay_total += delay
+        self._state.retry_scheduled(outcome, delay)
+        log_event(
+            Event.RETRY,
+            logging.WARNING,
+            task_id=record.task_id,
+            outcome=outcome.value,
+            attempt=record.attempts,
+            next_attempt=record.attempts + 1,
+            delay=delay,
+        )
+
+    # -- between two attempts ------------------------------------------------------------------
+
+    async def _between_attempts(self, task: Task, delay: float) -> web.StreamResponse | None:
+        """Wait out a retry delay; None when the next attempt may go, else the final answer.
+
+        With the seed's cool-down (ASR_OOM_COOLDOWN > 0) the task keeps its slot through the
+        delay: new starts are held back after an OOM anyway, and the slot keeps the memory
+        free for this retry. Without it (ASR_OOM_COOLDOWN=0, the adaptive mode's default) the
+        GPU would do nothing for the slot during the delay, so the task gives it to the next
+        one and afterwards takes the next free slot, ahead of every queued task.
+        """
+        if self._config().oom_cooldown > 0:
+            if await self._wait_or_gone(delay, task):
+                return self._gone(task, "retry_delay")
+            return None
+        record = task.record
+        if record.held_since is not None:
+            record.held += self._clock.monotonic() - record.held_since
+            record.held_since = None
+        task.ticket.pause()
+        self._between.add(task)
+        try:
+            resumed = await self._delay_then_resume(task, delay)
+        finally:
+            self._between.discard(task)
+        if resumed is _Resume.GRANTED:
+            record.held_since = self._clock.monotonic()
+            return None
+        if resumed is _Resume.GONE:
+            return self._gone(task, "retry_wait")
+        if resumed is _Resume.STOPPED:
+            return self._refuse_retry(task, RejectReason.SHUTTING_DOWN)
+        # Retries piled up beyond the limit: refuse like a queue timeout, so the worst case of
+        # a task stays bounded (gatekeeper/budget.py).
+        return self._refuse_retry(task, RejectReason.QUEUE_TIMEOUT)
+
+    async def _delay_then_resume(self, task: Task, delay: float) -> _Resume:
+        """The delay without a slot, then the wait for one (at most ASR_REQUEST_TIMEOUT)."""
+        if await self._wait_or_gone(delay, task, stop=self._retries_stopped):
+            return _Resume.GONE if task.gone.is_set() else _Resume.STOPPED
+        return await self._resume_or_gone(task, within=self._config().request_timeout)
+
+    async def _resume_or_gone(self, task: Task, *, within: float) -> _Resume:
+        """Take a slot back for the next attempt, waiting at most `within` seconds.
+
+        The retry goes ahead of every queued task, but may still wait for a running one to end
+        (the limit is full, or the adaptive limit was cut by the OOM that caused this retry).
+        A slot frees within one attempt's time unless other retries are ahead; past `within`
+        the task gives up its place (the caller refuses it).
+        """
+        if task.gone.is_set():
+            return _Resume.GONE
+        resumer, *_ = await _first_of(
+            task.ticket.resume(), task.gone.wait(), self._retries_stopped.wait(), within=within
+        )
+        if resumer.done() and not resumer.cancelled():
+            resumer.result()  # surfaces a bug in the gate rather than hiding it
+        if task.gone.is_set():
+            return _Resume.GONE
+        if task.ticket.granted:
+            return _Resume.GRANTED
+        return _Resume.STOPPED if self._retries_stopped.is_set() else _Resume.TIMED_OUT
+
+    async def _wait_or_gone(
+        self, seconds: float, task: Task, *, stop: asyncio.Event | None = None
+    ) -> bool:
+        """Sleep `seconds` (on the injected clock); True if the client left meanwhile (or
+        `stop` was set)."""
+        events = [task.gone] if stop is None else [task.gone, stop]
+        if not any(e.is_set() for e in events):
+            await _first_of(self._clock.sleep(seconds), *(e.wait() for e in events))
+        return any(e.is_set() for e in events)
+
+    def _refuse_retry(self, task: Task, reason: RejectReason) -> web.StreamResponse:
+        """A task whose next attempt cannot go (no slot in time, or shutting down): 503."""
+        record = task.record
+        log_event(
+            Event.RETRY_REFUSED,
+            logging.WARNING,
+            task_id=record.task_id,
+            reason=reason.value,
+            attempts=record.attempts,
+            outcomes=",".join(o.value for o in record.outcomes),
+            duration=self._clock.monotonic() - record.arrived,
+        )
+        return self.refuse_started(task, reason)
+
+    # -- booking and answering -----------------------------------------------------------------
+
+    def _record_attempt(
+        self, task: Task, outcome: AttemptOutcome, result: AttemptResult, began: float
+    ) -> None:
+        """Book one finished attempt: the task's record, the counters, the log, the limit."""
+        record = task.record
+        record.outcomes.append(outcome)
+        self._state.attempt_ended(
+            outcome,
+            self._clock.monotonic() - began,
+            wall=self._clock.wall(),
+            monotonic=self._clock.monotonic(),
+        )
+        self._log_attempt(task, outcome, result)
+        # This attempt still counts as upstream: the concurrency it ran (and ended) at.
+        self._limiter.observe(
+            outcome, in_flight=self._state.upstream_in_flight, first_attempt=record.attempts == 1
+        )
+
+    async def _deliver(
+        self, task: Task, outcome: AttemptOutcome, result: AttemptResult, deadline: float
+    ) -> tuple[web.StreamResponse, AttemptOutcome, bool, Still | None]:
+        """Answer the client with the last attempt's result.
+
+        Returns the answer, the attempt's final outcome (an answer the upstream broke off
+        mid-way is a crash, or a timeout, however it began), whether the client had left, and,
+        after a timeout, what the Whisper server may still be doing (to hold the slot for).
+        """
+        record = task.record
+        if result.response is None:
+            failure = upstream_failure(outcome, attempts=record.attempts, request_id=record.task_id)
+            pending = result.still_upstream
+            still = None if pending is None else finish_attempt(pending)
+            return failure, outcome, task.gone.is_set(), still
+        extra = {ATTEMPTS_HEADER: str(record.attempts), REQUEST_ID: record.task_id}
+        task.answering = True
+        end = RelayEnd.UPSTREAM_BROKE
+        try:
+            answer, end = await relay(task.request, result, extra, deadline, task.gone)
+        finally:
+            if end is not RelayEnd.TIMED_OUT:
+                result.response.close()
+        if end is RelayEnd.TIMED_OUT:
+            # Cut mid-answer at the deadline: the server is still sending (and computing).
+            still = finish_answer(result.response)
+            return answer, AttemptOutcome.TIMEOUT, task.gone.is_set(), still
+        if end is RelayEnd.UPSTREAM_BROKE:
+            outcome = AttemptOutcome.CRASH
+        return answer, outcome, end is RelayEnd.CLIENT_GONE or task.gone.is_set(), None
+
+    def _conclude(
+        self,
+        task: Task,
+        outcome: AttemptOutcome,
+        result: AttemptResult,
+        answer: web.StreamResponse,
+        client_left: bool,
+    ) -> web.StreamResponse:
+        """Count the task by how it ended and log its finish line."""
+        record = task.record
+        task_outcome = (
+            TaskOutcome.CANCELLED
+            if client_left
+            else _TASK_OUTCOMES.get(outcome, TaskOutcome.FAILED)
+        )
+        record.end(task_outcome)
+        queued_at = record.queued_at or record.arrived
+        log_event(
+            Event.FINISH if task_outcome is TaskOutcome.SUCCESS else Event.FAILED,
+            logging.INFO if task_outcome is not TaskOutcome.FAILED else logging.WARNING,
+            task_id=record.task_id,
+            outcome=task_outcome.value,
+            last=outcome.value,
+            attempts=record.attempts,
+            outcomes=",".join(o.value for o in record.outcomes),
+            status=result.status if result.status is not None else "-",
+            upload=queued_at - record.arrived,
+            queue_wait=(record.started or queued_at) - queued_at,
+            duration=self._clock.monotonic() - record.arrived,
+            retry_delay=record.retry_delay_total,
+            cooldown=record.cooldown,
+        )
+        return answer
+
+    def _gone(self, task: Task, stage: str) -> web.StreamResponse:
+        record = task.record
+        record.end(TaskOutcome.CANCELLED)
+        log_event(Event.CLIENT_LEFT, task_id=record.task_id, stage=stage, attempts=record.attempts)
+        # Nobody is listening; the answer only satisfies the handler's type.
+        return upstream_failure(
+            AttemptOutcome.CRASH, attempts=record.attempts, request_id=record.task_id
+        )
+
+    def _log_attempt(self, task: Task, outcome: AttemptOutcome, result: AttemptResult) -> None:
+        event = _ATTEMPT_EVENTS.get(outcome)
+        if event is None:
+            return
+        record = task.record
+        facts: dict[str, object] = {"task_id": record.task_id}
+        if outcome is AttemptOutcome.OOM:
+            facts["oom_count"] = self._state.oom_errors
+        facts["attempt"] = record.attempts
+        if outcome is AttemptOutcome.TIMEOUT:
+            facts["timeout"] = self._config().request_timeout
+        elif outcome is AttemptOutcome.CRASH:
+            facts["error"] = type(result.error).__name__ if result.error else "incomplete"
+        else:
+            facts["status"] = result.status
+        log_event(event, logging.WARNING, **facts)
+
+    # -- holding the slot of a timed-out attempt -----------------------------------------------
+
+    def _hold_after(self, task: Task, still: Still) -> None:
+        """The task is answered, but the Whisper server may still be on its last attempt: a
+        task of its own keeps the slot (and the body) until the server is done."""
+        began = self._hold_began(task)
+        hold = asyncio.create_task(self._hold_for(still), name=f"hold-{task.record.task_id}")
+
+        def ended(hold: "asyncio.Task[HoldEnd]") -> None:
+            # A callback, not a `finally`: it runs even if the hold is cancelled before it starts.
+            still.close()  # a no-op unless it never started
+            end = HoldEnd.STOPPED if hold.cancelled() else hold.result()
+            self._hold_ended(task, end, began)
+            self._free_slot(task)
+            self.running.discard(hold)
+
+        hold.add_done_callback(ended)
+        task.hold = hold
+        self.running.add(hold)
+
+    async def _hold(self, task: Task, still: Still) -> None:
+        """The same hold inside the runner (a timed-out attempt to be retried: the retry waits
+        for the Whisper server to be done with the first one)."""
+        began = self._hold_began(task)
+        end = HoldEnd.STOPPED
+        try:
+            end = await self._hold_for(still)
+        finally:
+            still.close()
+            self._hold_ended(task, end, began)
+
+    async def _hold_for(self, still: Still) -> HoldEnd:
+        """Wait until the Whisper server is done with a timed-out attempt, at most
+        ASR_TIMEOUT_HOLD (then its connection is closed)."""
+        try:
+            async with asyncio.timeout(self._config().timeout_hold):
+                return await still
+        except TimeoutError:
+            return HoldEnd.EXPIRED
+
+    def _hold_began(self, task: Task) -> float:
+        self._state.hold_began()
+        log_event(
+            Event.HOLD,
+            logging.WARNING,
+            task_id=task.record.task_id,
+            hold=self._config().timeout_hold,
+        )
+        return self._clock.monotonic()
+
+    def _hold_ended(self, task: Task, end: HoldEnd, began: float) -> None:
+        """The attempt has left the Whisper server (or was cut): count it and say so."""
+        self._state.upstream_ended()
+        self._state.hold_ended(end)
+        log_event(
+            Event.HOLD_ENDED,
+            logging.WARNING if end is HoldEnd.EXPIRED else logging.INFO,
+            task_id=task.record.task_id,
+            end=end.value,
+            held=self._clock.monotonic() - began,
+        )
+
+
+def _classify(result: AttemptResult, cfg: ProxyConfig) -> AttemptOutcome:
+    response = result.response
+    return classify(
+        status=result.status,
+        body=result.prefix,
+        content_type=response.headers.get("Content-Type") if response is not None else None,
+        error=result.error,
+        timed_out=result.timed_out,
+        matcher=cfg.matcher,
+    )
+
+
+def _retry_after(result: AttemptResult) -> float | None:
+    response = result.response
+    return parse_retry_after(response.headers.get("Retry-After") if response is not None else None)
+
+
+async def _first_of(
+    *waits: Coroutine[Any, Any, object], within: float | None = None
+) -> list["asyncio.Future[object]"]:
+    """Run `waits` until the first of them ends (or `within` seconds), cancel the others, and
+    return them all in order, so the caller can see which ended and how."""
+    futures: list[asyncio.Future[object]] = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(futures, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for future in futures:
+            future.cancel()
+    return futures
