@@ -29,6 +29,7 @@ from gatekeeper.clock import Clock
 from gatekeeper.config import ProxyConfig
 from gatekeeper.gate import Ticket
 from gatekeeper.headers import REQUEST_ID
+from gatekeeper.holds import Holds, Still
 from gatekeeper.ledger import TaskRecord
 from gatekeeper.limiter import Limiter
 from gatekeeper.logs import Event, log_event
@@ -41,9 +42,6 @@ from gatekeeper.state import LiveState
 from gatekeeper.upstream import AttemptResult, send, upstream_url
 
 __all__ = ["Runner", "Task"]
-
-Still = Coroutine[Any, Any, HoldEnd]
-"""What the Whisper server may still be doing for a timed-out attempt, to hold the slot for."""
 
 _TASK_OUTCOMES = {
     AttemptOutcome.OK: TaskOutcome.SUCCESS,
@@ -129,6 +127,7 @@ class Runner:
         # Tasks between two attempts without a slot, so a shutdown can answer them.
         self._between: set[Task] = set()
         self._retries_stopped = asyncio.Event()
+        self._holds = Holds(config, state=state, clock=clock, running=self.running)
 
     def start(self, task: Task) -> "asyncio.Task[web.StreamResponse]":
         """Run `task` (its ticket holds a slot) in a runner of its own."""
@@ -244,12 +243,12 @@ class Runner:
                 self._record_attempt(task, outcome, result, began)
                 if still is not None:  # the client gets its answer; the slot stays taken
                     held = True
-                    self._hold_after(task, still)
+                    self._holds.after(task, still, self._free_slot)
                 return self._conclude(task, outcome, result, answer, client_left)
             self._record_attempt(task, outcome, result, began)
             if result.still_upstream is not None:  # a timeout retried: after the GPU is done
                 held = True
-                await self._hold(task, finish_attempt(result.still_upstream))
+                await self._holds.during(task, finish_attempt(result.still_upstream))
             elif result.response is not None:
                 await discard(result.response, deadline)
         finally:
@@ -469,68 +468,6 @@ class Runner:
         else:
             facts["status"] = result.status
         log_event(event, logging.WARNING, **facts)
-
-    # -- holding the slot of a timed-out attempt -----------------------------------------------
-
-    def _hold_after(self, task: Task, still: Still) -> None:
-        """The task is answered, but the Whisper server may still be on its last attempt: a
-        task of its own keeps the slot (and the body) until the server is done."""
-        began = self._hold_began(task)
-        hold = asyncio.create_task(self._hold_for(still), name=f"hold-{task.record.task_id}")
-
-        def ended(hold: "asyncio.Task[HoldEnd]") -> None:
-            # A callback, not a `finally`: it runs even if the hold is cancelled before it starts.
-            still.close()  # a no-op unless it never started
-            end = HoldEnd.STOPPED if hold.cancelled() else hold.result()
-            self._hold_ended(task, end, began)
-            self._free_slot(task)
-            self.running.discard(hold)
-
-        hold.add_done_callback(ended)
-        task.hold = hold
-        self.running.add(hold)
-
-    async def _hold(self, task: Task, still: Still) -> None:
-        """The same hold inside the runner (a timed-out attempt to be retried: the retry waits
-        for the Whisper server to be done with the first one)."""
-        began = self._hold_began(task)
-        end = HoldEnd.STOPPED
-        try:
-            end = await self._hold_for(still)
-        finally:
-            still.close()
-            self._hold_ended(task, end, began)
-
-    async def _hold_for(self, still: Still) -> HoldEnd:
-        """Wait until the Whisper server is done with a timed-out attempt, at most
-        ASR_TIMEOUT_HOLD (then its connection is closed)."""
-        try:
-            async with asyncio.timeout(self._config().timeout_hold):
-                return await still
-        except TimeoutError:
-            return HoldEnd.EXPIRED
-
-    def _hold_began(self, task: Task) -> float:
-        self._state.hold_began()
-        log_event(
-            Event.HOLD,
-            logging.WARNING,
-            task_id=task.record.task_id,
-            hold=self._config().timeout_hold,
-        )
-        return self._clock.monotonic()
-
-    def _hold_ended(self, task: Task, end: HoldEnd, began: float) -> None:
-        """The attempt has left the Whisper server (or was cut): count it and say so."""
-        self._state.upstream_ended()
-        self._state.hold_ended(end)
-        log_event(
-            Event.HOLD_ENDED,
-            logging.WARNING if end is HoldEnd.EXPIRED else logging.INFO,
-            task_id=task.record.task_id,
-            end=end.value,
-            held=self._clock.monotonic() - began,
-        )
 
 
 def _classify(result: AttemptResult, cfg: ProxyConfig) -> AttemptOutcome:

@@ -83,3 +83,36 @@ def test_no_retries_when_max_is_zero() -> None:
 def test_parse_retry_after(value: str | None, seconds: float | None) -> None:
     """Seconds are understood; dates, negatives and garbage are ignored."""
     assert parse_retry_after(value) == seconds
+
+
+NEXT = RetryPolicy(max_retries=2, base=10, jitter=0, retry_on_timeout=False)
+
+
+@pytest.mark.parametrize(
+    ("outcome", "attempts_done", "client_gone", "expected"),
+    [
+        (O.OK, 1, False, None),
+        (O.CLIENT_ERROR, 1, False, None),
+        (O.TIMEOUT, 1, False, None),
+        (O.OOM, 1, False, 10.0),
+        (O.CRASH, 2, False, 30.0),
+        (O.ERROR, 1, False, 5.0),
+        (O.OOM, 3, False, None),  # no retries left
+        (O.OOM, 1, True, None),  # nobody left to answer
+    ],
+)
+def test_next_delay_is_the_one_decision_after_an_attempt(
+    outcome: O, attempts_done: int, client_gone: bool, expected: float | None
+) -> None:
+    """Deliver (None) or retry after d, from the outcome, the attempt and the client alone."""
+    draws: list[float] = []
+
+    def unit_random() -> float:
+        draws.append(0.5)
+        return 0.5
+
+    delay = NEXT.next_delay(
+        outcome, attempts_done, client_gone=client_gone, unit_random=unit_random
+    )
+    assert delay == expected
+    assert len(draws) == (0 if expected is None else 1)  # randomness only for a retry
