@@ -1,24 +1,20 @@
-"""Small statistics helpers (percentiles by linear interpolation, rounding for reports)."""
+"""Small statistics helpers: latency summaries with the gatekeeper's percentile, medians, rounding.
 
-import math
+Percentiles are `gatekeeper.state.percentile` (nearest rank), so a p50/p95/p99 here means the
+same as in `/stats` and `gatekeeper tune`: a duration that was measured.
+"""
+
+import statistics
 from collections.abc import Sequence
 
-__all__ = ["median", "ms", "percentile", "summarize"]
+from gatekeeper.state import percentile
 
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The q-quantile (0..1) by linear interpolation between closest ranks; None if empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+__all__ = ["median", "ms", "summarize"]
 
 
 def median(values: Sequence[float]) -> float | None:
-    return percentile(values, 0.5)
+    """The middle of repeated measurements (the mean of the middle two for an even count)."""
+    return statistics.median(values) if values else None
 
 
 def ms(seconds: float | None, digits: int = 3) -> float | None:
@@ -28,11 +24,12 @@ def ms(seconds: float | None, digits: int = 3) -> float | None:
 
 def summarize(seconds: Sequence[float]) -> dict[str, float | int | None]:
     """n, p50, p90, p99, max and mean of durations, in milliseconds."""
+    values = tuple(seconds)
     return {
-        "n": len(seconds),
-        "p50_ms": ms(percentile(seconds, 0.5)),
-        "p90_ms": ms(percentile(seconds, 0.9)),
-        "p99_ms": ms(percentile(seconds, 0.99)),
-        "max_ms": ms(max(seconds)) if seconds else None,
-        "mean_ms": ms(sum(seconds) / len(seconds)) if seconds else None,
+        "n": len(values),
+        "p50_ms": ms(percentile(values, 0.5)),
+        "p90_ms": ms(percentile(values, 0.9)),
+        "p99_ms": ms(percentile(values, 0.99)),
+        "max_ms": ms(max(values)) if values else None,
+        "mean_ms": ms(sum(values) / len(values)) if values else None,
     }

@@ -23,9 +23,9 @@ from typing import Any
 from bench.httpclient import HttpError, fetch
 from bench.procs import Proc
 from bench.scenarios.common import CONTENT_TYPE, Ctx, JsonDict, multipart_parts
-from bench.stats import percentile
 from bench.workload import Arrival, mean_audio_seconds, schedule
 from gatekeeper.adaptive import AdaptiveParams
+from gatekeeper.state import percentile
 
 __all__ = ["CARDS", "Setup", "adaptive_settings", "run", "story_settings"]
 
@@ -257,7 +257,7 @@ def _row(ctx: Ctx, one: Setup, runs: list[_RunData]) -> JsonDict:
     ok = [o for o in outcomes if o.kind == "ok"]
     failed = [o for o in outcomes if o.kind in ("oom", "failed", "error")]
     refused = [o for o in outcomes if o.kind == "refused"]
-    waits = [w for run in runs for w in run.waits]
+    waits = tuple(w for run in runs for w in run.waits)
     attempts = sum(int(run.sim_state.get("tasks_started", 0)) for run in runs)
     ooms = sum(int(run.sim_state.get("ooms", 0)) for run in runs)
     decided = len(ok) + len(failed)

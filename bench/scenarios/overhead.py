@@ -16,7 +16,8 @@ from bench.scenarios.common import (
     rotated,
     run_wrk,
 )
-from bench.stats import median, ms, percentile
+from bench.stats import median, ms
+from gatekeeper.state import percentile
 
 __all__ = ["run"]
 
@@ -71,12 +72,12 @@ async def run(ctx: Ctx) -> JsonDict:
                 )
             ctx.profiles[f"overhead/{name}"] = summarize_raw(raw)
 
-    direct_p50 = percentile(latencies["direct"], 0.5) or 0.0
-    direct_p99 = percentile(latencies["direct"], 0.99) or 0.0
+    direct_p50 = percentile(tuple(latencies["direct"]), 0.5) or 0.0
+    direct_p99 = percentile(tuple(latencies["direct"]), 0.99) or 0.0
     results: dict[str, JsonDict] = {}
     for name in names:
-        p50 = percentile(latencies[name], 0.5)
-        p99 = percentile(latencies[name], 0.99)
+        p50 = percentile(tuple(latencies[name]), 0.5)
+        p99 = percentile(tuple(latencies[name]), 0.99)
         rounds = [round(x["rps"], 1) for x in rps[name]]
         results[name] = {
             "requests_timed": len(latencies[name]),
