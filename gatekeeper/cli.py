@@ -1,16 +1,21 @@
-"""The command line: `gatekeeper serve`, `gatekeeper sim`, and the help that explains them."""
+"""The command line: `gatekeeper serve`, the other commands wired in, and the help for them."""
 
 import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from gatekeeper import __version__
-from gatekeeper.check_config import add_check_config_arguments, run_check_config
-from gatekeeper.settings import ENV_PREFIX, Settings, SettingsError, load_settings
+from gatekeeper.commands.check_config import add_check_config_arguments, run_check_config
+from gatekeeper.commands.flags import (
+    add_settings_arguments,
+    print_error,
+    print_settings_error,
+    settings_loader,
+)
+from gatekeeper.commands.tune import add_tune_arguments, run_tune
+from gatekeeper.settings import ENV_PREFIX, SettingsError
 from gatekeeper.sim.cli import add_sim_arguments, run_sim
-from gatekeeper.tune import add_tune_arguments, run_tune
 
 __all__ = ["main"]
 
@@ -29,29 +34,6 @@ example:
   gatekeeper serve --upstream-url http://whisper:9000 --max-concurrent 2"""
 
 
-def _flag(field: str) -> str:
-    return field.replace("_", "-")
-
-
-def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    for name, info in Settings.model_fields.items():
-        default = info.default if info.default is not None else "derived"
-        if name == "gated_paths":
-            default = ",".join(info.default)
-        elif name in ("oom_patterns", "stats_token", "spool_dir"):
-            default = "unset"
-        help_text = (info.description or "").replace("%", "%%")
-        if name != "upstream_url":
-            help_text += f" [{ENV_PREFIX}{name.upper()}, default: {default}]"
-        parser.add_argument(f"--{_flag(name)}", dest=name, metavar="VALUE", help=help_text)
-    parser.add_argument(
-        "--env-file",
-        default=".env",
-        metavar="PATH",
-        help="Environment file to read settings from (default: .env in the working directory).",
-    )
-
-
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gatekeeper",
@@ -67,7 +49,7 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog=_SERVE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_serve_arguments(serve)
+    add_settings_arguments(serve)
     check = commands.add_parser(
         "check-config",
         help="print the worst-case time of one task; check nginx/proxy timeouts against it",
@@ -96,26 +78,18 @@ def _serve(args: argparse.Namespace) -> int:
     from gatekeeper.logs import configure_logging
     from gatekeeper.server import EventLoopMissing, loop_factory, serve
 
-    overrides: dict[str, Any] = {name: getattr(args, name) for name in Settings.model_fields}
-    flags = {name: _flag(name) for name, value in overrides.items() if value is not None}
+    load = settings_loader(args)  # called again on SIGHUP: the same flags, a fresh environment
     try:
-        settings = load_settings(overrides, env_file=args.env_file, flags=flags)
+        settings = load()
     except SettingsError as exc:
-        for line in exc.lines:
-            print(f"gatekeeper: {line}", file=sys.stderr)
-        return 2
+        return print_settings_error(exc)
     try:
         factory = loop_factory(settings.event_loop)
     except EventLoopMissing as exc:
-        print(f"gatekeeper: {exc}", file=sys.stderr)
-        return 2
+        return print_error("gatekeeper", exc)
     configure_logging(fmt=settings.log_format, level=settings.log_level)
-
-    def reload() -> Settings:
-        return load_settings(overrides, env_file=args.env_file, flags=flags)
-
     with asyncio.Runner(loop_factory=factory) as runner:
-        status: int = runner.run(serve(settings, reload))
+        status: int = runner.run(serve(settings, load))
     return status
 
 

@@ -61,56 +61,64 @@ def _raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
-    """Serve until a signal, drain, and return the exit status.
+class _Signals:
+    """SIGTERM/SIGINT ask for a drain (a second one cuts the grace short); SIGHUP reloads."""
 
-    `reload` re-reads the settings (environment and env file, flags still winning) on SIGHUP.
-    """
-    _raise_open_file_limit()
-    app = build_app(settings)
-    runner = GatekeeperRunner(
-        app,
-        header_timeout=settings.header_timeout,  # slow request heads (gatekeeper/connections.py)
-        handler_cancellation=True,  # how a client that left is noticed (see proxy.py)
-        # A gzip-encoded upload goes upstream exactly as sent, still labelled gzip, not
-        # inflated under a header that still says gzip (bytes in = bytes out).
-        auto_decompress=False,
-        shutdown_timeout=FINAL_FLUSH,  # aiohttp gives handlers this to write their last answers
-        access_log_format='%a "%r" %s %b %Tfs "%{X-Request-ID}o"',
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
-    await site.start()
-    proxy = app[PROXY]
+    def __init__(
+        self, app: web.Application, settings: Settings, reload: Callable[[], Settings] | None
+    ) -> None:
+        self.stop = asyncio.Event()
+        self.hurry = asyncio.Event()
+        self._app = app
+        self._settings = settings
+        self._reload = reload
 
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    hurry = asyncio.Event()
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
 
-    def on_signal(signame: str) -> None:
-        if stop.is_set():
-            hurry.set()
+    def remove(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+
+    def _on_stop(self, signame: str) -> None:
+        if self.stop.is_set():
+            self.hurry.set()
             log_event(Event.DRAINING_CUT, signal=signame)
         else:
-            stop.set()
-            log_event(Event.DRAINING, signal=signame, grace=settings.shutdown_grace)
+            self.stop.set()
+            log_event(Event.DRAINING, signal=signame, grace=self._settings.shutdown_grace)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig.name)
-
-    def on_hangup() -> None:
-        if reload is None:
+    def _on_hangup(self) -> None:
+        if self._reload is None:
             return
         try:
-            app[CONTROL].reload(reload(), via="sighup")
+            self._app[CONTROL].reload(self._reload(), via="sighup")
         except SettingsError as exc:
             for line in exc.lines:
                 logger.error(
                     "%s 配置重载失败，保留当前配置 problem=%s", LOG_PREFIX, json.dumps(line)
                 )
 
-    loop.add_signal_handler(signal.SIGHUP, on_hangup)
 
+def _runner(app: web.Application, settings: Settings) -> GatekeeperRunner:
+    return GatekeeperRunner(
+        app,
+        header_timeout=settings.header_timeout,  # slow request heads (gatekeeper/connections.py)
+        handler_cancellation=True,  # how a client that left is noticed (see handler.py)
+        # A gzip-encoded upload goes upstream exactly as sent, still labelled gzip, not
+        # inflated under a header that still says gzip (bytes in = bytes out).
+        auto_decompress=False,
+        shutdown_timeout=FINAL_FLUSH,  # aiohttp gives handlers this to write their last answers
+        access_log_format='%a "%r" %s %b %Tfs "%{X-Request-ID}o"',
+    )
+
+
+def _log_serving(settings: Settings) -> None:
     log_event(
         Event.SERVING,
         listen=f"http://{settings.host}:{settings.port}",
@@ -126,14 +134,29 @@ async def serve(settings: Settings, reload: Callable[[], Settings] | None = None
             LOG_PREFIX,
             settings.port,
         )
+
+
+async def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
+    """Serve until a signal, drain, and return the exit status.
+
+    `reload` re-reads the settings (environment and env file, flags still winning) on SIGHUP.
+    """
+    _raise_open_file_limit()
+    app = build_app(settings)
+    runner = _runner(app, settings)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    await site.start()
+    proxy = app[PROXY]
+    signals = _Signals(app, settings, reload)
+    signals.install()
+    _log_serving(settings)
     report = DrainReport(refused_waiting=0, stopped_running=0)
     try:
-        await stop.wait()
-        report = await drain(proxy, grace=settings.shutdown_grace, hurry=hurry)
+        await signals.stop.wait()
+        report = await drain(proxy, grace=settings.shutdown_grace, hurry=signals.hurry)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(sig)
+        signals.remove()
         await runner.cleanup()
     # Only now is every answer out (the cleanup waits for the handlers still writing theirs):
     # the last line says so, with what was left.

@@ -10,12 +10,12 @@ from dataclasses import FrozenInstanceError
 import pytest
 
 from gatekeeper.budget import TaskBudget, from_settings, task_budget
-from gatekeeper.check_config import (
+from gatekeeper.commands.check_config import suggested_timeout
+from gatekeeper.commands.nginx_conf import (
     ProxiedLocation,
     nginx_proxied_locations,
     parse_nginx_size,
     parse_nginx_time,
-    suggested_timeout,
 )
 from gatekeeper.settings import load_settings
 

@@ -1,0 +1,289 @@
+"""`gatekeeper check-config`: the worst case of one task, and whether the proxy waits that long.
+
+It loads the settings exactly as `gatekeeper serve` does (same flags, environment, env file),
+prints the worst case of one task part by part (`budget.TaskBudget`), and compares it with a
+proxy timeout given as `--proxy-timeout` or read from an nginx config (`--nginx-conf`: the
+`proxy_read_timeout` and `proxy_send_timeout` in force in each location that proxies to the
+gatekeeper, and its `client_max_body_size`, which must not be below ASR_MAX_BODY_SIZE).
+Exit status: 0 fine, 1 the proxy would give up first (or refuse smaller uploads than the
+gatekeeper), 2 bad settings or input.
+"""
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from gatekeeper.budget import RETRY_AFTER_CAP, TaskBudget, from_settings
+from gatekeeper.commands.flags import (
+    add_settings_arguments,
+    print_error,
+    print_settings_error,
+    settings_loader,
+)
+from gatekeeper.commands.nginx_conf import (
+    ProxiedLocation,
+    format_nginx_size,
+    nginx_proxied_locations,
+    parse_nginx_time,
+)
+from gatekeeper.settings import Settings, SettingsError
+
+__all__ = [
+    "add_check_config_arguments",
+    "describe_budget",
+    "main",
+    "run_check_config",
+    "suggested_timeout",
+]
+
+_MARGIN: Final = 1.1  # suggested proxy timeouts: the worst case plus 10 %
+
+_PROG: Final = "gatekeeper check-config"
+
+# The gatekeeper answers these itself at once; locations for them alone carry no tasks.
+_OWN_ENDPOINTS: Final = ("/stats", "/api/recordings/stats/asr-concurrency", "/metrics", "/health")
+
+
+def _num(seconds: float) -> str:
+    text = f"{seconds:.1f}"
+    return text[:-2] if text.endswith(".0") else text
+
+
+def _human(seconds: float) -> str:
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{hours} h"] if hours else []
+    if minutes or hours:
+        parts.append(f"{minutes} min")
+    parts.append(f"{secs} s")
+    return " ".join(parts)
+
+
+def suggested_timeout(worst_case: float) -> int:
+    """A proxy timeout with room to spare: the worst case + 10 %, rounded up (to 100 s)."""
+    wanted = worst_case * _MARGIN
+    step = 100 if wanted >= 1000 else 1
+    return int(math.ceil(wanted / step) * step)
+
+
+def _delays(delays: tuple[float, ...]) -> str:
+    return " + ".join(_num(d) for d in delays) + " s" if delays else "none"
+
+
+# -- the worst case in words ---------------------------------------------------------------------
+
+
+def _budget_rows(budget: TaskBudget, settings: Settings) -> list[tuple[str, float]]:
+    """(what, seconds) for each part of the worst case that applies."""
+    retries = len(budget.retry_delays)
+    rows = [
+        ("waiting for a slot after the upload (ASR_QUEUE_TIMEOUT)", budget.queue_timeout),
+        ("OOM cool-down before the first attempt (ASR_OOM_COOLDOWN)", budget.oom_cooldown),
+        (
+            f"{budget.attempts} attempt(s) × {_num(budget.request_timeout)} s "
+            f"(1 + ASR_MAX_RETRIES={settings.max_retries}, ASR_REQUEST_TIMEOUT)",
+            budget.attempts_seconds,
+        ),
+        (
+            f"{retries} retry delay(s) at their longest ({_delays(budget.retry_delays)})",
+            budget.retry_delay_seconds,
+        ),
+        (
+            f"{retries} wait(s) for a slot to retry in (no cool-down: the slot is given away "
+            "during a delay; at most ASR_REQUEST_TIMEOUT each)",
+            budget.retry_slot_wait_seconds,
+        ),
+        (
+            f"{retries} wait(s) for the Whisper server to finish a timed-out attempt before its "
+            "retry (ASR_RETRY_ON_TIMEOUT, ASR_TIMEOUT_HOLD)",
+            budget.retry_hold_seconds,
+        ),
+    ]
+    # The last two are waits only some settings have: shown only when they add time.
+    return rows[:4] + [(label, seconds) for label, seconds in rows[4:] if seconds]
+
+
+def describe_budget(budget: TaskBudget, settings: Settings) -> list[str]:
+    """The worst case in operator words, one line per part."""
+    rows = _budget_rows(budget, settings)
+    width = max(len(label) for label, _ in rows)
+    with_retry_after = "= with Retry-After (each delay up to " + _num(RETRY_AFTER_CAP) + " s)"
+    return [
+        "Worst case for one task with these settings, from its arrival at the gatekeeper to "
+        "the first byte of its answer:",
+        *(f"  {label:<{width}}  {_num(value):>7} s" for label, value in rows),
+        f"  {'= without Retry-After from the Whisper server':<{width}}  "
+        f"{_num(budget.worst_case):>7} s  ({_human(budget.worst_case)})",
+        f"  {with_retry_after:<{width}}  "
+        f"{_num(budget.worst_case_with_retry_after):>7} s  "
+        f"({_human(budget.worst_case_with_retry_after)}; delays "
+        f"{_delays(budget.retry_delays_with_retry_after)})",
+        "Retry delays follow the OOM/crash schedule ASR_RETRY_DELAY × 3^(k−1) with jitter at its "
+        f"top (×{1 + settings.retry_jitter:g}), the longest of all schedules.",
+    ]
+
+
+# -- the flags -----------------------------------------------------------------------------------
+
+
+def add_check_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the flags of `gatekeeper serve` (same settings) plus the proxy to check against."""
+    add_settings_arguments(parser)
+    proxy = parser.add_argument_group("the proxy in front")
+    proxy.add_argument(
+        "--proxy-timeout",
+        metavar="TIME",
+        help="how long the proxy waits for an answer, in seconds or nginx units (3000s, 50m); "
+        "exit 1 if that is shorter than the worst case",
+    )
+    proxy.add_argument(
+        "--nginx-conf",
+        metavar="PATH",
+        type=Path,
+        help="read proxy_read_timeout and proxy_send_timeout from this nginx config (each "
+        "location proxying to the gatekeeper); exit 1 if one is shorter than the worst case",
+    )
+    proxy.add_argument(
+        "--without-retry-after",
+        action="store_true",
+        help="the Whisper server never sends Retry-After: compare with the worst case without "
+        f"it (by default each retry delay counts up to the {_num(RETRY_AFTER_CAP)} s cap)",
+    )
+
+
+# -- what to check -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Check:
+    where: str
+    timeouts: dict[str, float]
+    body_size: int | None = None  # nginx's client_max_body_size there, when from a config
+
+
+def _checks(args: argparse.Namespace) -> list[_Check]:
+    """What to compare with the worst case; raises ValueError or OSError on bad input."""
+    checks: list[_Check] = []
+    if args.proxy_timeout is not None:
+        checks.append(_Check("--proxy-timeout", {"": parse_nginx_time(args.proxy_timeout)}))
+    if args.nginx_conf is not None:
+        checks += _nginx_checks(args.nginx_conf)
+    return checks
+
+
+def _nginx_checks(path: Path) -> list[_Check]:
+    locations = nginx_proxied_locations(path.read_text(encoding="utf-8"))
+    tasks = [loc for loc in locations if not _own_endpoint(loc)]
+    if not tasks:
+        raise ValueError(f"{path}: no location that proxies to the gatekeeper")
+    return [
+        _Check(
+            f"{path}:{loc.line} location {loc.location}",
+            {"proxy_read_timeout": loc.read_timeout, "proxy_send_timeout": loc.send_timeout},
+            loc.client_max_body_size,
+        )
+        for loc in tasks
+    ]
+
+
+def _own_endpoint(location: ProxiedLocation) -> bool:
+    """An exact-match location for an endpoint the gatekeeper answers at once (never a task)."""
+    words = location.location.split()
+    return len(words) == 2 and words[0] == "=" and words[1] in _OWN_ENDPOINTS
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _WorstCase:
+    """What every check is compared with: the budget, whether Retry-After counts, the settings."""
+
+    budget: TaskBudget
+    with_retry_after: bool
+    settings: Settings
+
+    @property
+    def limit(self) -> float:
+        return self.budget.limit(upstream_retry_after=self.with_retry_after)
+
+    def covered_by(self, seconds: float) -> bool:
+        return self.budget.covered_by(seconds, upstream_retry_after=self.with_retry_after)
+
+
+def run_check_config(args: argparse.Namespace) -> int:
+    """Print the worst case; 1 if a given proxy timeout is shorter, 2 on bad settings or input."""
+    try:
+        settings = settings_loader(args)()
+    except SettingsError as exc:
+        return print_settings_error(exc)
+    try:
+        checks = _checks(args)
+    except (OSError, ValueError) as exc:
+        return print_error(_PROG, exc)
+    worst = _WorstCase(from_settings(settings), not args.without_retry_after, settings)
+    _print_worst_case(worst)
+    verdicts = [_print_check(check, worst) for check in checks]
+    if any(short for short, _ in verdicts):
+        _warn_too_short(worst)
+        return 1
+    return 1 if any(small for _, small in verdicts) else 0
+
+
+def _print_worst_case(worst: _WorstCase) -> None:
+    for line in describe_budget(worst.budget, worst.settings):
+        print(line)
+    which = "with" if worst.with_retry_after else "without"
+    print(
+        f"nginx's proxy_read_timeout and proxy_send_timeout (and the backend's HTTP client "
+        f"timeout) must exceed {_num(worst.limit)} s (the worst case {which} Retry-After); "
+        f"suggested: {suggested_timeout(worst.limit)}s."
+    )
+
+
+def _print_check(check: _Check, worst: _WorstCase) -> tuple[bool, bool]:
+    """Print the verdict on one location; (its timeouts are too short, its body size too small)."""
+    shown = ", ".join(f"{name} {_num(sec)} s".strip() for name, sec in check.timeouts.items())
+    short = not all(worst.covered_by(sec) for sec in check.timeouts.values())
+    print(f"{'TOO SHORT' if short else 'OK'}: {check.where}: {shown}")
+    size, wanted = check.body_size, worst.settings.max_body_size
+    small = size is not None and 0 < size < wanted
+    if small:
+        print(
+            f"TOO SMALL: {check.where}: client_max_body_size {size} bytes is below "
+            f"ASR_MAX_BODY_SIZE {wanted}: nginx refuses those uploads with "
+            f"its own 413 (its default is 1m); set client_max_body_size "
+            f"{format_nginx_size(wanted)}.",
+            file=sys.stderr,
+        )
+    return short, small
+
+
+def _warn_too_short(worst: _WorstCase) -> None:
+    print(
+        f"WARNING: the proxy gives up before the gatekeeper's worst case of {_num(worst.limit)} s: "
+        "a task that queues, retries or runs long gets the proxy's 504 while the gatekeeper "
+        f"is still working on it. Raise the timeouts marked TOO SHORT to "
+        f"{suggested_timeout(worst.limit)}s.",
+        file=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m gatekeeper.commands.check_config``: the check without the main CLI."""
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description="Print the longest one task can take with the current settings, and check "
+        "that the proxy in front (nginx) waits longer.",
+    )
+    add_check_config_arguments(parser)
+    return run_check_config(parser.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

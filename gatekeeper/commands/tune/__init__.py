@@ -1,0 +1,156 @@
+"""`gatekeeper tune`: the seed guide's stress test (Q3 "如何判断最优并发数") as a command.
+
+Against a Whisper server (or the simulator) it sends tasks straight to the server, never through
+a gatekeeper, at concurrency 1, 2, 3, … — N tasks per level — and measures what each level
+gives: success rate, OOMs, p50/p95 latency and goodput (minutes of successfully transcribed
+audio per minute of wall time). It stops climbing at the first level with an OOM, a 5xx, a
+timeout or less than 5 % more goodput than the level below, then recommends
+`ASR_MAX_CONCURRENT` and says why. Results go to the terminal, JSON and Markdown.
+
+The parts: `args` (the flags and the `TuneConfig` built from them), `decide` (pure: when to
+stop, what to recommend), `run` (the load, on one aiohttp `ClientSession`), `report` (progress,
+table, JSON, Markdown). This module is the command: `add_tune_arguments` and `run_tune` for the
+main CLI, and `tune` for one run.
+"""
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from typing import Final, TextIO
+
+import aiohttp
+
+from gatekeeper.commands.flags import print_error
+from gatekeeper.commands.tune.args import TuneConfig, add_tune_arguments, config_from_args
+from gatekeeper.commands.tune.decide import LevelResult, TaskSample, recommend
+from gatekeeper.commands.tune.report import (
+    Progress,
+    TuneReport,
+    format_table,
+    recommendation_lines,
+    write_results,
+)
+from gatekeeper.commands.tune.run import Load, busy_reason, climb, send
+from gatekeeper.outcomes import AttemptOutcome
+
+__all__ = ["add_tune_arguments", "run_tune", "tune"]
+
+_PROG: Final = "gatekeeper tune"
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    """Run `gatekeeper tune`; the exit status is 0 with a recommendation, 1 when the server
+    failed or could not be reached, 2 for bad flags or a refusal to load a busy server."""
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        return print_error(_PROG, exc)
+    return asyncio.run(
+        tune(config, stdout=sys.stdout, stderr=sys.stderr, interactive=sys.stdin.isatty())
+    )
+
+
+async def tune(
+    config: TuneConfig,
+    *,
+    stdout: TextIO,
+    stderr: TextIO,
+    interactive: bool,
+    ask: Callable[[str], bool] | None = None,
+) -> int:
+    """Check the server is idle, climb the levels, print and write the results.
+
+    `interactive` says whether a person can answer the question about a busy server (`ask`,
+    by default `input()`); without one and without `--yes` a busy server is refused (exit 2).
+    """
+    started_at = datetime.now().isoformat(timespec="seconds")
+    async with aiohttp.ClientSession() as session:
+        refused = await _refusal(session, config, stderr, (ask or _ask) if interactive else None)
+        if refused is not None:
+            return refused
+        measured = await _measure(Load(session, config), stderr)
+        if measured is None:
+            return 1
+    levels, stopped = measured
+    recommendation = recommend(levels, max_level=config.max_level)
+    await _publish(TuneReport(config, started_at, tuple(levels), stopped, recommendation), stdout)
+    return 0 if recommendation.max_concurrent is not None else 1
+
+
+async def _refusal(
+    session: aiohttp.ClientSession,
+    config: TuneConfig,
+    stderr: TextIO,
+    ask: Callable[[str], bool] | None,
+) -> int | None:
+    """The exit status when the run must not start: the server cannot be reached (1), or it is
+    busy and nobody said yes (2); None to go ahead. `ask` is None without a person to ask."""
+    try:
+        busy = await busy_reason(session, config.url, stderr)
+    except aiohttp.ClientError as exc:
+        print(f"{_PROG}: cannot reach {config.url}: {exc}", file=stderr)
+        return 1
+    if busy is None or config.yes:
+        return None
+    print(f"{_PROG}: warning: {busy}.", file=stderr)
+    print(
+        f"{_PROG}: a stress test would compete with that traffic and may make its tasks run "
+        "out of memory.",
+        file=stderr,
+    )
+    return await _confirm(stderr, ask)
+
+
+async def _confirm(stderr: TextIO, ask: Callable[[str], bool] | None) -> int | None:
+    if ask is None:
+        print(
+            f"{_PROG}: refusing to load a busy server without a terminal to ask; run it when "
+            "the server is idle, or pass --yes to load it anyway.",
+            file=stderr,
+        )
+        return 2
+    if await asyncio.to_thread(ask, "Load it anyway? [y/N] "):
+        return None
+    print(f"{_PROG}: not started.", file=stderr)
+    return 2
+
+
+async def _measure(load: Load, stderr: TextIO) -> tuple[list[LevelResult], str] | None:
+    """One warm-up task (not counted), then the levels; None when the warm-up failed."""
+    progress = Progress(stderr)
+    warm = await send(load, 0)
+    progress.line(f"warm-up: one task, {warm.outcome.value} in {warm.seconds:.2f} s (not counted)")
+    if warm.outcome is not AttemptOutcome.OK:
+        print(
+            f"{_PROG}: the warm-up task failed ({_warm_words(warm)}); "
+            "check the URL, --api and the server before tuning.",
+            file=stderr,
+        )
+        return None
+    return await climb(load, progress)
+
+
+async def _publish(report: TuneReport, stdout: TextIO) -> None:
+    """The table and the recommendation on stdout; the JSON and Markdown files when asked."""
+    print(format_table(report), file=stdout)
+    print("", file=stdout)
+    for line in recommendation_lines(report.recommendation):
+        print(line, file=stdout)
+    if report.config.out_dir is not None:
+        written = await asyncio.to_thread(write_results, report, report.config.out_dir)
+        print(f"  results: {', '.join(str(p) for p in written)}", file=stdout)
+    stdout.flush()
+
+
+def _ask(prompt: str) -> bool:
+    try:
+        return input(prompt).strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
+def _warm_words(sample: TaskSample) -> str:
+    status = f"HTTP {sample.status}, " if sample.status is not None else ""
+    return f"{status}{sample.outcome.value}"
