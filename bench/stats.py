@@ -7,7 +7,7 @@ same as in `/stats` and `gatekeeper tune`: a duration that was measured.
 import statistics
 from collections.abc import Sequence
 
-from gatekeeper.state import percentile
+from gatekeeper.policy.quantiles import percentile
 
 __all__ = ["median", "ms", "summarize"]
 

@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from gatekeeper.headers import REQUEST_ID
-from gatekeeper.outcomes import AttemptOutcome, RejectReason
+from gatekeeper.policy.outcomes import AttemptOutcome, RejectReason
 
 __all__ = [
     "ATTEMPTS_HEADER",

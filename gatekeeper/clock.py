@@ -1,6 +1,7 @@
 """Time and sleep, injected so that retry and cool-down tests never really wait."""
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,6 +25,14 @@ class Clock(Protocol):
         """Wait this long (a fake clock advances instead)."""
         ...
 
+    async def wait_until(self, deadline: float) -> None:
+        """Return once `monotonic()` has reached `deadline`.
+
+        For background timers (the health probe's interval): they follow time and never drive
+        it, so a fake clock waits here until the test advances it past `deadline`.
+        """
+        ...
+
 
 class SystemClock:
     """The real clock."""
@@ -37,17 +46,25 @@ class SystemClock:
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))
 
+    async def wait_until(self, deadline: float) -> None:
+        await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+
 
 @dataclass
 class FakeClock:
     """A clock that only moves when told to; `sleep` advances it and returns at once.
 
     Every sleep is recorded, so tests can assert the exact delays a task went through.
+    Background timers (`wait_until`) do not move it: they wake when `advance()` (or a sleep)
+    carries it past their deadline.
     """
 
     now: float = 1_000.0
     epoch_offset: float = 1_700_000_000.0
     sleeps: list[float] = field(default_factory=list)
+    _timers: list[tuple[float, "asyncio.Future[None]"]] = field(
+        default_factory=list, init=False, repr=False, compare=False
+    )
 
     def monotonic(self) -> float:
         return self.now
@@ -56,12 +73,30 @@ class FakeClock:
         return self.epoch_offset + self.now
 
     def advance(self, seconds: float) -> None:
+        """Move time on, waking the timers whose deadline it reaches."""
         self.now += seconds
+        due = [timer for deadline, timer in self._timers if deadline <= self.now]
+        self._timers[:] = [entry for entry in self._timers if entry[0] > self.now]
+        for timer in due:
+            if not timer.done():
+                timer.set_result(None)
 
     async def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
-        self.now += max(0.0, seconds)
+        self.advance(max(0.0, seconds))
         await asyncio.sleep(0)  # still yield, as a real sleep would
+
+    async def wait_until(self, deadline: float) -> None:
+        if deadline <= self.now:
+            await asyncio.sleep(0)  # still yield, as a real timer would
+            return
+        entry = (deadline, asyncio.get_running_loop().create_future())
+        self._timers.append(entry)
+        try:
+            await entry[1]
+        finally:
+            with contextlib.suppress(ValueError):  # already woken by `advance()`
+                self._timers.remove(entry)
 
 
 def local_iso(epoch_seconds: float) -> str:

@@ -2,8 +2,8 @@
 
 from dataclasses import dataclass
 
-from gatekeeper.classify import OomMatcher
-from gatekeeper.retry import RetryPolicy
+from gatekeeper.policy.classify import OomMatcher
+from gatekeeper.policy.retry import RetryPolicy
 from gatekeeper.settings import Settings
 
 __all__ = ["ProxyConfig"]

@@ -11,7 +11,7 @@ streaming is cut).
 import asyncio
 from dataclasses import dataclass
 
-from gatekeeper.outcomes import RejectReason
+from gatekeeper.policy.outcomes import RejectReason
 from gatekeeper.proxy import Proxy
 
 __all__ = ["FINAL_FLUSH", "DrainReport", "drain", "end_grace"]

@@ -21,8 +21,8 @@ import contextlib
 from collections import deque
 from dataclasses import dataclass
 
-from gatekeeper.admission import Admission, Decision, decide
-from gatekeeper.outcomes import RejectReason
+from gatekeeper.policy.admission import Admission, Decision, decide
+from gatekeeper.policy.outcomes import RejectReason
 
 __all__ = ["Gate", "GateCounts", "Refused", "Ticket", "Upload"]
 

@@ -27,7 +27,7 @@ from gatekeeper.gate import Gate, Refused, Ticket
 from gatekeeper.headers import REQUEST_ID
 from gatekeeper.ledger import Ledger, TaskRecord
 from gatekeeper.logs import Event, log_event
-from gatekeeper.outcomes import RejectReason, TaskOutcome
+from gatekeeper.policy.outcomes import RejectReason, TaskOutcome
 from gatekeeper.refusals import Refusals
 from gatekeeper.relay import client_write, pass_through, upstream_headers
 from gatekeeper.runner import Runner, Task

@@ -46,7 +46,11 @@ class UpstreamHealth:
 
 
 class HealthProbe:
-    """Checks the upstream every `interval` seconds: TCP connect, then optionally an HTTP path."""
+    """Checks the upstream every `interval` seconds: TCP connect, then optionally an HTTP path.
+
+    The interval runs on the injected clock. The probe's own timeout bounds real socket I/O,
+    so it stays on the event loop's time.
+    """
 
     def __init__(
         self,
@@ -121,7 +125,9 @@ class HealthProbe:
     async def _loop(self) -> None:
         while True:
             await self.check()
-            await asyncio.sleep(self.interval)
+            # A timer on the injected clock: a test moves a fake clock past it instead of
+            # waiting real intervals, and the probe never moves that clock itself.
+            await self.clock.wait_until(self.clock.monotonic() + self.interval)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="health-probe")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from gatekeeper.clock import Clock
 from gatekeeper.config import ProxyConfig
 from gatekeeper.logs import Event, log_event
-from gatekeeper.outcomes import HoldEnd
+from gatekeeper.policy.outcomes import HoldEnd
 from gatekeeper.state import LiveState
 
 if TYPE_CHECKING:

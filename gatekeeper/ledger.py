@@ -8,7 +8,7 @@ forget a task nor count it twice (the books: total = ended + in progress, see /s
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gatekeeper.outcomes import AttemptOutcome, TaskOutcome
+from gatekeeper.policy.outcomes import AttemptOutcome, TaskOutcome
 from gatekeeper.state import LiveState
 
 __all__ = ["Ledger", "TaskAlreadyEnded", "TaskRecord"]

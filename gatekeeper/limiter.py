@@ -10,10 +10,10 @@ server's limit will live; with admission by memory, where a task's cost meets th
 import logging
 from collections.abc import Callable
 
-from gatekeeper.adaptive import AdaptiveLimit, AdaptiveParams, LimitChange
 from gatekeeper.gate import Gate
 from gatekeeper.logs import Event, log_event
-from gatekeeper.outcomes import AttemptOutcome
+from gatekeeper.policy.adaptive import AdaptiveLimit, AdaptiveParams, LimitChange
+from gatekeeper.policy.outcomes import AttemptOutcome
 from gatekeeper.settings import QUEUE_PER_SLOT, Settings
 
 __all__ = ["Limiter"]

@@ -16,8 +16,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from gatekeeper.adaptive import LimitChangeKind
-from gatekeeper.outcomes import AttemptOutcome, HoldEnd, RejectReason, TaskOutcome
+from gatekeeper.policy.adaptive import LimitChangeKind
+from gatekeeper.policy.outcomes import AttemptOutcome, HoldEnd, RejectReason, TaskOutcome
 from gatekeeper.state import HistogramData, Snapshot
 
 __all__ = ["PREFIX", "SnapshotCollector", "create_registry"]

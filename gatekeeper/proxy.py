@@ -16,13 +16,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gatekeeper.adaptive import AdaptiveLimit
 from gatekeeper.clock import Clock
 from gatekeeper.config import ProxyConfig
 from gatekeeper.gate import Gate
 from gatekeeper.handler import Handler
 from gatekeeper.ledger import Ledger
 from gatekeeper.limiter import Limiter
+from gatekeeper.policy.adaptive import AdaptiveLimit
 from gatekeeper.refusals import Refusals
 from gatekeeper.runner import Runner
 from gatekeeper.settings import Settings

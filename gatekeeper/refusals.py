@@ -4,12 +4,12 @@ import logging
 
 from aiohttp import web
 
-from gatekeeper.admission import estimate_retry_after, queue_usage
 from gatekeeper.answers import refusal
 from gatekeeper.clock import Clock
 from gatekeeper.gate import Gate
 from gatekeeper.logs import Event, log_event
-from gatekeeper.outcomes import RejectReason
+from gatekeeper.policy.admission import estimate_retry_after, queue_usage
+from gatekeeper.policy.outcomes import RejectReason
 from gatekeeper.state import LiveState
 
 __all__ = ["Refusals"]

@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 
 from gatekeeper.answers import upstream_unreachable
 from gatekeeper.headers import REQUEST_ID, forward_request_headers, forward_response_headers
-from gatekeeper.outcomes import HoldEnd
+from gatekeeper.policy.outcomes import HoldEnd
 from gatekeeper.upstream import AttemptResult, upstream_url
 
 __all__ = [

@@ -24,7 +24,6 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gatekeeper.answers import ATTEMPTS_HEADER, upstream_failure
-from gatekeeper.classify import classify
 from gatekeeper.clock import Clock
 from gatekeeper.config import ProxyConfig
 from gatekeeper.gate import Ticket
@@ -33,10 +32,11 @@ from gatekeeper.holds import Holds, Still
 from gatekeeper.ledger import TaskRecord
 from gatekeeper.limiter import Limiter
 from gatekeeper.logs import Event, log_event
-from gatekeeper.outcomes import AttemptOutcome, HoldEnd, RejectReason, TaskOutcome
+from gatekeeper.policy.classify import classify
+from gatekeeper.policy.outcomes import AttemptOutcome, HoldEnd, RejectReason, TaskOutcome
+from gatekeeper.policy.retry import parse_retry_after
 from gatekeeper.refusals import Refusals
 from gatekeeper.relay import RelayEnd, discard, finish_answer, finish_attempt, relay
-from gatekeeper.retry import parse_retry_after
 from gatekeeper.spool import SpooledBody
 from gatekeeper.state import LiveState
 from gatekeeper.upstream import AttemptResult, send, upstream_url
@@ -304,7 +304,7 @@ class Runner:
         if resumed is _Resume.STOPPED:
             return self._refuse_retry(task, RejectReason.SHUTTING_DOWN)
         # Retries piled up beyond the limit: refuse like a queue timeout, so the worst case of
-        # a task stays bounded (gatekeeper/budget.py).
+        # a task stays bounded (gatekeeper/policy/budget.py).
         return self._refuse_retry(task, RejectReason.QUEUE_TIMEOUT)
 
     async def _delay_then_resume(self, task: Task, delay: float) -> _Resume:

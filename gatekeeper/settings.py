@@ -19,7 +19,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from yarl import URL
 
-from gatekeeper.classify import OomMatcher
+from gatekeeper.policy.classify import OomMatcher
 
 __all__ = [
     "DEFAULT_GATED_PATHS",

@@ -9,11 +9,12 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gatekeeper.adaptive import LimitChangeKind
-from gatekeeper.admission import ServiceTimeEstimate
 from gatekeeper.gate import Gate, GateCounts
 from gatekeeper.health import UpstreamHealth
-from gatekeeper.outcomes import AttemptOutcome, HoldEnd, RejectReason, TaskOutcome
+from gatekeeper.policy.adaptive import LimitChangeKind
+from gatekeeper.policy.admission import ServiceTimeEstimate
+from gatekeeper.policy.outcomes import AttemptOutcome, HoldEnd, RejectReason, TaskOutcome
+from gatekeeper.policy.quantiles import percentile
 
 __all__ = [
     "DURATION_BUCKETS",
@@ -103,15 +104,6 @@ class HistogramData:
 
 def _le(bound: float) -> str:
     return repr(float(bound))
-
-
-def percentile(values: tuple[float, ...], q: float) -> float | None:
-    """The q-quantile (0..1) of `values` by nearest rank; None when there are none."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(0, math.ceil(q * len(ordered)) - 1)
-    return ordered[rank]
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,10 +2,11 @@
 
 from typing import Any
 
-from gatekeeper.admission import queue_usage
 from gatekeeper.clock import local_iso
-from gatekeeper.outcomes import AttemptOutcome, HoldEnd, RejectReason, TaskOutcome
-from gatekeeper.state import Snapshot, percentile
+from gatekeeper.policy.admission import queue_usage
+from gatekeeper.policy.outcomes import AttemptOutcome, HoldEnd, RejectReason, TaskOutcome
+from gatekeeper.policy.quantiles import percentile
+from gatekeeper.state import Snapshot
 
 __all__ = ["stats_document"]
 

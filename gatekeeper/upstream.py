@@ -13,7 +13,7 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from gatekeeper.classify import CLASSIFY_BODY_LIMIT
+from gatekeeper.policy.classify import CLASSIFY_BODY_LIMIT
 from gatekeeper.spool import SpooledBody
 
 __all__ = [

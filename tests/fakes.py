@@ -89,7 +89,7 @@ class FakeUpstream:
         await site.start()
         server = site._server
         assert server is not None
-        assert server.sockets
+        assert server.sockets  # type: ignore[attr-defined]
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
 
     async def stop(self) -> None:

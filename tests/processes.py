@@ -7,7 +7,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-__all__ = ["free_port", "gatekeeper_process", "sim_process", "wait_for_port"]
+__all__ = ["free_port", "gatekeeper_process", "read_until", "sim_process", "wait_for_port"]
 
 
 def free_port() -> int:
@@ -32,7 +32,23 @@ async def wait_for_port(
                 if proc is not None and proc.returncode is not None:
                     msg = f"process exited with {proc.returncode} during start-up"
                     raise RuntimeError(msg) from None
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.01)  # a refused connect is cheap: poll often
+
+
+async def read_until(stream: asyncio.StreamReader, text: str, within: float = 10.0) -> str:
+    """Read a process's output line by line until a line contains `text`; return all read.
+
+    The event the test waits for is the log line itself; the caller keeps what was read, so
+    a later look at the whole log still sees it.
+    """
+    read: list[str] = []
+    async with asyncio.timeout(within):
+        while line := (await stream.readline()).decode():
+            read.append(line)
+            if text in line:
+                return "".join(read)
+    msg = f"the output ended without a line containing {text!r}:\n{''.join(read)}"
+    raise AssertionError(msg)
 
 
 def _clean_env(extra: dict[str, str] | None) -> dict[str, str]:

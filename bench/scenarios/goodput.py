@@ -24,8 +24,8 @@ from bench.httpclient import HttpError, fetch
 from bench.procs import Proc
 from bench.scenarios.common import CONTENT_TYPE, Ctx, JsonDict, multipart_parts
 from bench.workload import Arrival, mean_audio_seconds, schedule
-from gatekeeper.adaptive import AdaptiveParams
-from gatekeeper.state import percentile
+from gatekeeper.policy.adaptive import AdaptiveParams
+from gatekeeper.policy.quantiles import percentile
 
 __all__ = ["CARDS", "Setup", "adaptive_settings", "run", "story_settings"]
 

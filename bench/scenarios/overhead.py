@@ -17,7 +17,7 @@ from bench.scenarios.common import (
     run_wrk,
 )
 from bench.stats import median, ms
-from gatekeeper.state import percentile
+from gatekeeper.policy.quantiles import percentile
 
 __all__ = ["run"]
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from gatekeeper.budget import RETRY_AFTER_CAP, TaskBudget, from_settings
 from gatekeeper.commands.flags import (
     add_settings_arguments,
     print_error,
@@ -30,6 +29,7 @@ from gatekeeper.commands.nginx_conf import (
     nginx_proxied_locations,
     parse_nginx_time,
 )
+from gatekeeper.policy.budget import RETRY_AFTER_CAP, TaskBudget, from_settings
 from gatekeeper.settings import Settings, SettingsError
 
 __all__ = [

@@ -23,7 +23,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from gatekeeper.admission import (
+from gatekeeper.gate import Gate, Refused, Ticket
+from gatekeeper.policy.admission import (
     RETRY_AFTER_MAX,
     RETRY_AFTER_MIN,
     Decision,
@@ -32,10 +33,9 @@ from gatekeeper.admission import (
     estimate_retry_after,
     queue_usage,
 )
-from gatekeeper.classify import CLASSIFY_BODY_LIMIT, OomMatcher, body_text, classify
-from gatekeeper.gate import Gate, Refused, Ticket
-from gatekeeper.outcomes import AttemptOutcome, RejectReason
-from gatekeeper.retry import RETRY_AFTER_CAP, RetryPolicy, base_delay, parse_retry_after
+from gatekeeper.policy.classify import CLASSIFY_BODY_LIMIT, OomMatcher, body_text, classify
+from gatekeeper.policy.outcomes import AttemptOutcome, RejectReason
+from gatekeeper.policy.retry import RETRY_AFTER_CAP, RetryPolicy, base_delay, parse_retry_after
 
 pytestmark = pytest.mark.chaos
 

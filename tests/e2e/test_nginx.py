@@ -18,13 +18,13 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from gatekeeper.budget import from_settings, task_budget
 from gatekeeper.commands.check_config import (
     add_check_config_arguments,
     run_check_config,
     suggested_timeout,
 )
 from gatekeeper.commands.nginx_conf import nginx_proxied_locations
+from gatekeeper.policy.budget import from_settings, task_budget
 from gatekeeper.settings import load_settings
 from tests.e2e.nginx_harness import INTERNAL_STATS_CONF, STOCK_CONF, NginxStack, nginx_stack
 from tests.waiting import until

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from gatekeeper.adaptive import HISTORY_LENGTH
 from gatekeeper.app import PROXY, REGISTRY, STATE
 from gatekeeper.logs import _FIELDS_ATTR
+from gatekeeper.policy.adaptive import HISTORY_LENGTH
 from gatekeeper.sim import SimConfig, Simulator
 from gatekeeper.sim.audio import silent_wav
 from tests.conftest import GatekeeperFactory

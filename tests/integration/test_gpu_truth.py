@@ -11,7 +11,7 @@ import json
 import aiohttp
 
 from gatekeeper.app import STATE
-from gatekeeper.outcomes import HoldEnd, RejectReason, TaskOutcome
+from gatekeeper.policy.outcomes import HoldEnd, RejectReason, TaskOutcome
 from tests.conftest import GatekeeperFactory
 from tests.fakes import FakeUpstream
 from tests.waiting import until

@@ -2,12 +2,13 @@
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 
 from gatekeeper.app import STATE
-from gatekeeper.outcomes import TaskOutcome
+from gatekeeper.policy.outcomes import TaskOutcome
 from tests.conftest import GatekeeperFactory
 from tests.fakes import FakeUpstream
 from tests.waiting import until
@@ -70,7 +71,7 @@ async def test_slow_but_steady_upload_is_accepted(
     """An upload slower overall than the body timeout is fine while data keeps coming."""
     base, _ = await start_gatekeeper(upstream.url, client_body_timeout=0.3)
 
-    async def trickle():  # type: ignore[no-untyped-def]
+    async def trickle() -> AsyncIterator[bytes]:
         for _ in range(6):
             await asyncio.sleep(0.1)
             yield b"x" * 100

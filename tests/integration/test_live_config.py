@@ -11,7 +11,7 @@ import pytest
 from gatekeeper.app import STATE
 from tests.conftest import GatekeeperFactory
 from tests.fakes import FakeUpstream
-from tests.processes import gatekeeper_process
+from tests.processes import gatekeeper_process, read_until
 from tests.waiting import until
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -104,7 +104,9 @@ async def test_lowering_the_limit_never_stops_running_tasks(
         upstream.release("h0")
         upstream.release("h1")
         await until(lambda: upstream.active == 1)
-        await asyncio.sleep(0.1)
+        # Both released slots are back; a freed slot goes to a waiter in the same step, so the
+        # queue now shows the gate's decision.
+        await until(lambda: app[STATE].snapshot().active_tasks == 1)
         assert app[STATE].snapshot().queued_tasks == 1  # still 1 running: not below the limit
         upstream.release("h2")
         assert (await waiting).status == 200
@@ -165,20 +167,21 @@ async def test_sighup_rereads_the_env_file(upstream: FakeUpstream, tmp_path: Pat
                     value: int = (await response.json())["max_concurrent"]
                     return value
 
+            async def limit_is(n: int) -> bool:
+                return await limit() == n
+
             assert await limit() == 1
             env_file.write_text("ASR_MAX_CONCURRENT=3\nASR_LOG_LEVEL=DEBUG\n")
             proc.send_signal(signal.SIGHUP)
-            async with asyncio.timeout(5):
-                while await limit() != 3:  # noqa: ASYNC110 - polls over HTTP
-                    await asyncio.sleep(0.05)
+            await until(lambda: limit_is(3), every=0.02)
             env_file.write_text("ASR_MAX_CONCURRENT=zero\n")
             proc.send_signal(signal.SIGHUP)
-            await asyncio.sleep(0.3)
+            assert proc.stderr is not None
+            read = await read_until(proc.stderr, "配置重载失败")  # the reload is over
             assert await limit() == 3
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 10) == 0
-        assert proc.stderr is not None
-        log = (await proc.stderr.read()).decode()
+        log = read + (await proc.stderr.read()).decode()
     assert "[ASR并发] 配置已更改 setting=max_concurrent old=1 new=3 by=local via=sighup" in log
     assert "配置更改需要重启才能生效 settings=log_level" in log
     assert "配置重载失败，保留当前配置" in log

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gatekeeper.app import REGISTRY, STATE
+from gatekeeper.app import HEALTH, REGISTRY, STATE
 from gatekeeper.clock import FakeClock
 from gatekeeper.logs import configure_logging
 from gatekeeper.sim import SimConfig, Simulator
@@ -18,7 +18,7 @@ from tests.conftest import GatekeeperFactory
 from tests.fakes import FakeUpstream
 from tests.waiting import until
 
-SEED_FIELDS = {
+SEED_FIELDS: dict[str, type | tuple[type, ...]] = {
     "max_concurrent": int,
     "active_tasks": int,
     "queued_tasks": int,
@@ -180,7 +180,8 @@ async def test_health_follows_the_upstream(start_gatekeeper: GatekeeperFactory) 
     """/health is 200 while the Whisper server accepts connections and 503 when it is gone."""
     sim = Simulator(SimConfig())
     await sim.start()
-    base, app = await start_gatekeeper(sim.url)
+    clock = FakeClock()  # the next probe is due when the test moves the clock
+    base, app = await start_gatekeeper(sim.url, clock=clock)
     async with aiohttp.ClientSession() as session:
         await until(lambda: app[STATE].snapshot().upstream_up is True)
         async with session.get(f"{base}/health") as response:
@@ -190,6 +191,7 @@ async def test_health_follows_the_upstream(start_gatekeeper: GatekeeperFactory) 
         assert doc["upstream"]["state"] == "up"
         assert doc["upstream"]["checked_at"] is not None
         await sim.stop()
+        clock.advance(app[HEALTH].interval)
         await until(lambda: app[STATE].snapshot().upstream_up is False)
         async with session.get(f"{base}/health") as response:
             assert response.status == 503
@@ -207,10 +209,17 @@ async def test_busy_server_is_not_called_down(
     """A server whose health path stalls while it transcribes is reported up (TCP) or busy."""
     sim = Simulator(SimConfig(stall_when_busy=True, time_scale=2.0))
     await sim.start()
+    clock = FakeClock()  # the probe's interval passes when the test says so
     try:
         base, app = await start_gatekeeper(
-            sim.url, health_path=health_path, health_timeout=0.2, health_interval=0.05
+            sim.url,
+            clock=clock,
+            health_path=health_path,
+            health_timeout=0.2,
+            health_interval=0.05,
         )
+        probe = app[HEALTH]
+        await until(lambda: probe.status.checked_at is not None)  # the first probe, server idle
         async with aiohttp.ClientSession() as session:
             form = aiohttp.FormData()
             form.add_field("audio_file", b"x" * 100, filename="a.mp3")
@@ -218,7 +227,9 @@ async def test_busy_server_is_not_called_down(
                 session.post(f"{base}/asr", data=form, headers={"X-Sim-Audio-Seconds": "20"})
             )
             await until(lambda: sim.state()["active_tasks"] == 1)
-            await asyncio.sleep(0.5)  # several probes while the server is busy
+            for _ in range(3):  # several probes while the server is busy
+                clock.advance(probe.interval)
+                await until(lambda: probe.status.checked_at == clock.wall())
             async with session.get(f"{base}/health") as response:
                 status, doc = response.status, await response.json()
             (await task).release()

@@ -9,6 +9,7 @@ import aiohttp
 
 from tests.fakes import FakeUpstream
 from tests.processes import free_port, gatekeeper_process, sim_process
+from tests.waiting import until
 
 
 async def _post(
@@ -16,6 +17,18 @@ async def _post(
 ) -> tuple[int, dict[str, str], bytes]:
     async with session.post(url, data=b"audio", headers=headers) as response:
         return response.status, dict(response.headers), await response.read()
+
+
+async def _shows(session: aiohttp.ClientSession, url: str, **expected: object) -> bool:
+    """True when the JSON document at `url` (/health, /stats) has these values."""
+    async with session.get(url) as response:
+        doc = await response.json()
+    return all(doc[name] == value for name, value in expected.items())
+
+
+async def _answers(session: aiohttp.ClientSession, url: str, status: int) -> bool:
+    async with session.get(url) as response:
+        return response.status == status
 
 
 async def test_sigterm_drains_running_and_queued_tasks(upstream: FakeUpstream) -> None:
@@ -27,9 +40,9 @@ async def test_sigterm_drains_running_and_queued_tasks(upstream: FakeUpstream) -
             running = asyncio.create_task(_post(session, f"{base}/asr", **{"X-Fake-Hold": "h"}))
             await upstream.wait_active(1)
             queued = asyncio.create_task(_post(session, f"{base}/asr", **{"X-Request-ID": "q"}))
-            await asyncio.sleep(0.2)
+            await until(lambda: _shows(session, f"{base}/health", queued_tasks=1), every=0.02)
             proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
+            await until(lambda: _shows(session, f"{base}/health", shutting_down=True), every=0.02)
             status, headers, body = await _post(session, f"{base}/asr")
             assert status == 503
             assert headers["X-Gatekeeper-Reason"] == "shutting_down"
@@ -57,7 +70,7 @@ async def test_grace_period_ends_with_503_for_the_queue(upstream: FakeUpstream) 
             running = asyncio.create_task(_post(session, f"{base}/asr", **{"X-Fake-Hold": "never"}))
             await upstream.wait_active(1)
             queued = asyncio.create_task(_post(session, f"{base}/asr"))
-            await asyncio.sleep(0.2)
+            await until(lambda: _shows(session, f"{base}/health", queued_tasks=1), every=0.02)
             proc.send_signal(signal.SIGTERM)
             status, headers, _ = await asyncio.wait_for(queued, 10)
             assert status == 503
@@ -85,7 +98,8 @@ async def test_second_signal_exits_at_once(upstream: FakeUpstream) -> None:
         running = asyncio.create_task(_post(session, f"{base}/asr", **{"X-Fake-Hold": "never"}))
         await upstream.wait_active(1)
         proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
+        # It says so over HTTP, so it is alive and past the signal.
+        await until(lambda: _shows(session, f"{base}/health", shutting_down=True), every=0.02)
         assert proc.returncode is None  # still draining
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 15) == 0
@@ -108,12 +122,7 @@ async def test_upstream_down_at_start_then_recovers() -> None:
             assert headers["X-Gatekeeper-Attempts"] == "2"
             assert json.loads(body)["reason"] == "crash"
             async with sim_process(port=port):
-                async with asyncio.timeout(10):
-                    while True:
-                        async with session.get(f"{base}/health") as response:
-                            if response.status == 200:
-                                break
-                        await asyncio.sleep(0.05)
+                await until(lambda: _answers(session, f"{base}/health", 200), within=10, every=0.02)
                 form = aiohttp.FormData()
                 form.add_field("audio_file", b"RIFF", filename="a.wav")
                 async with session.post(f"{base}/asr", data=form) as response:
@@ -122,12 +131,15 @@ async def test_upstream_down_at_start_then_recovers() -> None:
 
 async def test_upload_still_running_when_grace_ends_gets_503(upstream: FakeUpstream) -> None:
     """A task still sending its body when the grace period ends is answered 503 shutting_down."""
-    async with gatekeeper_process(upstream.url, "--shutdown-grace", "0.5") as (proc, base):
+    async with (
+        gatekeeper_process(upstream.url, "--shutdown-grace", "0.5") as (proc, base),
+        aiohttp.ClientSession() as session,
+    ):
         port = int(base.rsplit(":", 1)[1])
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"POST /asr HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nhalf")
         await writer.drain()
-        await asyncio.sleep(0.3)
+        await until(lambda: _shows(session, f"{base}/stats", uploading_tasks=1), every=0.02)
         proc.send_signal(signal.SIGTERM)
         answer = await asyncio.wait_for(reader.read(65536), 10)
         writer.close()

@@ -14,7 +14,7 @@ import pytest
 
 from gatekeeper.app import STATE
 from gatekeeper.logs import configure_logging
-from gatekeeper.outcomes import TaskOutcome
+from gatekeeper.policy.outcomes import TaskOutcome
 from tests.conftest import GatekeeperFactory
 from tests.fakes import FakeUpstream
 from tests.waiting import until

@@ -9,7 +9,7 @@ import pytest
 
 from gatekeeper.app import PROXY, STATE
 from gatekeeper.clock import FakeClock
-from gatekeeper.outcomes import AttemptOutcome, RejectReason, TaskOutcome
+from gatekeeper.policy.outcomes import AttemptOutcome, RejectReason, TaskOutcome
 from tests.conftest import GatekeeperFactory
 from tests.fakes import OOM_TEXT, FakeUpstream, big_error_body
 from tests.waiting import until
@@ -29,7 +29,7 @@ class GatedClock(FakeClock):
             await self.opened.wait()
         finally:
             self.sleeping -= 1
-        self.now += seconds
+        self.advance(seconds)
 
 
 async def _quitter(base: str) -> asyncio.StreamWriter:
@@ -62,7 +62,7 @@ class SteppedClock(FakeClock):
         self.started += 1
         self.sleeps.append(seconds)
         await self._end(n).wait()
-        self.now += seconds
+        self.advance(seconds)
 
 
 async def _task(
@@ -171,7 +171,7 @@ async def test_jitter_comes_from_the_injected_random(
     upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory
 ) -> None:
     """With jitter 0.1 the delay lies within ±10 % and is the same for the same seed."""
-    delays = []
+    delays: list[float] = []
     for _ in range(2):
         clock = FakeClock()
         base, _ = await start_gatekeeper(upstream.url, clock=clock, seed=7)

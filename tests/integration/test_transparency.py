@@ -10,7 +10,7 @@ import os
 import aiohttp
 
 from gatekeeper.app import STATE
-from gatekeeper.outcomes import HoldEnd
+from gatekeeper.policy.outcomes import HoldEnd
 from tests.conftest import GatekeeperFactory
 from tests.fakes import GZIP_BODY, FakeUpstream
 from tests.waiting import until

@@ -9,9 +9,10 @@ import aiohttp
 import pytest
 
 from gatekeeper.app import STATE
-from gatekeeper.outcomes import AttemptOutcome, TaskOutcome
+from gatekeeper.policy.outcomes import AttemptOutcome, TaskOutcome
 from gatekeeper.sim.audio import silent_wav
 from tests.conftest import GatekeeperFactory, StartSim
+from tests.waiting import until
 
 
 def _form(seconds: float) -> aiohttp.FormData:
@@ -77,9 +78,7 @@ async def test_transient_oom_is_recognised_and_retried(
     caplog.set_level(logging.INFO, logger="gatekeeper")
     async with aiohttp.ClientSession() as session:
         first = asyncio.create_task(_transcribe(session, base, 60))
-        async with asyncio.timeout(5):
-            while sim.state()["active_tasks"] != 1:  # noqa: ASYNC110
-                await asyncio.sleep(0.002)
+        await until(lambda: sim.state()["active_tasks"] == 1)
         second = await _transcribe(session, base, 60)
         assert (await first)[0] == 200
     status, headers, body = second
@@ -90,7 +89,7 @@ async def test_transient_oom_is_recognised_and_retried(
     assert snap.oom_errors >= 1
     assert snap.attempts[AttemptOutcome.OOM] == sim.state()["ooms"]
     assert snap.tasks[TaskOutcome.SUCCESS] == 2
-    delays = [r.gk_fields["delay"] for r in caplog.records if "重试转录" in r.getMessage()]
+    delays = [r.gk_fields["delay"] for r in caplog.records if "重试转录" in r.getMessage()]  # type: ignore[attr-defined]
     assert delays == pytest.approx([0.1, 0.3, 0.9, 2.7][: len(delays)])
     print(f"{style}: attempts {headers['X-Gatekeeper-Attempts']}, retry delays {delays}")
 

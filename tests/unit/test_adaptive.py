@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gatekeeper.adaptive import HISTORY_LENGTH, AdaptiveLimit, AdaptiveParams, LimitChange
-from gatekeeper.outcomes import AttemptOutcome
+from gatekeeper.policy.adaptive import HISTORY_LENGTH, AdaptiveLimit, AdaptiveParams, LimitChange
+from gatekeeper.policy.outcomes import AttemptOutcome
 from gatekeeper.sim.memory import GpuCompute, GpuMemory
 
 OK, OOM, CRASH = AttemptOutcome.OK, AttemptOutcome.OOM, AttemptOutcome.CRASH

@@ -2,14 +2,14 @@
 
 import pytest
 
-from gatekeeper.admission import (
+from gatekeeper.policy.admission import (
     Decision,
     ServiceTimeEstimate,
     decide,
     estimate_retry_after,
     queue_usage,
 )
-from gatekeeper.outcomes import RejectReason
+from gatekeeper.policy.outcomes import RejectReason
 
 Q, T, S = RejectReason.QUEUE_FULL, RejectReason.QUEUE_TIMEOUT, RejectReason.SHUTTING_DOWN
 

@@ -9,7 +9,6 @@ from dataclasses import FrozenInstanceError
 
 import pytest
 
-from gatekeeper.budget import TaskBudget, from_settings, task_budget
 from gatekeeper.commands.check_config import suggested_timeout
 from gatekeeper.commands.nginx_conf import (
     ProxiedLocation,
@@ -17,6 +16,7 @@ from gatekeeper.commands.nginx_conf import (
     parse_nginx_size,
     parse_nginx_time,
 )
+from gatekeeper.policy.budget import TaskBudget, from_settings, task_budget
 from gatekeeper.settings import load_settings
 
 # name, (retries, delay, cool-down), longest delays, delays with Retry-After, totals without/with

@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gatekeeper.classify import (
+from gatekeeper.policy.classify import (
     CLASSIFY_BODY_LIMIT,
     OomMatcher,
     body_text,
     classify,
 )
-from gatekeeper.outcomes import AttemptOutcome
+from gatekeeper.policy.outcomes import AttemptOutcome
 
 BUILTIN = OomMatcher()
 

@@ -4,7 +4,7 @@ import pytest
 
 from gatekeeper.gate import Gate
 from gatekeeper.ledger import Ledger, TaskAlreadyEnded
-from gatekeeper.outcomes import TaskOutcome
+from gatekeeper.policy.outcomes import TaskOutcome
 from gatekeeper.state import LiveState
 
 

@@ -7,7 +7,7 @@ sorted samples, always a duration that was really measured, never one between tw
 import pytest
 
 from bench.stats import summarize
-from gatekeeper.state import percentile
+from gatekeeper.policy.quantiles import percentile
 
 MS = 0.001
 

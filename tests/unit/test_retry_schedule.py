@@ -2,8 +2,8 @@
 
 import pytest
 
-from gatekeeper.outcomes import AttemptOutcome as O
-from gatekeeper.retry import RetryPolicy, base_delay, parse_retry_after
+from gatekeeper.policy.outcomes import AttemptOutcome as O
+from gatekeeper.policy.retry import RetryPolicy, base_delay, parse_retry_after
 
 POLICY = RetryPolicy(max_retries=3, base=10.0, jitter=0.0)
 

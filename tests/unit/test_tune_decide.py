@@ -12,8 +12,8 @@ from gatekeeper.commands.tune.decide import (
     stop_reason,
     summarize,
 )
-from gatekeeper.outcomes import AttemptOutcome
-from gatekeeper.state import percentile
+from gatekeeper.policy.outcomes import AttemptOutcome
+from gatekeeper.policy.quantiles import percentile
 
 
 def _level(level: int, goodput: float, *, sent: int = 8, **failures: int) -> LevelResult:

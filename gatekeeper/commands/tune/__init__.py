@@ -33,7 +33,7 @@ from gatekeeper.commands.tune.report import (
     write_results,
 )
 from gatekeeper.commands.tune.run import Load, busy_reason, climb, send
-from gatekeeper.outcomes import AttemptOutcome
+from gatekeeper.policy.outcomes import AttemptOutcome
 
 __all__ = ["add_tune_arguments", "run_tune", "tune"]
 

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from gatekeeper.outcomes import AttemptOutcome
-from gatekeeper.state import percentile
+from gatekeeper.policy.outcomes import AttemptOutcome
+from gatekeeper.policy.quantiles import percentile
 
 __all__ = [
     "MIN_GAIN",

@@ -17,7 +17,7 @@ from gatekeeper.commands.tune.decide import (
     gain_words,
     stop_reason,
 )
-from gatekeeper.outcomes import AttemptOutcome
+from gatekeeper.policy.outcomes import AttemptOutcome
 
 __all__ = [
     "Progress",

@@ -13,11 +13,11 @@ from typing import Any, Final, TextIO
 
 import aiohttp
 
-from gatekeeper.classify import CLASSIFY_BODY_LIMIT, OomMatcher, classify
 from gatekeeper.commands.tune.args import API_ROUTES, ApiRoute, AudioItem, TuneConfig
 from gatekeeper.commands.tune.decide import LevelResult, TaskSample, stop_reason, summarize
 from gatekeeper.commands.tune.report import Progress
-from gatekeeper.outcomes import AttemptOutcome
+from gatekeeper.policy.classify import CLASSIFY_BODY_LIMIT, OomMatcher, classify
+from gatekeeper.policy.outcomes import AttemptOutcome
 
 __all__ = ["BUSY_PROBE_SECONDS", "Load", "busy_reason", "climb", "run_level", "send"]
 

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from enum import StrEnum
 
-from gatekeeper.outcomes import RejectReason
+from gatekeeper.policy.outcomes import RejectReason
 
 __all__ = [
     "RETRY_AFTER_MAX",

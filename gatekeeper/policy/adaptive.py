@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
-from gatekeeper.outcomes import AttemptOutcome
+from gatekeeper.policy.outcomes import AttemptOutcome
 
 __all__ = ["HISTORY_LENGTH", "AdaptiveLimit", "AdaptiveParams", "LimitChange", "LimitChangeKind"]
 

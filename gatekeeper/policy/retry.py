@@ -9,7 +9,7 @@ Delays derive from the one base `ASR_RETRY_DELAY` d (SPEC "Outcomes, retries, de
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gatekeeper.outcomes import AttemptOutcome
+from gatekeeper.policy.outcomes import AttemptOutcome
 
 __all__ = ["RETRY_AFTER_CAP", "RetryPolicy", "base_delay", "parse_retry_after"]
 

@@ -37,8 +37,8 @@ task is refused (`queue_timeout`), so that term is bounded too.
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gatekeeper.outcomes import AttemptOutcome
-from gatekeeper.retry import RETRY_AFTER_CAP, RetryPolicy
+from gatekeeper.policy.outcomes import AttemptOutcome
+from gatekeeper.policy.retry import RETRY_AFTER_CAP, RetryPolicy
 
 if TYPE_CHECKING:
     from gatekeeper.settings import Settings

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from gatekeeper.outcomes import AttemptOutcome
+from gatekeeper.policy.outcomes import AttemptOutcome
 
 __all__ = [
     "BUILTIN_OOM_PATTERNS",
