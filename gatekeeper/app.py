@@ -105,10 +105,12 @@ async def _health_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _adaptive_ctx(app: web.Application) -> AsyncIterator[None]:
     # Time alone can raise an adaptive limit (a stretch grown stable, a faded ceiling).
+    proxy = app[PROXY]
+
     async def ticker() -> None:
-        while True:
-            await asyncio.sleep(_ADAPTIVE_TICK)
-            app[PROXY].tick()
+        while True:  # on the injected clock: a fake one wakes it as tests advance time
+            await proxy.clock.wait_until(proxy.clock.monotonic() + _ADAPTIVE_TICK)
+            proxy.tick()
 
     task = asyncio.create_task(ticker(), name="adaptive-tick")
     yield

@@ -1,8 +1,11 @@
-"""Time and sleep, injected so that retry and cool-down tests never really wait."""
+"""Time, sleep and deadlines, injected so that tests of retries, cool-downs and timeouts never
+really wait: a fake clock moves when a test says so, and every deadline follows it."""
 
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -33,6 +36,11 @@ class Clock(Protocol):
         """
         ...
 
+    def timeout_at(self, deadline: float | None) -> AbstractAsyncContextManager[object]:
+        """Cancel the block when `monotonic()` reaches `deadline` and raise TimeoutError, as
+        `asyncio.timeout_at` does (None: no deadline)."""
+        ...
+
 
 class SystemClock:
     """The real clock."""
@@ -48,6 +56,10 @@ class SystemClock:
 
     async def wait_until(self, deadline: float) -> None:
         await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+
+    def timeout_at(self, deadline: float | None) -> AbstractAsyncContextManager[object]:
+        # asyncio's own timeout, on the loop's clock: the same cost as before on the hot path.
+        return asyncio.timeout(None if deadline is None else deadline - time.monotonic())
 
 
 @dataclass
@@ -97,6 +109,24 @@ class FakeClock:
         finally:
             with contextlib.suppress(ValueError):  # already woken by `advance()`
                 self._timers.remove(entry)
+
+    @contextlib.asynccontextmanager
+    async def timeout_at(self, deadline: float | None) -> AsyncIterator[None]:
+        """asyncio's timeout, fired when `advance()` carries this clock past `deadline`."""
+        async with asyncio.timeout(None) as timeout:
+            if deadline is None:
+                yield
+                return
+
+            async def expire() -> None:
+                await self.wait_until(deadline)
+                timeout.reschedule(asyncio.get_running_loop().time())
+
+            watcher = asyncio.ensure_future(expire())
+            try:
+                yield
+            finally:
+                watcher.cancel()
 
 
 def local_iso(epoch_seconds: float) -> str:

@@ -21,6 +21,7 @@ import contextlib
 from collections import deque
 from dataclasses import dataclass
 
+from gatekeeper.clock import Clock, SystemClock
 from gatekeeper.policy.admission import Admission, Decision, decide
 from gatekeeper.policy.outcomes import RejectReason
 
@@ -48,6 +49,8 @@ class GateCounts:
     retrying: int = 0
     """Admitted tasks between two attempts: in their retry delay, or waiting for a slot to retry
     (ahead of the queue). They hold no slot and no queue place."""
+    retry_waiting: int = 0
+    """Of `retrying`, those whose delay is over and that wait for a slot (ahead of the queue)."""
     uploading: int = 0
     """Tasks whose upload is still being received: they hold no slot and are not queued yet,
     but arrivals count them against the queue's room."""
@@ -85,7 +88,8 @@ class Ticket:
             raise RuntimeError("ticket already left the gate")
         if not self._granted.done():
             try:
-                async with asyncio.timeout(max_wait):
+                clock = self._gate._clock
+                async with clock.timeout_at(clock.monotonic() + max_wait):
                     await asyncio.shield(self._granted)
             except TimeoutError:
                 if not self._granted.done():
@@ -174,9 +178,10 @@ class Upload:
 class Gate:
     """Slots for tasks upstream, and the queue in front of them."""
 
-    def __init__(self, *, limit: int, max_queue: int) -> None:
+    def __init__(self, *, limit: int, max_queue: int, clock: Clock | None = None) -> None:
         if limit < 1:
             raise ValueError("limit must be at least 1")
+        self._clock = clock or SystemClock()  # the queue timeout follows it
         self._limit = limit
         self._max_queue = max_queue
         self._uploading = 0
@@ -196,6 +201,7 @@ class Gate:
             self._max_queue,
             self._shutting_down,
             self._paused,
+            len(self._retry_waiters),
             self._uploading,
         )
 

@@ -12,7 +12,6 @@ runner decides what the cancellation means.
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
 from gatekeeper.answers import body_broken, body_timeout, body_too_large, upload_timeout
+from gatekeeper.clock import Clock
 from gatekeeper.config import ProxyConfig
 from gatekeeper.gate import Gate, Refused, Ticket
 from gatekeeper.headers import REQUEST_ID
@@ -48,8 +48,12 @@ class Handler:
         refusals: Refusals,
         runner: Runner,
         session: Callable[[], aiohttp.ClientSession],
+        new_id: Callable[[], str],
+        clock: Clock,
     ) -> None:
         self._config = config
+        self._clock = clock
+        self._new_id = new_id  # a request id for a request that brought none
         self._gate = gate
         self._ledger = ledger
         self._refusals = refusals
@@ -64,7 +68,12 @@ class Handler:
         if cfg.is_task(request.method, request.path):
             return await self._task(request)
         return await pass_through(
-            request, self._session(), upstream=cfg.upstream, within=cfg.request_timeout
+            request,
+            self._session(),
+            upstream=cfg.upstream,
+            within=cfg.request_timeout,
+            new_id=self._new_id,
+            clock=self._clock,
         )
 
     async def expect(self, request: web.Request) -> web.StreamResponse | None:
@@ -93,7 +102,7 @@ class Handler:
     def _early_answer(self, request: web.Request, request_id: str | None) -> web.Response | None:
         """What a task gets before its body is read, if it cannot be taken: 413 (Content-Length
         over ASR_MAX_BODY_SIZE) or 503 (shutting down, no room in the queue)."""
-        task_id = request_id or os.urandom(16).hex()
+        task_id = request_id or self._new_id()
         limit = self._config().max_body_size
         if request.content_length is not None and request.content_length > limit:
             log_event(Event.BODY_TOO_LARGE, logging.WARNING, task_id=task_id, limit=limit)
@@ -102,7 +111,7 @@ class Handler:
         return None if refused is None else self._refusals.refuse(refused, task_id)
 
     async def _task(self, request: web.Request) -> web.StreamResponse:
-        request_id = request.headers.get(REQUEST_ID) or os.urandom(16).hex()
+        request_id = request.headers.get(REQUEST_ID) or self._new_id()
         cfg = self._config()
         if request.content_length is not None and request.content_length > cfg.max_body_size:
             log_event(
@@ -177,6 +186,7 @@ class Handler:
                 max_size=cfg.max_body_size,
                 idle_timeout=cfg.client_body_timeout,
                 total_timeout=cfg.upload_timeout,
+                clock=self._clock,
             )
         except asyncio.CancelledError:
             if not self._uploads_stopped:

@@ -76,7 +76,9 @@ class Holds:
         """Wait until the Whisper server is done with a timed-out attempt, at most
         ASR_TIMEOUT_HOLD (then its connection is closed)."""
         try:
-            async with asyncio.timeout(self._config().timeout_hold):
+            async with self._clock.timeout_at(
+                self._clock.monotonic() + self._config().timeout_hold
+            ):
                 return await still
         except TimeoutError:
             return HoldEnd.EXPIRED

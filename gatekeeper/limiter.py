@@ -10,6 +10,7 @@ server's limit will live; with admission by memory, where a task's cost meets th
 import logging
 from collections.abc import Callable
 
+from gatekeeper.clock import Clock
 from gatekeeper.gate import Gate
 from gatekeeper.logs import Event, log_event
 from gatekeeper.policy.adaptive import AdaptiveLimit, AdaptiveParams, LimitChange
@@ -38,15 +39,17 @@ class Limiter:
         self,
         settings: Settings,
         *,
-        now: Callable[[], float],
+        clock: Clock,
         on_change: Callable[[LimitChange], None],
     ) -> None:
-        self._now = now
+        self._now = clock.monotonic
         self._on_change = on_change
-        self.gate = Gate(limit=settings.start_limit, max_queue=settings.queue_limit)
+        self.gate = Gate(limit=settings.start_limit, max_queue=settings.queue_limit, clock=clock)
         params = _adaptive_params(settings)
         self._adaptive = (
-            None if params is None else AdaptiveLimit(params, initial=settings.start_limit, now=now)
+            None
+            if params is None
+            else AdaptiveLimit(params, initial=settings.start_limit, now=self._now)
         )
         self._queue_follows = settings.queue_follows_limit
 

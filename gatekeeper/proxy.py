@@ -43,9 +43,10 @@ class Proxy:
         session: Callable[[], aiohttp.ClientSession],
     ) -> None:
         self.config = ProxyConfig.from_settings(settings)
+        self.clock = clock
         self.limiter = Limiter(
             settings,
-            now=clock.monotonic,
+            clock=clock,
             on_change=lambda change: self.state.limit_changed(change.kind),
         )
         self.state = LiveState(self.limiter.gate, now=clock.monotonic)
@@ -67,6 +68,8 @@ class Proxy:
             refusals=refusals,
             runner=self.runner,
             session=session,
+            new_id=lambda: f"{rng.getrandbits(128):032x}",  # from the injected random source
+            clock=clock,
         )
 
     def _current(self) -> ProxyConfig:

@@ -7,7 +7,7 @@ cut at the client, never made to look complete.
 """
 
 import asyncio
-import os
+from collections.abc import Callable
 from enum import Enum
 
 import aiohttp
@@ -15,6 +15,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gatekeeper.answers import upstream_unreachable
+from gatekeeper.clock import Clock
 from gatekeeper.headers import REQUEST_ID, forward_request_headers, forward_response_headers
 from gatekeeper.policy.outcomes import HoldEnd
 from gatekeeper.upstream import AttemptResult, upstream_url
@@ -57,15 +58,21 @@ def upstream_headers(request: web.Request, request_id: str) -> CIMultiDict[str]:
 
 
 async def pass_through(
-    request: web.Request, session: aiohttp.ClientSession, *, upstream: str, within: float
+    request: web.Request,
+    session: aiohttp.ClientSession,
+    *,
+    upstream: str,
+    within: float,
+    new_id: Callable[[], str],
+    clock: Clock,
 ) -> web.StreamResponse:
     """Non-task requests go straight upstream: never queued, never retried."""
-    deadline = asyncio.get_running_loop().time() + within
-    request_id = request.headers.get(REQUEST_ID) or os.urandom(16).hex()
+    deadline = clock.monotonic() + within
+    request_id = request.headers.get(REQUEST_ID) or new_id()
     headers = upstream_headers(request, request_id)
     data = request.content if request.body_exists else None
     try:
-        async with asyncio.timeout_at(deadline):
+        async with clock.timeout_at(deadline):
             response = await session.request(
                 request.method,
                 upstream_url(upstream, request.raw_path),
@@ -78,7 +85,7 @@ async def pass_through(
     except (aiohttp.ClientError, OSError) as exc:
         return upstream_unreachable(str(exc) or type(exc).__name__)
     try:
-        answer, _ = await relay(request, response, {}, deadline)
+        answer, _ = await relay(request, response, {}, deadline, clock)
         return answer
     finally:
         response.close()
@@ -89,6 +96,7 @@ async def relay(
     upstream: AttemptResult | aiohttp.ClientResponse,
     extra_headers: dict[str, str],
     deadline: float,
+    clock: Clock,
     gone: asyncio.Event | None = None,
 ) -> tuple[web.StreamResponse, "RelayEnd"]:
     """Send the upstream answer to the client, streaming what is not read yet.
@@ -120,7 +128,7 @@ async def relay(
         response.content_length = response_in.content_length
     client_ok = gone is None or not gone.is_set()
     try:
-        async with asyncio.timeout_at(deadline):
+        async with clock.timeout_at(deadline):
             if client_ok:
                 client_ok = await client_write(response.prepare(request))
             if result.prefix and client_ok:
@@ -176,10 +184,10 @@ async def finish_answer(response: aiohttp.ClientResponse) -> HoldEnd:
     return HoldEnd.ANSWERED
 
 
-async def discard(response: aiohttp.ClientResponse, deadline: float) -> None:
+async def discard(response: aiohttp.ClientResponse, deadline: float, clock: Clock) -> None:
     """Read an unwanted answer to its end (keeps the connection reusable), then close it."""
     try:
-        async with asyncio.timeout_at(deadline):
+        async with clock.timeout_at(deadline):
             while await response.content.read(_CLIENT_CHUNK):
                 pass
     except (TimeoutError, aiohttp.ClientError, OSError):

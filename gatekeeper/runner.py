@@ -215,7 +215,7 @@ class Runner:
         record, cfg = task.record, self._config()
         record.attempts += 1
         began = self._clock.monotonic()
-        deadline = asyncio.get_running_loop().time() + cfg.request_timeout
+        deadline = self._clock.monotonic() + cfg.request_timeout
         # The GPU is busy with this attempt from the request until its answer is fully read.
         self._state.upstream_began()
         held = False  # a hold took over the attempt (and ends it upstream)
@@ -227,6 +227,7 @@ class Runner:
                 headers=task.headers,
                 body=task.body,
                 deadline=deadline,
+                clock=self._clock,
             )
             outcome = _classify(result, cfg)
             delay = cfg.retry.next_delay(
@@ -250,7 +251,7 @@ class Runner:
                 held = True
                 await self._holds.during(task, finish_attempt(result.still_upstream))
             elif result.response is not None:
-                await discard(result.response, deadline)
+                await discard(result.response, deadline, self._clock)
         finally:
             if not held:
                 self._state.upstream_ended()
@@ -324,7 +325,10 @@ class Runner:
         if task.gone.is_set():
             return _Resume.GONE
         resumer, *_ = await _first_of(
-            task.ticket.resume(), task.gone.wait(), self._retries_stopped.wait(), within=within
+            task.ticket.resume(),
+            task.gone.wait(),
+            self._retries_stopped.wait(),
+            self._clock.wait_until(self._clock.monotonic() + within),
         )
         if resumer.done() and not resumer.cancelled():
             resumer.result()  # surfaces a bug in the gate rather than hiding it
@@ -397,7 +401,7 @@ class Runner:
         task.answering = True
         end = RelayEnd.UPSTREAM_BROKE
         try:
-            answer, end = await relay(task.request, result, extra, deadline, task.gone)
+            answer, end = await relay(task.request, result, extra, deadline, self._clock, task.gone)
         finally:
             if end is not RelayEnd.TIMED_OUT:
                 result.response.close()
@@ -487,14 +491,12 @@ def _retry_after(result: AttemptResult) -> float | None:
     return parse_retry_after(response.headers.get("Retry-After") if response is not None else None)
 
 
-async def _first_of(
-    *waits: Coroutine[Any, Any, object], within: float | None = None
-) -> list["asyncio.Future[object]"]:
-    """Run `waits` until the first of them ends (or `within` seconds), cancel the others, and
-    return them all in order, so the caller can see which ended and how."""
+async def _first_of(*waits: Coroutine[Any, Any, object]) -> list["asyncio.Future[object]"]:
+    """Run `waits` until the first of them ends, cancel the others, and return them all in
+    order, so the caller can see which ended and how."""
     futures: list[asyncio.Future[object]] = [asyncio.ensure_future(w) for w in waits]
     try:
-        await asyncio.wait(futures, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for future in futures:
             future.cancel()

@@ -5,11 +5,12 @@ unlinked on Linux, so nothing is left on disk even if the process dies). Memory 
 whatever the upload size.
 """
 
-import asyncio
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import IO
+
+from gatekeeper.clock import Clock, SystemClock
 
 __all__ = ["BodyTimeout", "BodyTooLarge", "SpooledBody", "UploadTimeout"]
 
@@ -65,6 +66,7 @@ class SpooledBody:
         max_size: int,
         idle_timeout: float,
         total_timeout: float | None = None,
+        clock: Clock | None = None,
     ) -> None:
         """Copy the client's body in until `read()` returns b"".
 
@@ -73,19 +75,26 @@ class SpooledBody:
         client_body_timeout — and when the whole upload takes longer than `total_timeout`
         (UploadTimeout), so a steady trickle of one byte a second cannot last forever either.
         """
+        clock = clock or SystemClock()
+        total = None if total_timeout is None else clock.monotonic() + total_timeout
         try:
-            async with asyncio.timeout(total_timeout):
-                await self._fill(read, max_size=max_size, idle_timeout=idle_timeout)
+            async with clock.timeout_at(total):
+                await self._fill(read, max_size=max_size, idle_timeout=idle_timeout, clock=clock)
         except TimeoutError:
             assert total_timeout is not None
             raise UploadTimeout(total_timeout) from None
 
     async def _fill(
-        self, read: Callable[[], Awaitable[bytes]], *, max_size: int, idle_timeout: float
+        self,
+        read: Callable[[], Awaitable[bytes]],
+        *,
+        max_size: int,
+        idle_timeout: float,
+        clock: Clock,
     ) -> None:
         while True:
             try:
-                async with asyncio.timeout(idle_timeout):
+                async with clock.timeout_at(clock.monotonic() + idle_timeout):
                     chunk = await read()
             except TimeoutError:
                 raise BodyTimeout(idle_timeout) from None

@@ -13,6 +13,7 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from gatekeeper.clock import Clock
 from gatekeeper.policy.classify import CLASSIFY_BODY_LIMIT
 from gatekeeper.spool import SpooledBody
 
@@ -124,8 +125,9 @@ async def send(
     headers: CIMultiDict[str],
     body: SpooledBody | None,
     deadline: float,
+    clock: Clock,
 ) -> AttemptResult:
-    """One attempt, waited for until `deadline` (event-loop time), connect to the error prefix.
+    """One attempt, waited for until `deadline` (`clock` time), connect to the error prefix.
 
     `headers` go as they are: the caller sets Content-Length for the body, once per task.
     At the deadline the attempt is not cut: the result says `timed_out` and carries the attempt,
@@ -139,7 +141,7 @@ async def send(
             data = body.replay()
     attempt = asyncio.ensure_future(_exchange(session, method, url, headers, data))
     try:
-        async with asyncio.timeout_at(deadline):
+        async with clock.timeout_at(deadline):
             return await asyncio.shield(attempt)
     except TimeoutError as exc:
         if attempt.done():  # it ended just as the deadline came

@@ -11,6 +11,7 @@ import json
 import aiohttp
 
 from gatekeeper.app import STATE
+from gatekeeper.clock import FakeClock
 from gatekeeper.policy.outcomes import HoldEnd, RejectReason, TaskOutcome
 from tests.conftest import GatekeeperFactory
 from tests.fakes import FakeUpstream
@@ -226,18 +227,24 @@ async def test_queue_timeout_counts_from_the_end_of_the_upload(
     upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory
 ) -> None:
     """An upload longer than ASR_QUEUE_TIMEOUT still gets its whole queue wait afterwards."""
-    base, app = await start_gatekeeper(upstream.url, queue_timeout=0.5, client_body_timeout=5)
+    clock = FakeClock()
+    base, app = await start_gatekeeper(
+        upstream.url, clock=clock, queue_timeout=0.5, client_body_timeout=5
+    )
     running = asyncio.create_task(_post(base, headers={"X-Fake-Hold": "busy"}))
     await upstream.wait_active(1)
     reader, writer = await asyncio.open_connection("127.0.0.1", _port(base))
     writer.write(b"POST /asr HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\na")
     await writer.drain()
     await until(lambda: app[STATE].snapshot().gate.uploading == 1)
-    await asyncio.sleep(0.7)  # the upload itself outlasts the queue timeout
+    clock.advance(0.7)  # the upload itself outlasts the queue timeout
     writer.write(b"b")
     await writer.drain()
     await until(lambda: app[STATE].snapshot().queued_tasks == 1)
-    upstream.release("busy")  # well within 0.5 s of joining the queue
+    clock.advance(0.4)  # within 0.5 s of joining the queue: still waiting
+    await asyncio.sleep(0)
+    assert app[STATE].snapshot().queued_tasks == 1
+    upstream.release("busy")
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     writer.close()
     assert head.startswith(b"HTTP/1.1 200")

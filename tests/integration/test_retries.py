@@ -9,6 +9,7 @@ import pytest
 
 from gatekeeper.app import PROXY, STATE
 from gatekeeper.clock import FakeClock
+from gatekeeper.drain import DrainReport, end_grace
 from gatekeeper.policy.outcomes import AttemptOutcome, RejectReason, TaskOutcome
 from tests.conftest import GatekeeperFactory
 from tests.fakes import OOM_TEXT, FakeUpstream, big_error_body
@@ -46,7 +47,8 @@ async def _quitter(base: str) -> asyncio.StreamWriter:
 
 @dataclass
 class SteppedClock(FakeClock):
-    """A fake clock whose n-th sleep (from 0) ends only when the test calls `end(n)`."""
+    """A fake clock whose n-th sleep (from 0) ends only when the test calls `end(n)`; time
+    itself moves only when the test calls `advance()`."""
 
     started: int = 0
     _ends: dict[int, asyncio.Event] = field(default_factory=dict)
@@ -62,7 +64,6 @@ class SteppedClock(FakeClock):
         self.started += 1
         self.sleeps.append(seconds)
         await self._end(n).wait()
-        self.advance(seconds)
 
 
 async def _task(
@@ -251,8 +252,7 @@ async def test_retry_delay_gives_the_slot_away_and_the_retry_goes_first(
     third = asyncio.create_task(_task(base, "ok", "third"))
     await until(lambda: app[STATE].snapshot().queued_tasks == 1)
     clock.opened.set()  # first's delay ends while second still runs: first waits, ahead of third
-    await until(lambda: clock.sleeping == 0)
-    await asyncio.sleep(0.05)
+    await until(lambda: app[STATE].snapshot().gate.retry_waiting == 1)  # waits for a slot
     assert [s.headers["X-Request-ID"] for s in upstream.seen] == ["first", "second"]
     upstream.release("h2")
     results = await asyncio.gather(first, second, third)
@@ -282,7 +282,7 @@ async def test_a_retry_that_cannot_get_a_slot_within_the_request_timeout_is_refu
         retry_jitter=0,
         oom_cooldown=0,
         max_concurrent=1,
-        request_timeout=0.5,  # real seconds: the slot wait is timed by the event loop
+        request_timeout=0.5,  # on the fake clock: the slot wait follows it
     )
     a = asyncio.create_task(_task(base, "oom,hold=ha", "a"))
     await until(lambda: clock.started == 1)
@@ -295,16 +295,20 @@ async def test_a_retry_that_cannot_get_a_slot_within_the_request_timeout_is_refu
     clock.end(1)
     await upstream.wait_active(1)  # a's retry holds the only slot; c waits ahead of e
     clock.end(2)
-    resumed = asyncio.get_running_loop().time()
-    await asyncio.sleep(0.25)  # half of e's patience; c's attempt then holds past the rest
-    upstream.release("ha")  # a answers; the slot goes to c, which holds it past e's patience
+    # c and e wait for a slot (e behind c), each for ASR_REQUEST_TIMEOUT on the fake clock.
+    await until(lambda: app[STATE].snapshot().gate.retry_waiting == 2)
+    clock.advance(0.25)  # half of e's patience; c's attempt then holds past the rest
+    upstream.release("ha")  # a answers; the slot goes to c, which holds it
+    await until(lambda: [s.headers["X-Request-ID"] for s in upstream.seen][-1] == "c")
+    clock.advance(0.24)
+    await asyncio.sleep(0)
+    assert not e.done()  # still within its patience
+    clock.advance(0.02)  # past ASR_REQUEST_TIMEOUT after its delay: refused
     status, headers, body = await e
-    waited = asyncio.get_running_loop().time() - resumed
     assert status == 503
     assert headers["X-Gatekeeper-Reason"] == "queue_timeout"
     assert headers["X-Gatekeeper-Attempts"] == "1"  # it did reach the Whisper server once
     assert json.loads(body)["error"] == "服务繁忙"
-    assert 0.45 <= waited < 1.0
     upstream.release("hc")
     assert [(await a)[0], (await c)[0]] == [200, 200]
     assert [s.headers["X-Request-ID"] for s in upstream.seen] == ["a", "c", "e", "a", "c"]
@@ -354,8 +358,8 @@ async def test_tasks_between_attempts_are_refused_at_the_end_of_a_shutdown(
 async def test_at_the_end_of_a_shutdown_running_tasks_get_503_unless_their_answer_began(
     upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory
 ) -> None:
-    """When the grace period ends (server.py cancels the runners), a task still waiting for the
-    Whisper server is answered 503 shutting_down with its attempt count; one whose answer is
+    """When the grace period ends (drain.end_grace cancels the runners), a task still waiting for
+    the Whisper server is answered 503 shutting_down with its attempt count; one whose answer is
     already streaming to its client is cut, since a 503 cannot follow a 200. Books balance."""
     base, app = await start_gatekeeper(upstream.url, max_concurrent=2)
     proxy = app[PROXY]
@@ -367,9 +371,8 @@ async def test_at_the_end_of_a_shutdown_running_tasks_get_503_unless_their_answe
             assert streaming.status == 200
             assert (await streaming.content.readline()).startswith(b"data: ")
             await upstream.wait_active(2)
-            proxy.gate.begin_shutdown()
-            for runner in list(proxy.runners):  # what server.py does when the grace ends
-                runner.cancel()
+            report = await end_grace(proxy)  # what serve() does when the grace ends
+            assert report == DrainReport(refused_waiting=0, stopped_running=2)
             with pytest.raises(aiohttp.ClientPayloadError):
                 await streaming.read()
     status, headers, body = await waiting
