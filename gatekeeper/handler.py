@@ -30,8 +30,9 @@ from gatekeeper.logs import Event, log_event
 from gatekeeper.policy.outcomes import RejectReason, TaskOutcome
 from gatekeeper.refusals import Refusals
 from gatekeeper.relay import client_write, pass_through, upstream_headers
-from gatekeeper.runner import Runner, Task
+from gatekeeper.runner import Runner
 from gatekeeper.spool import BodyTimeout, BodyTooLarge, SpooledBody, UploadTimeout
+from gatekeeper.task import Task
 
 __all__ = ["Handler"]
 

@@ -10,16 +10,14 @@ ended (`HoldEnd`).
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gatekeeper.clock import Clock
 from gatekeeper.config import ProxyConfig
 from gatekeeper.logs import Event, log_event
 from gatekeeper.policy.outcomes import HoldEnd
 from gatekeeper.state import LiveState
-
-if TYPE_CHECKING:
-    from gatekeeper.runner import Task
+from gatekeeper.task import Task
 
 __all__ = ["Holds", "Still"]
 
@@ -43,7 +41,7 @@ class Holds:
         self._clock = clock
         self._running = running  # the runner's set: what the shutdown and the tests wait for
 
-    def after(self, task: "Task", still: Still, free_slot: Callable[["Task"], None]) -> None:
+    def after(self, task: Task, still: Still, free_slot: Callable[[Task], None]) -> None:
         """The task is answered, but the Whisper server may still be on its last attempt: a
         task of its own keeps the slot (and the body) until the server is done."""
         began = self._began(task)
@@ -61,7 +59,7 @@ class Holds:
         task.hold = hold
         self._running.add(hold)
 
-    async def during(self, task: "Task", still: Still) -> None:
+    async def during(self, task: Task, still: Still) -> None:
         """The same hold inside the runner (a timed-out attempt to be retried: the retry waits
         for the Whisper server to be done with the first one)."""
         began = self._began(task)
@@ -83,7 +81,7 @@ class Holds:
         except TimeoutError:
             return HoldEnd.EXPIRED
 
-    def _began(self, task: "Task") -> float:
+    def _began(self, task: Task) -> float:
         self._state.hold_began()
         log_event(
             Event.HOLD,
@@ -93,7 +91,7 @@ class Holds:
         )
         return self._clock.monotonic()
 
-    def _ended(self, task: "Task", end: HoldEnd, began: float) -> None:
+    def _ended(self, task: Task, end: HoldEnd, began: float) -> None:
         """The attempt has left the Whisper server (or was cut): count it and say so."""
         self._state.upstream_ended()
         self._state.hold_ended(end)

@@ -15,33 +15,30 @@ ASR_TIMEOUT_HOLD. With ASR_RETRY_ON_TIMEOUT the retry waits for the hold to end.
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Coroutine
-from enum import Enum
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 
 from gatekeeper.answers import ATTEMPTS_HEADER, upstream_failure
+from gatekeeper.between import Between, Resume, wait_or_gone
 from gatekeeper.clock import Clock
 from gatekeeper.config import ProxyConfig
-from gatekeeper.gate import Ticket
 from gatekeeper.headers import REQUEST_ID
 from gatekeeper.holds import Holds, Still
-from gatekeeper.ledger import TaskRecord
 from gatekeeper.limiter import Limiter
 from gatekeeper.logs import Event, log_event
 from gatekeeper.policy.classify import classify
-from gatekeeper.policy.outcomes import AttemptOutcome, HoldEnd, RejectReason, TaskOutcome
+from gatekeeper.policy.outcomes import AttemptOutcome, RejectReason, TaskOutcome
 from gatekeeper.policy.retry import parse_retry_after
 from gatekeeper.refusals import Refusals
 from gatekeeper.relay import RelayEnd, discard, finish_answer, finish_attempt, relay
-from gatekeeper.spool import SpooledBody
 from gatekeeper.state import LiveState
+from gatekeeper.task import Task
 from gatekeeper.upstream import AttemptResult, send, upstream_url
 
-__all__ = ["Runner", "Task"]
+__all__ = ["Runner"]
 
 _TASK_OUTCOMES = {
     AttemptOutcome.OK: TaskOutcome.SUCCESS,
@@ -54,51 +51,6 @@ _ATTEMPT_EVENTS = {
     AttemptOutcome.CRASH: Event.CRASH,
     AttemptOutcome.ERROR: Event.UPSTREAM_ERROR,
 }
-
-
-class _Resume(Enum):
-    """How a retry's wait for a slot ended."""
-
-    GRANTED = "granted"
-    GONE = "gone"
-    TIMED_OUT = "timed_out"
-    STOPPED = "stopped"  # the shutdown's grace period ended
-
-
-class Task:
-    """Everything one admitted task carries from the handler into its runner."""
-
-    __slots__ = (
-        "answering",
-        "body",
-        "gone",
-        "headers",
-        "hold",
-        "record",
-        "request",
-        "runner",
-        "ticket",
-    )
-
-    def __init__(
-        self,
-        request: web.Request,
-        record: TaskRecord,
-        ticket: Ticket,
-        body: SpooledBody,
-        headers: CIMultiDict[str],
-    ) -> None:
-        self.request = request
-        self.record = record
-        self.ticket = ticket
-        self.body = body
-        self.headers = headers
-        self.gone = asyncio.Event()
-        self.runner: asyncio.Task[web.StreamResponse] | None = None
-        self.answering = False  # the upstream's answer has begun to go to the client
-        # A timed-out last attempt the Whisper server may still compute: it owns the slot and
-        # the body from the runner's end until the server is done (or ASR_TIMEOUT_HOLD).
-        self.hold: asyncio.Task[HoldEnd] | None = None
 
 
 class Runner:
@@ -124,9 +76,7 @@ class Runner:
         self._session = session
         # Attempt loops, and holds of timed-out attempts: what still works upstream.
         self.running: set[asyncio.Task[Any]] = set()
-        # Tasks between two attempts without a slot, so a shutdown can answer them.
-        self._between: set[Task] = set()
-        self._retries_stopped = asyncio.Event()
+        self._between = Between(config, clock=clock)
         self._holds = Holds(config, state=state, clock=clock, running=self.running)
 
     def start(self, task: Task) -> "asyncio.Task[web.StreamResponse]":
@@ -140,8 +90,7 @@ class Runner:
     def stop_retries(self) -> list["asyncio.Task[web.StreamResponse]"]:
         """End of a shutdown grace period: tasks between two attempts (in a retry delay without
         a slot, or waiting for one) get 503 shutting_down now. Returns their runners."""
-        self._retries_stopped.set()
-        return [t.runner for t in self._between if t.runner is not None]
+        return self._between.stop()
 
     def refuse_started(self, task: Task, reason: RejectReason) -> web.StreamResponse:
         """503 for a task that already reached the Whisper server (its attempts say how often):
@@ -178,7 +127,7 @@ class Runner:
             return False
         task.record.cooldown = cfg.oom_cooldown
         log_event(Event.COOLDOWN, task_id=task.record.task_id, delay=cfg.oom_cooldown)
-        return await self._wait_or_gone(cfg.oom_cooldown, task)
+        return await wait_or_gone(self._clock, cfg.oom_cooldown, task)
 
     def _log_start(self, task: Task) -> None:
         counts = self._limiter.gate.counts()
@@ -275,78 +224,17 @@ class Runner:
     # -- between two attempts ------------------------------------------------------------------
 
     async def _between_attempts(self, task: Task, delay: float) -> web.StreamResponse | None:
-        """Wait out a retry delay; None when the next attempt may go, else the final answer.
-
-        With the seed's cool-down (ASR_OOM_COOLDOWN > 0) the task keeps its slot through the
-        delay: new starts are held back after an OOM anyway, and the slot keeps the memory
-        free for this retry. Without it (ASR_OOM_COOLDOWN=0, the adaptive mode's default) the
-        GPU would do nothing for the slot during the delay, so the task gives it to the next
-        one and afterwards takes the next free slot, ahead of every queued task.
-        """
-        if self._config().oom_cooldown > 0:
-            if await self._wait_or_gone(delay, task):
-                return self._gone(task, "retry_delay")
+        """Wait out a retry delay; None when the next attempt may go, else the final answer."""
+        resumed, stage = await self._between.wait(task, delay)
+        if resumed is Resume.GRANTED:
             return None
-        record = task.record
-        if record.held_since is not None:
-            record.held += self._clock.monotonic() - record.held_since
-            record.held_since = None
-        task.ticket.pause()
-        self._between.add(task)
-        try:
-            resumed = await self._delay_then_resume(task, delay)
-        finally:
-            self._between.discard(task)
-        if resumed is _Resume.GRANTED:
-            record.held_since = self._clock.monotonic()
-            return None
-        if resumed is _Resume.GONE:
-            return self._gone(task, "retry_wait")
-        if resumed is _Resume.STOPPED:
+        if resumed is Resume.GONE:
+            return self._gone(task, stage)
+        if resumed is Resume.STOPPED:
             return self._refuse_retry(task, RejectReason.SHUTTING_DOWN)
         # Retries piled up beyond the limit: refuse like a queue timeout, so the worst case of
         # a task stays bounded (gatekeeper/policy/budget.py).
         return self._refuse_retry(task, RejectReason.QUEUE_TIMEOUT)
-
-    async def _delay_then_resume(self, task: Task, delay: float) -> _Resume:
-        """The delay without a slot, then the wait for one (at most ASR_REQUEST_TIMEOUT)."""
-        if await self._wait_or_gone(delay, task, stop=self._retries_stopped):
-            return _Resume.GONE if task.gone.is_set() else _Resume.STOPPED
-        return await self._resume_or_gone(task, within=self._config().request_timeout)
-
-    async def _resume_or_gone(self, task: Task, *, within: float) -> _Resume:
-        """Take a slot back for the next attempt, waiting at most `within` seconds.
-
-        The retry goes ahead of every queued task, but may still wait for a running one to end
-        (the limit is full, or the adaptive limit was cut by the OOM that caused this retry).
-        A slot frees within one attempt's time unless other retries are ahead; past `within`
-        the task gives up its place (the caller refuses it).
-        """
-        if task.gone.is_set():
-            return _Resume.GONE
-        resumer, *_ = await _first_of(
-            task.ticket.resume(),
-            task.gone.wait(),
-            self._retries_stopped.wait(),
-            self._clock.wait_until(self._clock.monotonic() + within),
-        )
-        if resumer.done() and not resumer.cancelled():
-            resumer.result()  # surfaces a bug in the gate rather than hiding it
-        if task.gone.is_set():
-            return _Resume.GONE
-        if task.ticket.granted:
-            return _Resume.GRANTED
-        return _Resume.STOPPED if self._retries_stopped.is_set() else _Resume.TIMED_OUT
-
-    async def _wait_or_gone(
-        self, seconds: float, task: Task, *, stop: asyncio.Event | None = None
-    ) -> bool:
-        """Sleep `seconds` (on the injected clock); True if the client left meanwhile (or
-        `stop` was set)."""
-        events = [task.gone] if stop is None else [task.gone, stop]
-        if not any(e.is_set() for e in events):
-            await _first_of(self._clock.sleep(seconds), *(e.wait() for e in events))
-        return any(e.is_set() for e in events)
 
     def _refuse_retry(self, task: Task, reason: RejectReason) -> web.StreamResponse:
         """A task whose next attempt cannot go (no slot in time, or shutting down): 503."""
@@ -489,15 +377,3 @@ def _classify(result: AttemptResult, cfg: ProxyConfig) -> AttemptOutcome:
 def _retry_after(result: AttemptResult) -> float | None:
     response = result.response
     return parse_retry_after(response.headers.get("Retry-After") if response is not None else None)
-
-
-async def _first_of(*waits: Coroutine[Any, Any, object]) -> list["asyncio.Future[object]"]:
-    """Run `waits` until the first of them ends, cancel the others, and return them all in
-    order, so the caller can see which ended and how."""
-    futures: list[asyncio.Future[object]] = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for future in futures:
-            future.cancel()
-    return futures
