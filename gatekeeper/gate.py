@@ -233,17 +233,14 @@ class Gate:
         """
         return self._enter(shutting_down=self._shutting_down)
 
-    def _decide(self, *, shutting_down: bool) -> Admission:
-        return decide(
+    def _enter(self, *, shutting_down: bool) -> Ticket:
+        admission = decide(
             active=self._active,
             queued=len(self._waiters),
             limit=self._limit,
             max_queue=self._max_queue,
             shutting_down=shutting_down,
         )
-
-    def _enter(self, *, shutting_down: bool) -> Ticket:
-        admission = self._decide(shutting_down=shutting_down)
         if admission.decision is Decision.REJECT:
             assert admission.reason is not None
             self._check_idle()

@@ -84,7 +84,10 @@ class Handler:
         if request.headers.get("Expect", "").lower() != "100-continue":
             return web.Response(status=417, text="only 'Expect: 100-continue' is supported\n")
         if self._config().is_task(request.method, request.path):
-            early = self._early_answer(request, request.headers.get(REQUEST_ID))
+            task_id = request.headers.get(REQUEST_ID) or self._new_id()
+            early = self._too_large(request, task_id)
+            if early is None and (refused := self._gate.arrival_refusal()) is not None:
+                early = self._refusals.refuse(refused, task_id)
             if early is not None:
                 early.force_close()  # the client will not send the body: start afresh
                 return early
@@ -100,25 +103,20 @@ class Handler:
             handler.cancel()
         return len(self._uploading)
 
-    def _early_answer(self, request: web.Request, request_id: str | None) -> web.Response | None:
-        """What a task gets before its body is read, if it cannot be taken: 413 (Content-Length
-        over ASR_MAX_BODY_SIZE) or 503 (shutting down, no room in the queue)."""
-        task_id = request_id or self._new_id()
+    def _too_large(self, request: web.Request, task_id: str) -> web.Response | None:
+        """413 before the body is read, when Content-Length is over ASR_MAX_BODY_SIZE."""
         limit = self._config().max_body_size
-        if request.content_length is not None and request.content_length > limit:
-            log_event(Event.BODY_TOO_LARGE, logging.WARNING, task_id=task_id, limit=limit)
-            return body_too_large(limit, request_id=task_id)
-        refused = self._gate.arrival_refusal()
-        return None if refused is None else self._refusals.refuse(refused, task_id)
+        if request.content_length is None or request.content_length <= limit:
+            return None
+        log_event(Event.BODY_TOO_LARGE, logging.WARNING, task_id=task_id, limit=limit)
+        return body_too_large(limit, request_id=task_id)
 
     async def _task(self, request: web.Request) -> web.StreamResponse:
         request_id = request.headers.get(REQUEST_ID) or self._new_id()
+        too_large = self._too_large(request, request_id)
+        if too_large is not None:
+            return too_large
         cfg = self._config()
-        if request.content_length is not None and request.content_length > cfg.max_body_size:
-            log_event(
-                Event.BODY_TOO_LARGE, logging.WARNING, task_id=request_id, limit=cfg.max_body_size
-            )
-            return body_too_large(cfg.max_body_size, request_id=request_id)
         try:
             upload = self._gate.begin_upload()
         except Refused as refused:  # the hot path of a flood: nothing more to set up
