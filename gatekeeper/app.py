@@ -90,7 +90,7 @@ Lifetime = Callable[[web.Application], AsyncIterator[None]]
 def _session_ctx(settings: Settings) -> Lifetime:
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         # One client session for the app's life, sized for every slot plus pass-through traffic.
-        app[SESSION] = create_session(pool_size=max(100, 2 * settings.max_concurrent))
+        app[SESSION] = create_session(pool_size=max(100, 2 * settings.total_limit))
         yield
         await app[SESSION].close()
 

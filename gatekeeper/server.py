@@ -123,7 +123,7 @@ def _log_serving(settings: Settings) -> None:
         Event.SERVING,
         listen=f"http://{settings.host}:{settings.port}",
         upstream=settings.upstream_url,
-        max_concurrent=settings.max_concurrent,
+        max_concurrent=",".join(map(str, settings.limits)),
         max_queue=settings.queue_limit,
         event_loop=_loop_name(),
     )

@@ -29,6 +29,7 @@ __all__ = [
     "Settings",
     "SettingsError",
     "load_settings",
+    "server_name",
     "validate_settings",
 ]
 
@@ -72,15 +73,17 @@ class Settings(BaseSettings):
     )
 
     upstream_url: str = Field(
-        description="Base URL of the Whisper server, e.g. http://whisper:9000 (required)."
+        description="Base URL of the Whisper server, e.g. http://whisper:9000 (required). "
+        "Several servers (one per GPU, one queue for all): comma-separated URLs, e.g. "
+        "http://gpu0:9000,http://gpu1:9000."
     )
     host: str = Field("0.0.0.0", min_length=1, description="Address the gatekeeper listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the gatekeeper listens on.")
-    max_concurrent: int = Field(
+    max_concurrent: Annotated[int | tuple[int, ...], NoDecode] = Field(
         1,
-        ge=1,
-        le=1024,
-        description="Tasks sent to the Whisper server at once.",
+        description="Tasks sent to the Whisper server at once (1 to 1024). With several "
+        "servers: one value for each, or a comma list with one value per server in "
+        "ASR_UPSTREAM_URL's order, e.g. 3,2,1.",
         json_schema_extra=_LIVE,
     )
     adaptive: bool = Field(
@@ -277,14 +280,25 @@ class Settings(BaseSettings):
     @field_validator("upstream_url")
     @classmethod
     def _check_url(cls, value: str) -> str:
-        url = URL(value.strip())
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError(
-                "must be an http:// or https:// URL with a host, e.g. http://whisper:9000"
-            )
-        if url.query_string or url.fragment:
-            raise ValueError("must not carry a query string or fragment")
-        return str(url).rstrip("/")
+        urls = [_check_one_url(item) for item in value.split(",") if item.strip()]
+        if not urls:
+            raise ValueError("name at least one URL, e.g. http://whisper:9000")
+        names = [server_name(url) for url in urls]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"lists the same server twice: {', '.join(twice)}")
+        return ",".join(urls)
+
+    @field_validator("max_concurrent", mode="before")
+    @classmethod
+    def _parse_limits(cls, value: object) -> int | tuple[int, ...]:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            items = [items]
+        limits = tuple(_limit(item) for item in items)
+        if not limits:
+            raise ValueError("give a whole number from 1 to 1024, or one per server: 3,2,1")
+        return limits[0] if len(limits) == 1 else limits
 
     @field_validator("gated_paths", "oom_patterns", "task_methods", mode="before")
     @classmethod
@@ -372,12 +386,26 @@ class Settings(BaseSettings):
             object.__setattr__(
                 self, "oom_cooldown", 0.0 if self.adaptive else 1.5 * self.retry_delay
             )
+        if isinstance(self.max_concurrent, tuple):
+            servers = len(self.upstream_urls)
+            if len(self.max_concurrent) != servers:
+                given = ",".join(map(str, self.max_concurrent))
+                raise ValueError(
+                    f"ASR_MAX_CONCURRENT={given} has {len(self.max_concurrent)} values for "
+                    f"{servers} server(s) in ASR_UPSTREAM_URL: give one value for all, or one "
+                    "per server in the same order"
+                )
         if self.adaptive:
             start = self.initial_concurrent or self.min_concurrent
-            if not self.min_concurrent <= start <= self.max_concurrent:
+            if not self.min_concurrent <= start <= max(self.limits):
                 raise ValueError(
                     "ASR_MIN_CONCURRENT ≤ ASR_INITIAL_CONCURRENT ≤ ASR_MAX_CONCURRENT must hold "
-                    f"(got {self.min_concurrent} ≤ {start} ≤ {self.max_concurrent})"
+                    f"(got {self.min_concurrent} ≤ {start} ≤ {max(self.limits)})"
+                )
+            if self.min_concurrent > min(self.limits):
+                raise ValueError(
+                    f"ASR_MIN_CONCURRENT={self.min_concurrent} is above a server's "
+                    f"ASR_MAX_CONCURRENT ({min(self.limits)}): each server's limit must allow it"
                 )
         return self
 
@@ -412,11 +440,39 @@ class Settings(BaseSettings):
         return self.adaptive and "max_queue" not in self.model_fields_set
 
     @property
-    def start_limit(self) -> int:
-        """The limit to start with: fixed, or the adaptive mode's starting point."""
+    def upstream_urls(self) -> tuple[str, ...]:
+        """The Whisper servers, one per GPU, in the order given."""
+        return tuple(self.upstream_url.split(","))
+
+    @property
+    def upstream_names(self) -> tuple[str, ...]:
+        """Each server's name in stats, metrics and logs: its host:port."""
+        return tuple(server_name(url) for url in self.upstream_urls)
+
+    @property
+    def limits(self) -> tuple[int, ...]:
+        """ASR_MAX_CONCURRENT for each server, in ASR_UPSTREAM_URL's order."""
+        if isinstance(self.max_concurrent, int):
+            return (self.max_concurrent,) * len(self.upstream_urls)
+        return self.max_concurrent
+
+    @property
+    def total_limit(self) -> int:
+        """The servers' limits together: tasks upstream at once, at most."""
+        return sum(self.limits)
+
+    @property
+    def start_limits(self) -> tuple[int, ...]:
+        """Each server's limit to start with: fixed, or the adaptive mode's starting point."""
         if not self.adaptive:
-            return self.max_concurrent
-        return self.initial_concurrent or self.min_concurrent
+            return self.limits
+        start = self.initial_concurrent or self.min_concurrent
+        return tuple(min(start, limit) for limit in self.limits)
+
+    @property
+    def start_limit(self) -> int:
+        """The servers' starting limits together (the default queue is 10 × this)."""
+        return sum(self.start_limits)
 
     def public_dict(self) -> dict[str, Any]:
         """The effective settings as an operator may see them: secrets are never included."""
@@ -428,6 +484,31 @@ class Settings(BaseSettings):
         data["stats_token_set"] = self.stats_token is not None
         data["admin_token_set"] = self.admin_token is not None
         return data
+
+
+def _check_one_url(value: str) -> str:
+    url = URL(value.strip())
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError("must be an http:// or https:// URL with a host, e.g. http://whisper:9000")
+    if url.query_string or url.fragment:
+        raise ValueError("must not carry a query string or fragment")
+    return str(url).rstrip("/")
+
+
+def _limit(value: object) -> int:
+    """One server's ASR_MAX_CONCURRENT: a whole number from 1 to 1024."""
+    text = value.strip() if isinstance(value, str) else value
+    if isinstance(text, str) and text.isdigit():
+        text = int(text)
+    if type(text) is not int or not 1 <= text <= 1024:
+        raise ValueError(f"each limit must be a whole number from 1 to 1024, got {value!r}")
+    return text
+
+
+def server_name(url: str) -> str:
+    """A Whisper server's name in stats, metrics and logs: `host:port` of its URL."""
+    parsed = URL(url)
+    return f"{parsed.host}:{parsed.port}"
 
 
 LIVE_SETTINGS = frozenset(

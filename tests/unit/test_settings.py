@@ -69,7 +69,7 @@ def test_oom_patterns_split_on_commas_or_lines(monkeypatch: pytest.MonkeyPatch) 
         (
             "max_concurrent",
             0,
-            "ASR_MAX_CONCURRENT=0 is invalid: input should be greater than or equal to 1",
+            "ASR_MAX_CONCURRENT=0 is invalid: each limit must be a whole number from 1 to 1024",
         ),
         ("max_concurrent", "abc", "ASR_MAX_CONCURRENT=abc is invalid"),
         (
@@ -192,5 +192,5 @@ def test_cli_exits_2_with_one_clear_line(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert lines == [
         "gatekeeper: ASR_MAX_CONCURRENT (--max-concurrent)=0 is invalid: "
-        "input should be greater than or equal to 1"
+        "each limit must be a whole number from 1 to 1024, got '0'"
     ]

@@ -12,11 +12,13 @@ BASE = {"upstream_url": "http://whisper:9000"}
 
 
 def _fields_of(*kinds: type) -> list[str]:
-    """The settings whose type is one of `kinds` (optional or not)."""
+    """The settings whose type is one of `kinds` (optional, or one per server, or not)."""
     names = []
     for name, info in Settings.model_fields.items():
         annotation = info.annotation
-        if annotation in kinds or any(kind | None == annotation for kind in kinds):
+        if annotation in kinds or any(
+            annotation in (kind | None, kind | tuple[kind, ...]) for kind in kinds
+        ):
             names.append(name)
     return names
 
