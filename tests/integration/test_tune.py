@@ -49,7 +49,7 @@ def test_audio_file_duration_comes_from_its_header(tmp_path: Path) -> None:
     wav = tmp_path / "talk.wav"
     wav.write_bytes(silent_wav(12.5, sample_rate=8_000))
     config = config_from_args(parser.parse_args(["http://w:9000/", "--audio", str(wav)]))
-    assert (config.url, config.audio[0].seconds) == ("http://w:9000", 12.5)
+    assert (config.urls, config.audio[0].seconds) == (("http://w:9000",), 12.5)
     mp3 = tmp_path / "talk.mp3"
     mp3.write_bytes(b"ID3" + bytes(1000))
     with pytest.raises(ValueError, match="--audio-seconds"):
@@ -176,7 +176,7 @@ async def test_unreachable_server_exits_1(tmp_path: Path) -> None:
     await sim.start()
     url = sim.url
     await sim.stop()
-    config = TuneConfig(url=url, api="asr", audio=(), out_dir=tmp_path)
+    config = TuneConfig(urls=(url,), api="asr", audio=(), out_dir=tmp_path)
     status, _, err = await _tune(config)
     assert status == 1
     assert f"cannot reach {url}" in err

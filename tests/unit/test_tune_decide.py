@@ -7,7 +7,9 @@ import pytest
 
 from gatekeeper.commands.tune.decide import (
     LevelResult,
+    Recommendation,
     TaskSample,
+    pool_setting,
     recommend,
     stop_reason,
     summarize,
@@ -96,3 +98,24 @@ def test_a_level_without_successes_has_no_latency() -> None:
     failed = [TaskSample(AttemptOutcome.TIMEOUT, 600.0, 300.0)]
     result = summarize(1, failed, planned=1, wall_seconds=600.0)
     assert (result.p50, result.p95, result.goodput, result.clean) == (None, None, 0.0, False)
+
+
+# -- a pool (#15) ------------------------------------------------------------------------------
+
+
+def test_a_pool_gets_one_value_per_card_in_order() -> None:
+    """Each card's own recommendation, in ASR_UPSTREAM_URL's order, even when they agree."""
+    cards = [recommend([_level(1, 1.0), _level(2, 2.0), _level(3, 3.0, oom=1)])]
+    cards.append(recommend([_level(1, 1.0), _level(2, 0.9)]))
+    cards.append(Recommendation(2, "measured elsewhere"))
+    assert pool_setting(cards) == "2,1,2"
+    assert pool_setting([Recommendation(3, "a"), Recommendation(3, "b")]) == "3,3"
+
+
+def test_a_pool_with_a_card_without_a_recommendation_has_no_setting() -> None:
+    """A card that failed even at one task leaves the pool without a setting: its limit is
+    never guessed."""
+    failed = recommend([_level(1, 0.0, oom=8)])
+    assert failed.max_concurrent is None
+    assert pool_setting([Recommendation(3, "fits three"), failed]) is None
+    assert pool_setting([]) is None

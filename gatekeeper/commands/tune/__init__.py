@@ -7,6 +7,11 @@ audio per minute of wall time). It stops climbing at the first level with an OOM
 timeout or less than 5 % more goodput than the level below, then recommends
 `ASR_MAX_CONCURRENT` and says why. Results go to the terminal, JSON and Markdown.
 
+Several servers (one per GPU, as in ASR_UPSTREAM_URL) are measured one after the other, each
+alone: every card gets its own table and recommendation, then the pool's settings are printed
+(`ASR_MAX_CONCURRENT=3,3,1`, one value per card in order). Every card is checked (reachable,
+idle) before any is loaded.
+
 The parts: `args` (the flags and the `TuneConfig` built from them), `decide` (pure: when to
 stop, what to recommend), `run` (the load, on one aiohttp `ClientSession`), `report` (progress,
 table, JSON, Markdown). This module is the command: `add_tune_arguments` and `run_tune` for the
@@ -24,16 +29,19 @@ import aiohttp
 
 from gatekeeper.commands.flags import print_error
 from gatekeeper.commands.tune.args import TuneConfig, add_tune_arguments, config_from_args
-from gatekeeper.commands.tune.decide import LevelResult, TaskSample, recommend
+from gatekeeper.commands.tune.decide import Recommendation, TaskSample, recommend
 from gatekeeper.commands.tune.report import (
+    PoolReport,
     Progress,
     TuneReport,
     format_table,
+    pool_lines,
     recommendation_lines,
     write_results,
 )
 from gatekeeper.commands.tune.run import Load, busy_reason, climb, send
 from gatekeeper.policy.outcomes import AttemptOutcome
+from gatekeeper.settings import server_name
 
 __all__ = ["add_tune_arguments", "run_tune", "tune"]
 
@@ -60,23 +68,36 @@ async def tune(
     interactive: bool,
     ask: Callable[[str], bool] | None = None,
 ) -> int:
-    """Check the server is idle, climb the levels, print and write the results.
+    """Check every server is idle, climb the levels on each in turn, print and write the results.
 
     `interactive` says whether a person can answer the question about a busy server (`ask`,
     by default `input()`); without one and without `--yes` a busy server is refused (exit 2).
+    The exit status is 0 when every card got a recommendation, else 1.
     """
-    started_at = datetime.now().isoformat(timespec="seconds")
+    started_at = _now()
     async with aiohttp.ClientSession() as session:
         refused = await _refusal(session, config, stderr, (ask or _ask) if interactive else None)
         if refused is not None:
             return refused
-        measured = await _measure(Load(session, config), stderr)
-        if measured is None:
-            return 1
-    levels, stopped = measured
-    recommendation = recommend(levels, max_level=config.max_level)
-    await _publish(TuneReport(config, started_at, tuple(levels), stopped, recommendation), stdout)
-    return 0 if recommendation.max_concurrent is not None else 1
+        if not config.pool:
+            card = await _measure_card(Load(session, config, config.urls[0]), stderr)
+            if card is None:
+                return 1
+            await _publish(card, stdout)
+            return 0 if card.recommendation.max_concurrent is not None else 1
+        cards = []
+        for number, url in enumerate(config.urls, 1):
+            Progress(stderr).line(f"card {number}/{len(config.urls)}: {server_name(url)} ({url})")
+            card = await _measure_card(Load(session, config, url), stderr)
+            cards.append(card or _failed_card(config, url))
+            _print_card(cards[-1], stdout, heading=True)
+    pool = PoolReport(config, started_at, tuple(cards))
+    await _publish(pool, stdout)
+    return 0 if pool.setting is not None else 1
+
+
+def _now() -> str:
+    return datetime.now().isoformat(timespec="seconds")
 
 
 async def _refusal(
@@ -85,16 +106,23 @@ async def _refusal(
     stderr: TextIO,
     ask: Callable[[str], bool] | None,
 ) -> int | None:
-    """The exit status when the run must not start: the server cannot be reached (1), or it is
-    busy and nobody said yes (2); None to go ahead. `ask` is None without a person to ask."""
-    try:
-        busy = await busy_reason(session, config.url, stderr)
-    except aiohttp.ClientError as exc:
-        print(f"{_PROG}: cannot reach {config.url}: {exc}", file=stderr)
-        return 1
-    if busy is None or config.yes:
+    """The exit status when the run must not start: a server cannot be reached (1), or one is
+    busy and nobody said yes (2); None to go ahead. `ask` is None without a person to ask.
+    Every server is asked before any is loaded: a pool's run stops before it starts rather than
+    at its third card."""
+    busy: list[str] = []
+    for url in config.urls:
+        try:
+            reason = await busy_reason(session, url, stderr)
+        except aiohttp.ClientError as exc:
+            print(f"{_PROG}: cannot reach {url}: {exc}", file=stderr)
+            return 1
+        if reason is not None:
+            busy.append(reason)
+    if not busy or config.yes:
         return None
-    print(f"{_PROG}: warning: {busy}.", file=stderr)
+    for reason in busy:
+        print(f"{_PROG}: warning: {reason}.", file=stderr)
     print(
         f"{_PROG}: a stress test would compete with that traffic and may make its tasks run "
         "out of memory.",
@@ -117,27 +145,52 @@ async def _confirm(stderr: TextIO, ask: Callable[[str], bool] | None) -> int | N
     return 2
 
 
-async def _measure(load: Load, stderr: TextIO) -> tuple[list[LevelResult], str] | None:
-    """One warm-up task (not counted), then the levels; None when the warm-up failed."""
+async def _measure_card(load: Load, stderr: TextIO) -> TuneReport | None:
+    """One card: a warm-up task (not counted), then the levels; None when the warm-up failed."""
+    started_at = _now()
     progress = Progress(stderr)
     warm = await send(load, 0)
     progress.line(f"warm-up: one task, {warm.outcome.value} in {warm.seconds:.2f} s (not counted)")
     if warm.outcome is not AttemptOutcome.OK:
         print(
-            f"{_PROG}: the warm-up task failed ({_warm_words(warm)}); "
+            f"{_PROG}: the warm-up task on {load.url} failed ({_warm_words(warm)}); "
             "check the URL, --api and the server before tuning.",
             file=stderr,
         )
         return None
-    return await climb(load, progress)
+    levels, stopped = await climb(load, progress)
+    recommendation = recommend(levels, max_level=load.config.max_level)
+    return TuneReport(load.config, load.url, started_at, tuple(levels), stopped, recommendation)
 
 
-async def _publish(report: TuneReport, stdout: TextIO) -> None:
-    """The table and the recommendation on stdout; the JSON and Markdown files when asked."""
-    print(format_table(report), file=stdout)
-    print("", file=stdout)
-    for line in recommendation_lines(report.recommendation):
+def _failed_card(config: TuneConfig, url: str) -> TuneReport:
+    """A pool's card whose warm-up failed: no levels, no recommendation."""
+    why = "the warm-up task failed: check the URL, --api and the server, then tune it again"
+    return TuneReport(config, url, _now(), (), "warm_up_failed", Recommendation(None, why))
+
+
+def _print_card(card: TuneReport, stdout: TextIO, *, heading: bool) -> None:
+    """A card's table and recommendation (with a heading naming the card, in a pool)."""
+    if heading:
+        print(f"== {card.name} ({card.url})", file=stdout)
+    if card.levels:
+        print(format_table(card), file=stdout)
+        print("", file=stdout)
+    for line in recommendation_lines(card.recommendation, card=card.name if heading else None):
         print(line, file=stdout)
+    if heading:
+        print("", file=stdout)
+    stdout.flush()
+
+
+async def _publish(report: TuneReport | PoolReport, stdout: TextIO) -> None:
+    """The last lines on stdout (a card's table and recommendation, or the pool's settings);
+    the JSON and Markdown files when asked."""
+    if isinstance(report, TuneReport):
+        _print_card(report, stdout, heading=False)
+    else:
+        for line in pool_lines(report):
+            print(line, file=stdout)
     if report.config.out_dir is not None:
         written = await asyncio.to_thread(write_results, report, report.config.out_dir)
         print(f"  results: {', '.join(str(p) for p in written)}", file=stdout)

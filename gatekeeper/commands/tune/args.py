@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from gatekeeper.settings import server_name
 from gatekeeper.sim.audio import HEAD_BYTES, audio_seconds, parse_wav, silent_wav
 
 __all__ = [
@@ -45,9 +46,13 @@ class AudioItem:
 
 @dataclass(frozen=True, slots=True)
 class TuneConfig:
-    """Everything one run needs, built once from the flags."""
+    """Everything one run needs, built once from the flags.
 
-    url: str
+    `urls` holds one Whisper server per GPU; several are measured one after the other (each
+    card alone: the others idle), each with its own levels and recommendation.
+    """
+
+    urls: tuple[str, ...]
     api: str
     audio: tuple[AudioItem, ...]
     tasks_per_level: int = 8
@@ -57,6 +62,11 @@ class TuneConfig:
     model: str = "whisper-1"
     out_dir: Path | None = None
     yes: bool = False
+
+    @property
+    def pool(self) -> bool:
+        """Several cards: the output has one section per card and the combined settings."""
+        return len(self.urls) > 1
 
 
 # -- the flags -----------------------------------------------------------------------------------
@@ -85,11 +95,18 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "url",
-        nargs="?",
+        nargs="*",
+        metavar="URL",
         help="base URL of the Whisper server (or the simulator), e.g. http://whisper:9000; "
-        "not the gatekeeper: tune loads the server directly",
+        "not the gatekeeper: tune loads the server directly. Several servers (one per GPU, as "
+        "in ASR_UPSTREAM_URL): several URLs or a comma list; each card is measured in turn, "
+        "alone, and gets its own recommendation, then the combined ASR_MAX_CONCURRENT=a,b,c",
     )
-    parser.add_argument("--upstream-url", dest="upstream_url", help="the same as URL")
+    parser.add_argument(
+        "--upstream-url",
+        dest="upstream_url",
+        help="the same as URL (a comma list for several servers, like ASR_UPSTREAM_URL)",
+    )
     parser.add_argument(
         "--api",
         choices=sorted(API_ROUTES),
@@ -156,10 +173,10 @@ def _add_load_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TuneConfig:
     """Check the flags and load or generate the audio; ValueError names what is wrong."""
-    url = _url(args)
+    urls = _urls(args)
     _check_numbers(args)
     return TuneConfig(
-        url=url.rstrip("/"),
+        urls=urls,
         api=args.api,
         audio=_audio(args),
         tasks_per_level=args.tasks_per_level,
@@ -172,15 +189,30 @@ def config_from_args(args: argparse.Namespace) -> TuneConfig:
     )
 
 
-def _url(args: argparse.Namespace) -> str:
-    url: str | None = args.url or args.upstream_url
-    if url is None:
-        raise ValueError("give the Whisper server's URL (URL or --upstream-url)")
-    if args.url and args.upstream_url and args.url != args.upstream_url:
+def _urls(args: argparse.Namespace) -> tuple[str, ...]:
+    """The servers to measure, in order: URL arguments (each may be a comma list) or
+    --upstream-url; each once, without a trailing slash."""
+    given = _split_urls(args.url or [])
+    flag = _split_urls([args.upstream_url] if args.upstream_url else [])
+    if given and flag and given != flag:
         raise ValueError("URL and --upstream-url differ; give one")
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"URL must start with http:// or https://, got {url!r}")
-    return url
+    urls = given or flag
+    if not urls:
+        raise ValueError("give the Whisper server's URL (URL or --upstream-url)")
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"URL must start with http:// or https://, got {url!r}")
+    names = [server_name(url) for url in urls]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"the same server is listed twice: {', '.join(twice)}")
+    return urls
+
+
+def _split_urls(values: list[str]) -> tuple[str, ...]:
+    return tuple(
+        part.strip().rstrip("/") for value in values for part in value.split(",") if part.strip()
+    )
 
 
 def _check_numbers(args: argparse.Namespace) -> None:

@@ -18,6 +18,7 @@ __all__ = [
     "Recommendation",
     "TaskSample",
     "gain_words",
+    "pool_setting",
     "recommend",
     "stop_reason",
     "summarize",
@@ -156,6 +157,15 @@ def recommend(
     above = by_level.get(choice.level + 1)
     parts += _why_not_higher(choice, above, best=best, tolerance=tolerance, max_level=max_level)
     return Recommendation(choice.level, "; ".join(parts))
+
+
+def pool_setting(recommendations: Sequence[Recommendation]) -> str | None:
+    """`ASR_MAX_CONCURRENT` for a pool, one value per card in ASR_UPSTREAM_URL's order
+    (`3,3,1`); None when a card has no recommendation (its limit cannot be guessed)."""
+    limits = [r.max_concurrent for r in recommendations]
+    if not limits or any(limit is None for limit in limits):
+        return None
+    return ",".join(str(limit) for limit in limits)
 
 
 def _nothing_to_recommend(levels: Sequence[LevelResult]) -> Recommendation:

@@ -15,15 +15,19 @@ from gatekeeper.commands.tune.decide import (
     Recommendation,
     TaskSample,
     gain_words,
+    pool_setting,
     stop_reason,
 )
 from gatekeeper.policy.outcomes import AttemptOutcome
+from gatekeeper.settings import server_name
 
 __all__ = [
+    "PoolReport",
     "Progress",
     "TuneReport",
     "format_table",
     "markdown_report",
+    "pool_lines",
     "recommendation_lines",
     "write_results",
 ]
@@ -31,34 +35,78 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class TuneReport:
-    """A finished run: the levels measured, why climbing stopped, and the recommendation."""
+    """One card's run: the levels measured, why climbing stopped, and the recommendation.
+
+    `levels` is empty when the card's warm-up task failed (the recommendation says so)."""
 
     config: TuneConfig
+    url: str
     started_at: str
     levels: tuple[LevelResult, ...]
     stopped: str | None
     recommendation: Recommendation
 
+    @property
+    def name(self) -> str:
+        """The card's name, as the gatekeeper shows it: host:port."""
+        return server_name(self.url)
+
     def to_json(self) -> dict[str, object]:
-        c = self.config
+        return {**_run_json(self.config, self.started_at), **_card_json(self)}
+
+
+@dataclass(frozen=True, slots=True)
+class PoolReport:
+    """Several cards measured one after the other, in ASR_UPSTREAM_URL's order."""
+
+    config: TuneConfig
+    started_at: str
+    cards: tuple[TuneReport, ...]
+
+    @property
+    def setting(self) -> str | None:
+        """ASR_MAX_CONCURRENT's value for the pool (`3,3,1`); None when a card has none."""
+        return pool_setting([card.recommendation for card in self.cards])
+
+    def to_json(self) -> dict[str, object]:
         return {
-            "tool": "gatekeeper tune",
-            "version": __version__,
-            "started_at": self.started_at,
-            "url": c.url,
-            "api": c.api,
-            "path": API_ROUTES[c.api].path,
-            "audio": [{"name": a.name, "seconds": round(a.seconds, 3)} for a in c.audio],
-            "tasks_per_level": c.tasks_per_level,
-            "max_level": c.max_level,
-            "timeout_seconds": c.timeout,
-            "levels": [_level_json(r) for r in self.levels],
-            "stopped_because": self.stopped,
+            **_run_json(self.config, self.started_at),
+            "urls": [card.url for card in self.cards],
+            "cards": [{"name": card.name, **_card_json(card)} for card in self.cards],
             "recommendation": {
-                "max_concurrent": self.recommendation.max_concurrent,
-                "reason": self.recommendation.reason,
+                "max_concurrent": [card.recommendation.max_concurrent for card in self.cards],
+                "asr_upstream_url": ",".join(card.url for card in self.cards),
+                "asr_max_concurrent": self.setting,
             },
         }
+
+
+def _run_json(c: TuneConfig, started_at: str) -> dict[str, object]:
+    """What every card of a run shares."""
+    return {
+        "tool": "gatekeeper tune",
+        "version": __version__,
+        "started_at": started_at,
+        "api": c.api,
+        "path": API_ROUTES[c.api].path,
+        "audio": [{"name": a.name, "seconds": round(a.seconds, 3)} for a in c.audio],
+        "tasks_per_level": c.tasks_per_level,
+        "max_level": c.max_level,
+        "timeout_seconds": c.timeout,
+    }
+
+
+def _card_json(card: TuneReport) -> dict[str, object]:
+    return {
+        "url": card.url,
+        "started_at": card.started_at,
+        "levels": [_level_json(r) for r in card.levels],
+        "stopped_because": card.stopped,
+        "recommendation": {
+            "max_concurrent": card.recommendation.max_concurrent,
+            "reason": card.recommendation.reason,
+        },
+    }
 
 
 def _level_json(r: LevelResult) -> dict[str, object]:
@@ -88,6 +136,7 @@ _STOP_WORDS: Final = {
     "client_error": "the server rejected the requests",
     "no_gain": f"less than {MIN_GAIN:.0%} more goodput",
     "max_level": "--max-level reached",
+    "warm_up_failed": "the warm-up task failed",
 }
 
 _COLUMNS: Final = (
@@ -159,47 +208,114 @@ def format_table(report: TuneReport) -> str:
     return "\n".join(lines)
 
 
-def recommendation_lines(recommendation: Recommendation) -> list[str]:
-    """The setting to use (or that there is none), then why."""
-    if recommendation.max_concurrent is None:
-        setting = "no recommendation"
+def recommendation_lines(recommendation: Recommendation, *, card: str | None = None) -> list[str]:
+    """The setting to use (or that there is none), then why. For one `card` of a pool, its
+    value in the pool's ASR_MAX_CONCURRENT list (a line to copy would set it for every card)."""
+    limit = recommendation.max_concurrent
+    if limit is None:
+        setting = "no recommendation" + (f" for {card}" if card else "")
+    elif card is None:
+        setting = f"ASR_MAX_CONCURRENT={limit}"
     else:
-        setting = f"ASR_MAX_CONCURRENT={recommendation.max_concurrent}"
+        setting = f"{card}: {limit} at a time (its value in the pool's ASR_MAX_CONCURRENT below)"
     return [setting, f"  why: {recommendation.reason}"]
+
+
+def pool_lines(report: PoolReport) -> list[str]:
+    """The pool's settings, one value per card in order (or why there are none)."""
+    urls = ",".join(card.url for card in report.cards)
+    each = ", ".join(
+        f"{card.name} {card.recommendation.max_concurrent or '-'}" for card in report.cards
+    )
+    lines = [f"Pool of {len(report.cards)} cards ({each}):"]
+    if report.setting is None:
+        failed = [card.name for card in report.cards if card.recommendation.max_concurrent is None]
+        return [
+            *lines,
+            f"  no recommendation for the pool: no limit for {', '.join(failed)} (see above); "
+            "fix that card or leave it out of ASR_UPSTREAM_URL",
+        ]
+    return [
+        *lines,
+        f"ASR_UPSTREAM_URL={urls}",
+        f"ASR_MAX_CONCURRENT={report.setting}",
+        "  each card was measured alone, the others idle: two servers sharing one GPU must "
+        "share its limit",
+    ]
 
 
 # -- the files -----------------------------------------------------------------------------------
 
 
-def markdown_report(report: TuneReport) -> str:
-    """The results as a Markdown page: parameters, the table, the recommendation."""
+def markdown_report(report: TuneReport | PoolReport) -> str:
+    """The results as a Markdown page: parameters, the table, the recommendation (for a pool:
+    one section per card, then the pool's settings)."""
     c = report.config
     audio = ", ".join(f"{a.name} ({a.seconds:g} s)" for a in c.audio)
-    alignments = ["---:"] * (len(_COLUMNS) - 1) + ["---"]
+    path = API_ROUTES[c.api].path
+    if isinstance(report, TuneReport):
+        servers = f"- server: `{report.url}{path}` ({c.api} API)"
+    else:
+        servers = f"- servers: {', '.join(f'`{card.url}{path}`' for card in report.cards)} "
+        servers += f"({c.api} API), measured one at a time"
     lines = [
         "# gatekeeper tune",
         "",
-        f"- server: `{c.url}{API_ROUTES[c.api].path}` ({c.api} API)",
+        servers,
         f"- started: {report.started_at}",
         f"- audio: {audio}",
         f"- tasks per level: {c.tasks_per_level} (rounded up to a multiple of the level)",
         "- goodput: minutes of successfully transcribed audio per minute of wall time",
-        "",
+    ]
+    if isinstance(report, TuneReport):
+        return "\n".join([*lines, "", *_markdown_table(report), *_markdown_recommendation(report)])
+    lines.append("")
+    for card in report.cards:
+        lines += [f"## {card.name} (`{card.url}`)", ""]
+        lines += _markdown_table(card) + _markdown_recommendation(card, pool=True)
+    return "\n".join(lines + _markdown_pool(report))
+
+
+def _markdown_table(report: TuneReport) -> list[str]:
+    if not report.levels:
+        return ["No level measured."]
+    alignments = ["---:"] * (len(_COLUMNS) - 1) + ["---"]
+    return [
         "| " + " | ".join(_COLUMNS) + " |",
         "|" + "|".join(alignments) + "|",
         *("| " + " | ".join(row) + " |" for row in _rows(report)),
     ]
-    return "\n".join(lines + _markdown_recommendation(report.recommendation))
 
 
-def _markdown_recommendation(rec: Recommendation) -> list[str]:
-    lines = ["", "## Recommendation", ""]
-    if rec.max_concurrent is not None:
+def _markdown_recommendation(report: TuneReport, *, pool: bool = False) -> list[str]:
+    rec = report.recommendation
+    lines = ["", "### Recommendation" if pool else "## Recommendation", ""]
+    if rec.max_concurrent is not None and pool:
+        lines += [f"{rec.max_concurrent} at a time on this card.", ""]
+    elif rec.max_concurrent is not None:
         lines += ["```sh", f"ASR_MAX_CONCURRENT={rec.max_concurrent}", "```", ""]
     return [*lines, rec.reason[:1].upper() + rec.reason[1:] + ".", ""]
 
 
-def write_results(report: TuneReport, out_dir: Path) -> list[Path]:
+def _markdown_pool(report: PoolReport) -> list[str]:
+    lines = ["## The pool", ""]
+    if report.setting is None:
+        return [*lines, *(line.strip() for line in pool_lines(report)[1:]), ""]
+    urls = ",".join(card.url for card in report.cards)
+    return [
+        *lines,
+        "```sh",
+        f"ASR_UPSTREAM_URL={urls}",
+        f"ASR_MAX_CONCURRENT={report.setting}",
+        "```",
+        "",
+        "Each card was measured alone, the others idle: two servers sharing one GPU must share "
+        "its limit.",
+        "",
+    ]
+
+
+def write_results(report: TuneReport | PoolReport, out_dir: Path) -> list[Path]:
     """Write the report as JSON and Markdown into `out_dir`; the paths written, JSON first."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "tune-" + report.started_at.replace(":", "").replace("-", "").replace("T", "-")

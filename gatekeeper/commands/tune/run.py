@@ -28,10 +28,12 @@ webservice blocks its event loop while a job runs, so even `/` stalls)."""
 
 @dataclass(frozen=True, slots=True)
 class Load:
-    """What sends the tasks: the run's one client session, its config, and the OOM matcher."""
+    """What sends the tasks: the run's one client session, its config, the card being measured
+    (one of `config.urls`), and the OOM matcher."""
 
     session: aiohttp.ClientSession
     config: TuneConfig
+    url: str
     matcher: OomMatcher = field(default_factory=lambda: OomMatcher.from_patterns(()))
 
 
@@ -143,7 +145,7 @@ async def send(load: Load, index: int) -> TaskSample:
     audio = load.config.audio[index % len(load.config.audio)]
     form = _form(route, audio, load.config.model)
     began = time.monotonic()
-    status, outcome = await _post(load, load.config.url + route.path, form)
+    status, outcome = await _post(load, load.url + route.path, form)
     return TaskSample(outcome, time.monotonic() - began, audio.seconds, status)
 
 
