@@ -1,7 +1,9 @@
 """`gatekeeper check-config`: the worst case of one task, and whether the proxy waits that long.
 
 It loads the settings exactly as `gatekeeper serve` does (same flags, environment, env file),
-prints the worst case of one task part by part (`budget.TaskBudget`), and compares it with a
+prints the Whisper servers with their limits, the total and the queue (one queue for all
+servers; notes on a pool that may surprise), then the worst case of one task part by part
+(`budget.TaskBudget`; the same for one server or several), and compares it with a
 proxy timeout given as `--proxy-timeout` or read from an nginx config (`--nginx-conf`: the
 `proxy_read_timeout` and `proxy_send_timeout` in force in each location that proxies to the
 gatekeeper, and its `client_max_body_size`, which must not be below ASR_MAX_BODY_SIZE).
@@ -30,12 +32,14 @@ from gatekeeper.commands.nginx_conf import (
     parse_nginx_time,
 )
 from gatekeeper.policy.budget import RETRY_AFTER_CAP, TaskBudget, from_settings
-from gatekeeper.settings import Settings, SettingsError
+from gatekeeper.settings import QUEUE_PER_SLOT, Settings, SettingsError
 
 __all__ = [
     "add_check_config_arguments",
     "describe_budget",
+    "describe_servers",
     "main",
+    "pool_notes",
     "run_check_config",
     "suggested_timeout",
 ]
@@ -43,6 +47,9 @@ __all__ = [
 _MARGIN: Final = 1.1  # suggested proxy timeouts: the worst case plus 10 %
 
 _PROG: Final = "gatekeeper check-config"
+
+_UNEVEN: Final = 2
+"""Limits this many times apart or more get a note (fine for cards of different memory)."""
 
 # The gatekeeper answers these itself at once; locations for them alone carry no tasks.
 _OWN_ENDPOINTS: Final = ("/stats", "/api/recordings/stats/asr-concurrency", "/metrics", "/health")
@@ -125,6 +132,153 @@ def describe_budget(budget: TaskBudget, settings: Settings) -> list[str]:
         f"{_delays(budget.retry_delays_with_retry_after)})",
         "Retry delays follow the OOM/crash schedule ASR_RETRY_DELAY × 3^(k−1) with jitter at its "
         f"top (×{1 + settings.retry_jitter:g}), the longest of all schedules.",
+    ]
+
+
+# -- the servers, the total and the queue ---------------------------------------------------------
+
+
+def describe_servers(settings: Settings) -> list[str]:
+    """Each Whisper server with its limit, then the total and the queue, in operator words."""
+    names, urls = settings.upstream_names, settings.upstream_urls
+    several = len(urls) > 1
+    lines = [
+        f"{len(urls)} Whisper servers (ASR_UPSTREAM_URL; one queue for all, a task goes to the "
+        "server with the most room):"
+        if several
+        else "Whisper server (ASR_UPSTREAM_URL):"
+    ]
+    name_width, url_width = max(map(len, names)), max(map(len, urls))
+    for name, url, limit, start in zip(
+        names, urls, settings.limits, settings.start_limits, strict=True
+    ):
+        lines.append(
+            f"  {name:<{name_width}}  {url:<{url_width}}  {_limit_words(settings, limit, start)}"
+        )
+    if several:
+        lines.append(f"  total: {_total_words(settings)}")
+    return [*lines, *_queue_lines(settings)]
+
+
+def _limit_words(settings: Settings, limit: int, start: int) -> str:
+    if not settings.adaptive:
+        return f"{limit} at a time"
+    return f"{settings.min_concurrent} to {limit} at a time (adaptive; starts at {start})"
+
+
+def _total_words(settings: Settings) -> str:
+    if not settings.adaptive or settings.start_limit == settings.total_limit:
+        return f"{settings.total_limit} at a time (the sum of the limits)"
+    return (
+        f"{settings.start_limit} at a time at the start, at most {settings.total_limit} (the "
+        "sum of the limits)"
+    )
+
+
+def _queue_lines(settings: Settings) -> list[str]:
+    """The queue's size and where it comes from, then how long its last place waits."""
+    slots = "the sum of the limits" if len(settings.upstream_urls) > 1 else "the limit"
+    if settings.queue_follows_limit:
+        size = (
+            f"{QUEUE_PER_SLOT} × {slots} in force (ASR_MAX_QUEUE unset, adaptive): "
+            f"{settings.queue_limit} at the start, at most {QUEUE_PER_SLOT * settings.total_limit}"
+        )
+        full = QUEUE_PER_SLOT * settings.total_limit
+    elif "max_queue" in settings.model_fields_set:
+        default = QUEUE_PER_SLOT * settings.start_limit
+        size = f"{settings.queue_limit} places (ASR_MAX_QUEUE; the default would be {default})"
+        full = settings.queue_limit
+    else:
+        size = (
+            f"{settings.queue_limit} places (ASR_MAX_QUEUE unset: {QUEUE_PER_SLOT} × "
+            f"{settings.start_limit}, {slots})"
+        )
+        full = settings.queue_limit
+    return [f"  queue: {size}", *_queue_wait_lines(settings, full)]
+
+
+def _queue_wait_lines(settings: Settings, queue: int) -> list[str]:
+    """The last of a full queue starts after ⌈queue / total⌉ tasks per slot have ended: within
+    ASR_QUEUE_TIMEOUT only when tasks take at most that share of it, on average."""
+    if queue == 0:
+        return ["  no task waits: one that finds every slot taken is refused at once"]
+    rounds = math.ceil(queue / settings.total_limit)
+    per_task = settings.queue_timeout / rounds
+    return [
+        f"  the last of a full queue waits for about {rounds} task(s) per slot "
+        f"({queue} ÷ {settings.total_limit}): it starts within ASR_QUEUE_TIMEOUT="
+        f"{_num(settings.queue_timeout)} s only if tasks average {_num(per_task)} s or less, "
+        "else the back of a full queue is refused (queue_timeout)"
+    ]
+
+
+def pool_notes(settings: Settings) -> list[str]:
+    """What an operator of several servers may want to know; none stops the gatekeeper."""
+    if len(settings.upstream_urls) < 2:
+        return []
+    return [
+        f"NOTE: {note}"
+        for note in (_uneven_limits(settings), _shared_hosts(settings), _no_retry(settings))
+        if note
+    ]
+
+
+def _uneven_limits(settings: Settings) -> str | None:
+    limits, names = settings.limits, settings.upstream_names
+    low, high = min(limits), max(limits)
+    if high < _UNEVEN * low:
+        return None
+    big = ", ".join(n for n, limit in zip(names, limits, strict=True) if limit == high)
+    small = ", ".join(n for n, limit in zip(names, limits, strict=True) if limit == low)
+    return (
+        f"{big} may run {high} tasks at once, {small} only {low}: fine for cards of different "
+        "memory (new tasks go where there is most room, so the larger card takes more); make "
+        "each limit that card's own (`gatekeeper tune URL,URL,…` measures each card in turn)"
+    )
+
+
+def _shared_hosts(settings: Settings) -> str | None:
+    hosts: dict[str, list[str]] = {}
+    for name in settings.upstream_names:
+        hosts.setdefault(name.rsplit(":", 1)[0], []).append(name)
+    shared = [names for names in hosts.values() if len(names) > 1]
+    if not shared:
+        return None
+    listed = "; ".join(", ".join(names) for names in shared)
+    return (
+        f"{listed} run on one host: fine when each server has a GPU of its own; servers on one "
+        "GPU share its memory, and their limits together must fit it"
+    )
+
+
+def _no_retry(settings: Settings) -> str | None:
+    if settings.max_retries > 0:
+        return None
+    return (
+        "ASR_MAX_RETRIES=0: a task whose server fails (a crash, an OOM) is never retried, "
+        "on that server or another"
+    )
+
+
+def _pool_budget_lines(settings: Settings) -> list[str]:
+    """Why the worst case of one task does not grow with the number of servers."""
+    if len(settings.upstream_urls) < 2:
+        return []
+    if settings.oom_cooldown_s > 0:
+        retry = (
+            "with a cool-down it keeps its slot through the delay and then moves only to a "
+            "slot that is free at once, else stays where it was"
+        )
+    else:
+        retry = (
+            "without a cool-down it takes the first slot free on any server, waiting at most "
+            "ASR_REQUEST_TIMEOUT as above"
+        )
+    return [
+        f"With {len(settings.upstream_urls)} servers the worst case is the same: the settings "
+        f"apply to each alike; a retry may run on another server, but {retry}; the cool-down "
+        "is each server's own (an OOM on one card delays only tasks starting on it) and comes "
+        "at most once, before the first attempt."
     ]
 
 
@@ -236,7 +390,9 @@ def run_check_config(args: argparse.Namespace) -> int:
 
 
 def _print_worst_case(worst: _WorstCase) -> None:
-    for line in describe_budget(worst.budget, worst.settings):
+    for line in describe_servers(worst.settings) + pool_notes(worst.settings):
+        print(line)
+    for line in describe_budget(worst.budget, worst.settings) + _pool_budget_lines(worst.settings):
         print(line)
     which = "with" if worst.with_retry_after else "without"
     print(
