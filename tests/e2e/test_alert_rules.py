@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from ruamel.yaml import YAML
 
 from tests.e2e.tools import METRIC_NAME, ROOT, contract_violations, run_promtool
 
@@ -20,14 +21,18 @@ ALERTS = PROMETHEUS_DIR / "alerts.yml"
 ALERTS_TEST = PROMETHEUS_DIR / "alerts_test.yml"
 CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 
-# The alerts the operator guide asks for ("监控告警", "第4步：调优") and the issue names.
+# The alerts the operator guide asks for ("监控告警", "第4步：调优") and the issues name
+# (#15: one Whisper server of several down, and all of them down).
 REQUIRED_ALERTS = {
     "AsrOomFrequent",
     "AsrQueueOftenFull",
     "AsrSuccessRateLow",
     "AsrUpstreamDown",
+    "AsrUpstreamServerDown",
     "AsrQueueNearlyFull",
 }
+# Alerts about one Whisper server of a pool: they carry its label upstream="host:port".
+PER_SERVER_ALERTS = {"AsrOomFrequent", "AsrUpstreamFailing", "AsrUpstreamServerDown"}
 
 
 def alert_names(text: str) -> list[str]:
@@ -161,6 +166,31 @@ def test_every_alert_has_firing_and_quiet_unit_tests() -> None:
     assert "exp_labels:" in text
 
 
+def test_alerts_are_unit_tested_on_a_pool_of_two_servers() -> None:
+    """Per-server alerts fire for one named server of two; the page fires once when all are down."""
+    tests = YAML(typ="safe", pure=True).load(ALERTS_TEST.read_text(encoding="utf-8"))["tests"]
+    fired: dict[str, list[tuple[int, list[str | None]]]] = {}
+    for case in tests:
+        servers = {
+            match.group(1)
+            for series in case["input_series"]
+            for match in [re.search(r'upstream="([^"]+)"', series["series"])]
+            if match
+        }
+        for check in case.get("alert_rule_test", []):
+            if check["exp_alerts"]:
+                upstreams = [alert["exp_labels"].get("upstream") for alert in check["exp_alerts"]]
+                fired.setdefault(check["alertname"], []).append((len(servers), upstreams))
+    for name in PER_SERVER_ALERTS:
+        assert any(
+            servers >= 2 and len(upstreams) == 1 and upstreams[0]
+            for servers, upstreams in fired.get(name, [])
+        ), f"{name} is never shown firing for one server of a pool"
+    assert any(
+        servers >= 2 and upstreams == [None] for servers, upstreams in fired["AsrUpstreamDown"]
+    ), "AsrUpstreamDown is never shown firing once for a pool whose servers are all down"
+
+
 def test_contract_check_catches_misspelled_metrics_and_labels() -> None:
     """The metric check is not vacuous: typos in names or label values are reported."""
     assert contract_violations("increase(asr_gatekeeper_oom_error_total[1h]) > 5") == [
@@ -170,6 +200,13 @@ def test_contract_check_catches_misspelled_metrics_and_labels() -> None:
     assert contract_violations('asr_gatekeeper_rejected_total{outcome="queue_full"}') != []
     assert contract_violations("asr_gatekeeper_queue_wait_seconds_bucket{le='1'}") == []
     assert contract_violations("asr_gatekeeper_max_concurrent_bucket") != []
+    # Per-server series carry upstream (any host:port); totals do not.
+    assert contract_violations('asr_gatekeeper_oom_errors_total{upstream="gpu0:9000"}') == []
+    assert contract_violations('asr_gatekeeper_upstream_up{upstream=~"gpu.*"}') == []
+    assert contract_violations('asr_gatekeeper_tasks_total{upstream="gpu0:9000"}') == [
+        "asr_gatekeeper_tasks_total has no label upstream"
+    ]
+    assert contract_violations("asr_gatekeeper_upstream_max_concurrency") != []
 
 
 def test_promtool_check_rejects_a_broken_rule(promtool: str, tmp_path: Path) -> None:

@@ -44,45 +44,56 @@ def run_promtool(promtool: str, *args: str | Path) -> subprocess.CompletedProces
     )
 
 
-# The metrics contract (SPEC.md, "Metrics"): name -> {label: allowed values}.
+# The metrics contract (SPEC.md, "Metrics"; pool-contract.md for several servers):
+# name -> {label: allowed values, or None when any value goes (a server's host:port)}. A label
+# a metric does not carry is reported, so a per-server selector on a total
+# (asr_gatekeeper_tasks_total{upstream="gpu0:9000"}) is caught.
 _TASK_OUTCOMES = {"success", "failed", "client_error", "cancelled", "rejected"}
 _REJECT_REASONS = {"queue_full", "queue_timeout", "shutting_down"}
 _ATTEMPT_OUTCOMES = {"ok", "client_error", "oom", "crash", "error", "timeout"}
 _RETRY_OUTCOMES = {"oom", "crash", "error", "timeout"}
-EXPORTED_METRICS: dict[str, dict[str, set[str]]] = {
+_LIMIT_REASONS = {"oom", "crash", "stable", "ceiling_faded"}
+_UPSTREAM: dict[str, set[str] | None] = {"upstream": None}
+EXPORTED_METRICS: dict[str, dict[str, set[str] | None]] = {
+    # Totals over every server (unlabelled).
     "asr_gatekeeper_max_concurrent": {},
     "asr_gatekeeper_active_tasks": {},
     "asr_gatekeeper_queued_tasks": {},
     "asr_gatekeeper_max_queue": {},
-    "asr_gatekeeper_upstream_up": {},
-    "asr_gatekeeper_last_oom_timestamp_seconds": {},
     "asr_gatekeeper_shutting_down": {},
     "asr_gatekeeper_upstream_in_flight": {},
     "asr_gatekeeper_retrying_tasks": {},
+    "asr_gatekeeper_held_tasks": {},
+    "asr_gatekeeper_uploading_tasks": {},
     "asr_gatekeeper_tasks_total": {"outcome": _TASK_OUTCOMES},
     "asr_gatekeeper_rejected_total": {"reason": _REJECT_REASONS},
-    "asr_gatekeeper_upstream_attempts_total": {"outcome": _ATTEMPT_OUTCOMES},
-    "asr_gatekeeper_oom_errors_total": {},
     "asr_gatekeeper_retries_total": {"outcome": _RETRY_OUTCOMES},
-    "asr_gatekeeper_limit_changes_total": {"reason": {"oom", "crash", "stable", "ceiling_faded"}},
     "asr_gatekeeper_queue_wait_seconds": {},
     "asr_gatekeeper_upstream_duration_seconds": {},
     "asr_gatekeeper_task_duration_seconds": {},
+    # Per server, label upstream="host:port" (also with a single server).
+    "asr_gatekeeper_upstream_up": _UPSTREAM,
+    "asr_gatekeeper_upstream_max_concurrent": _UPSTREAM,
+    "asr_gatekeeper_upstream_active_tasks": _UPSTREAM,
+    "asr_gatekeeper_upstream_attempts_total": {**_UPSTREAM, "outcome": _ATTEMPT_OUTCOMES},
+    "asr_gatekeeper_oom_errors_total": _UPSTREAM,
+    "asr_gatekeeper_last_oom_timestamp_seconds": _UPSTREAM,
+    "asr_gatekeeper_limit_changes_total": {**_UPSTREAM, "reason": _LIMIT_REASONS},
 }
 HISTOGRAMS = {
     "asr_gatekeeper_queue_wait_seconds",
     "asr_gatekeeper_upstream_duration_seconds",
     "asr_gatekeeper_task_duration_seconds",
 }
-# Labels whose values the contract fixes; any other label (job, instance, le) is free.
-_CONTRACT_LABELS = {"outcome", "reason"}
+# Labels the contract fixes; any other label (job, instance, le) is free.
+_CONTRACT_LABELS = {"outcome", "reason", "upstream"}
 
 METRIC_NAME = re.compile(r"(asr_gatekeeper_[a-z_]+)(\{[^}]*\})?")
 _MATCHER = re.compile(r'([a-zA-Z_]\w*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
 
 
 def contract_violations(text: str) -> list[str]:
-    """Metric names and outcome/reason values in `text` that the gatekeeper does not export."""
+    """Metric names, labels and outcome/reason values in `text` the gatekeeper does not export."""
     problems: list[str] = []
     for match in METRIC_NAME.finditer(text):
         name, selector = match.group(1), match.group(2) or ""
@@ -94,9 +105,12 @@ def contract_violations(text: str) -> list[str]:
         for label, op, value in _MATCHER.findall(selector):
             if label not in _CONTRACT_LABELS:
                 continue
-            allowed = EXPORTED_METRICS[metric].get(label)
-            if allowed is None:
+            labels = EXPORTED_METRICS[metric]
+            if label not in labels:
                 problems.append(f"{name} has no label {label}")
+                continue
+            allowed = labels[label]
+            if allowed is None:
                 continue
             # Plain alternatives of a regex matcher ("success|failed") are checked too.
             words = value.split("|") if op in ("=~", "!~") else [value]
