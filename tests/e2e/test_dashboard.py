@@ -1,7 +1,8 @@
 """The provisioned Grafana dashboard: its shape, and every query checked with the real promtool.
 
 Grafana is not needed: the queries are PromQL, and promtool both parses them (as recording
-rules) and runs them against synthetic gatekeeper series (as unit-tested alert rules).
+rules) and runs them against synthetic gatekeeper series (as unit-tested alert rules): a
+gatekeeper in front of two Whisper servers, whose per-server series carry upstream="host:port".
 """
 
 import json
@@ -28,29 +29,58 @@ _TASK_OUTCOMES = {"success", "failed", "client_error", "cancelled", "rejected"}
 _REJECT_REASONS = {"queue_full", "queue_timeout", "shutting_down"}
 _ATTEMPT_OUTCOMES = {"ok", "client_error", "oom", "crash", "error", "timeout"}
 _RETRY_OUTCOMES = {"oom", "crash", "error", "timeout"}
+# The Whisper servers behind the synthetic gatekeeper (ASR_UPSTREAM_URL with two URLs).
+UPSTREAMS = ("gpu0:9000", "gpu1:9000")
+# Totals over every server: no upstream label.
 GAUGES = {
-    "asr_gatekeeper_max_concurrent": 2,
+    "asr_gatekeeper_max_concurrent": 4,
     "asr_gatekeeper_active_tasks": 2,
     "asr_gatekeeper_queued_tasks": 3,
-    "asr_gatekeeper_max_queue": 20,
-    "asr_gatekeeper_upstream_up": 1,
-    "asr_gatekeeper_last_oom_timestamp_seconds": 1_738_117_800,
+    "asr_gatekeeper_max_queue": 40,
     "asr_gatekeeper_shutting_down": 0,
     "asr_gatekeeper_retrying_tasks": 1,
 }
 COUNTERS: dict[str, tuple[str, set[str]] | None] = {
     "asr_gatekeeper_tasks_total": ("outcome", _TASK_OUTCOMES),
     "asr_gatekeeper_rejected_total": ("reason", _REJECT_REASONS),
+    "asr_gatekeeper_retries_total": ("outcome", _RETRY_OUTCOMES),
+}
+# Per server: one series for each of UPSTREAMS, label upstream.
+SERVER_GAUGES = {
+    "asr_gatekeeper_upstream_up": 1,
+    "asr_gatekeeper_upstream_max_concurrent": 2,
+    "asr_gatekeeper_upstream_active_tasks": 1,
+    "asr_gatekeeper_last_oom_timestamp_seconds": 1_738_117_800,
+}
+SERVER_COUNTERS: dict[str, tuple[str, set[str]] | None] = {
     "asr_gatekeeper_upstream_attempts_total": ("outcome", _ATTEMPT_OUTCOMES),
     "asr_gatekeeper_oom_errors_total": None,
-    "asr_gatekeeper_retries_total": ("outcome", _RETRY_OUTCOMES),
 }
 HISTOGRAMS = {
     "asr_gatekeeper_queue_wait_seconds",
     "asr_gatekeeper_upstream_duration_seconds",
     "asr_gatekeeper_task_duration_seconds",
 }
-EXPORTED_METRICS = set(GAUGES) | set(COUNTERS) | HISTOGRAMS
+EXPORTED_METRICS = (
+    set(GAUGES) | set(COUNTERS) | set(SERVER_GAUGES) | set(SERVER_COUNTERS) | HISTOGRAMS
+)
+# The per-server row: title -> the per-server metrics it must show.
+PER_SERVER_PANELS = {
+    "每台服务器：活跃 vs 上限": {
+        "asr_gatekeeper_upstream_active_tasks",
+        "asr_gatekeeper_upstream_max_concurrent",
+    },
+    "每台服务器：可达": {"asr_gatekeeper_upstream_up"},
+    "每台服务器：OOM": {"asr_gatekeeper_oom_errors_total"},
+    "每台服务器：尝试（按结果）": {"asr_gatekeeper_upstream_attempts_total"},
+}
+# Panels that add the servers up, as /stats's top-level fields do.
+TOTAL_PANELS = {
+    "活跃任务 vs 并发上限（合计）",
+    "OOM（合计）",
+    "上游尝试（按结果，合计）",
+    "OOM (1h)",
+}
 
 # Grafana's built-in interval variables, replaced by a plausible value before checking.
 _BUILTIN_INTERVALS = {"__rate_interval": "5m", "__interval": "1m", "__range": "1h"}
@@ -133,21 +163,36 @@ def promql_errors(promtool: str, exprs: list[str], directory: Path) -> str | Non
     return f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
 
 
+def _counter_series(
+    counters: dict[str, tuple[str, set[str]] | None], labels: str
+) -> list[dict[str, str]]:
+    series = []
+    for name, labelled in counters.items():
+        if labelled is None:
+            series.append({"series": f"{name}{{{labels}}}", "values": "0+1x120"})
+            continue
+        label, values = labelled
+        series += [
+            {"series": f'{name}{{{labels}, {label}="{value}"}}', "values": "0+1x120"}
+            for value in sorted(values)
+        ]
+    return series
+
+
 def traffic_series() -> list[dict[str, str]]:
-    """Two hours of a busy gatekeeper: every exported series, every counter growing."""
+    """Two hours of a busy gatekeeper on two servers: every exported series, counters growing."""
     series = [
         {"series": f"{name}{{{_SERIES_LABELS}}}", "values": f"{value}x120"}
         for name, value in GAUGES.items()
     ]
-    for name, labelled in COUNTERS.items():
-        if labelled is None:
-            series.append({"series": f"{name}{{{_SERIES_LABELS}}}", "values": "0+1x120"})
-            continue
-        label, values = labelled
+    series += _counter_series(COUNTERS, _SERIES_LABELS)
+    for upstream in UPSTREAMS:
+        labels = f'{_SERIES_LABELS}, upstream="{upstream}"'
         series += [
-            {"series": f'{name}{{{_SERIES_LABELS}, {label}="{value}"}}', "values": "0+1x120"}
-            for value in sorted(values)
+            {"series": f"{name}{{{labels}}}", "values": f"{value}x120"}
+            for name, value in SERVER_GAUGES.items()
         ]
+        series += _counter_series(SERVER_COUNTERS, labels)
     for name in sorted(HISTOGRAMS):
         for step, le in enumerate(("0.5", "5", "60", "600", "+Inf"), start=1):
             series.append(
@@ -175,12 +220,17 @@ def run_promtool_unit_test(
     return run_promtool(promtool, "test", "rules", test_file)
 
 
-def panel_expr(title: str) -> str:
+def panel_exprs(title: str) -> list[str]:
+    """The queries of the panel called `title`, in target order, variables substituted."""
     dashboard = load_dashboard()
     variables = {variable["name"] for variable in dashboard["templating"]["list"]}
     (panel,) = (panel for panel in query_panels(dashboard) if panel["title"] == title)
-    (target,) = panel["targets"]
-    return substitute_variables(target["expr"], variables)
+    return [substitute_variables(target["expr"], variables) for target in panel["targets"]]
+
+
+def panel_expr(title: str) -> str:
+    (expr,) = panel_exprs(title)
+    return expr
 
 
 def test_dashboard_is_the_provisioned_asr_gatekeeper_dashboard() -> None:
@@ -312,7 +362,8 @@ def test_overview_stats_compute_what_the_stats_json_shows(promtool: str, tmp_pat
         samples = [{"labels": "{}", "value": value} for value in values]
         return {"expr": expr, "eval_time": "90m", "exp_samples": samples}
 
-    oom_at = f"asr_gatekeeper_last_oom_timestamp_seconds{{{_SERIES_LABELS}}}"
+    oom_at = f'asr_gatekeeper_last_oom_timestamp_seconds{{{_SERIES_LABELS}, upstream="gpu0:9000"}}'
+    oom_at_gpu1 = oom_at.replace("gpu0", "gpu1")
     tests = [
         # 89 successes, 11 failures and 50 client errors a minute: 89 %.
         {
@@ -343,9 +394,122 @@ def test_overview_stats_compute_what_the_stats_json_shows(promtool: str, tmp_pat
             "input_series": [{"series": oom_at, "values": "1738117800x120"}],
             "promql_expr_test": [expect(last_oom, 1_738_117_800_000)],
         },
+        # Two servers: the latest OOM of either; one that never OOMed (0) does not hide it.
+        {
+            "interval": "1m",
+            "input_series": [
+                {"series": oom_at, "values": "1738117800x120"},
+                {"series": oom_at_gpu1, "values": "1738121400x120"},
+            ],
+            "promql_expr_test": [expect(last_oom, 1_738_121_400_000)],
+        },
+        {
+            "interval": "1m",
+            "input_series": [
+                {"series": oom_at, "values": "0x120"},
+                {"series": oom_at_gpu1, "values": "1738121400x120"},
+            ],
+            "promql_expr_test": [expect(last_oom, 1_738_121_400_000)],
+        },
     ]
     result = run_promtool_unit_test(promtool, tmp_path, [], tests)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+
+
+def test_per_server_panels_show_each_server(promtool: str, tmp_path: Path) -> None:
+    """Limit vs active, up, OOMs and attempts by outcome are shown for each server apart."""
+    dashboard = load_dashboard()
+    raw = {panel["title"]: panel["targets"] for panel in query_panels(dashboard)}
+    assert set(PER_SERVER_PANELS) <= set(raw), "a per-server panel is missing"
+    rules: list[dict[str, str]] = []
+    for title, metrics in PER_SERVER_PANELS.items():
+        for target in raw[title]:
+            assert 'upstream=~"$upstream"' in target["expr"], f"{title}: not filtered by server"
+        exprs = panel_exprs(title)
+        shown = {match.group(1) for expr in exprs for match in METRIC_NAME.finditer(expr)}
+        assert metrics <= shown, f"{title} does not show {metrics - shown}"
+        for expr in exprs:
+            # Each server's series stays apart (the upstream label survives the query).
+            rules.append({"alert": f"PerServer{len(rules)}", "expr": _groups(expr, "upstream", 2)})
+    (attempts,) = panel_exprs("每台服务器：尝试（按结果）")
+    groups = len(UPSTREAMS) * len(_ATTEMPT_OUTCOMES)
+    rules.append(
+        {"alert": "AttemptsByOutcome", "expr": _groups(attempts, "upstream, outcome", groups)}
+    )
+    for title in sorted(TOTAL_PANELS):
+        for expr in panel_exprs(title):
+            # Totals add the servers up: one group, no upstream label left.
+            rules.append({"alert": f"Total{len(rules)}", "expr": _groups(expr, "upstream", 1)})
+    checks = [
+        {"eval_time": "90m", "alertname": rule["alert"], "exp_alerts": [{"exp_labels": {}}]}
+        for rule in rules
+    ]
+    tests = [{"interval": "1m", "input_series": traffic_series(), "alert_rule_test": checks}]
+    result = run_promtool_unit_test(promtool, tmp_path, rules, tests)
+    legend = "\n".join(f"{rule['alert']}: {rule['expr']}" for rule in rules)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{legend}"
+
+
+def _groups(expr: str, labels: str, count: int) -> str:
+    """PromQL that is non-empty when `expr` has exactly `count` distinct `labels` values."""
+    return f"count(count by ({labels}) ({expr})) == {count}"
+
+
+def test_the_overview_counts_servers_down_and_adds_the_servers_up(
+    promtool: str, tmp_path: Path
+) -> None:
+    """The overview shows how many servers are down of how many; OOM (1h) sums the servers."""
+    down, total = panel_exprs("Whisper 服务 DOWN / 总数")
+    ooms = panel_expr("OOM (1h)")
+    up = "asr_gatekeeper_upstream_up"
+    oom = "asr_gatekeeper_oom_errors_total"
+
+    def series(name: str, upstream: str, values: str) -> dict[str, str]:
+        return {"series": f'{name}{{{_SERIES_LABELS}, upstream="{upstream}"}}', "values": values}
+
+    def expect(expr: str, value: float) -> dict[str, Any]:
+        return {"expr": expr, "eval_time": "90m", "exp_samples": [{"labels": "{}", "value": value}]}
+
+    tests = [
+        {
+            "interval": "1m",
+            "input_series": [series(up, "gpu0:9000", "1x120"), series(up, "gpu1:9000", "0x120")],
+            "promql_expr_test": [expect(down, 1), expect(total, 2)],
+        },
+        {
+            "interval": "1m",
+            "input_series": [series(up, "gpu0:9000", "1x120"), series(up, "gpu1:9000", "1x120")],
+            "promql_expr_test": [expect(down, 0), expect(total, 2)],
+        },
+        # A single server, down: as before, only counted.
+        {
+            "interval": "1m",
+            "input_series": [series(up, "whisper:9000", "0x120")],
+            "promql_expr_test": [expect(down, 1), expect(total, 1)],
+        },
+        # 3 OOMs on gpu0 and 2 on gpu1 within the hour: 5.
+        {
+            "interval": "1m",
+            "input_series": [
+                series(oom, "gpu0:9000", "0x40 1+1x2 3x80"),
+                series(oom, "gpu1:9000", "0x50 1+1x1 2x70"),
+            ],
+            "promql_expr_test": [expect(ooms, 5)],
+        },
+    ]
+    result = run_promtool_unit_test(promtool, tmp_path, [], tests)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+
+
+def test_the_upstream_variable_lists_the_servers() -> None:
+    """A dashboard variable picks servers by their upstream label, all of them by default."""
+    variables = {v["name"]: v for v in load_dashboard()["templating"]["list"]}
+    upstream = variables["upstream"]
+    assert upstream["query"]["query"].startswith("label_values(asr_gatekeeper_upstream_up")
+    assert upstream["query"]["query"].endswith(", upstream)")
+    assert upstream["includeAll"] is True
+    assert upstream["multi"] is True
+    assert upstream["allValue"] == ".*"
 
 
 def test_query_checks_reject_broken_and_misspelled_queries(promtool: str, tmp_path: Path) -> None:
