@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from gatekeeper.clock import Clock, SystemClock
 from gatekeeper.control import Controller
 from gatekeeper.endpoints import OwnEndpoints
-from gatekeeper.health import HealthProbe
+from gatekeeper.health import HealthProbe, HealthProbes
 from gatekeeper.metrics import create_registry
 from gatekeeper.middlewares import refuse_transfer_codings
 from gatekeeper.proxy import Proxy
@@ -32,7 +32,7 @@ __all__ = [
 
 PROXY = web.AppKey("proxy", Proxy)
 STATE = web.AppKey("state", LiveState)
-HEALTH = web.AppKey("health", HealthProbe)
+HEALTH = web.AppKey("health", HealthProbes)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 CONTROL = web.AppKey("control", Controller)
@@ -51,19 +51,17 @@ def build_app(
     app = web.Application(
         handler_args={"max_field_size": 65536}, middlewares=[refuse_transfer_codings]
     )
-    proxy = Proxy(settings, clock=clock, rng=rng or random.Random(), session=lambda: app[SESSION])
+    proxy = Proxy(
+        settings,
+        clock=clock,
+        rng=rng or random.Random(),
+        session=lambda: app[SESSION],
+        suspect=lambda server: app[HEALTH].check_soon(server),
+    )
     app[PROXY] = proxy
     app[STATE] = proxy.state
     app[CONTROL] = Controller(settings, on_change=proxy.reconfigure)
-    app[HEALTH] = HealthProbe(
-        settings.upstream_url,
-        interval=settings.health_interval,
-        timeout=settings.health_timeout,
-        clock=clock,
-        path=settings.health_path,
-        busy=lambda: proxy.gate.counts().active > 0,
-        on_status=proxy.state.set_upstream,
-    )
+    app[HEALTH] = _probes(settings, proxy, clock)
     app[REGISTRY] = create_registry(proxy.state.snapshot)
     app.cleanup_ctx.extend([_session_ctx(settings), _health_ctx, _adaptive_ctx, _upstream_work_ctx])
     own = OwnEndpoints(
@@ -82,6 +80,23 @@ def build_app(
 
     app.router.add_route("*", "/{tail:.*}", elsewhere, expect_handler=proxy.expect)
     return app
+
+
+def _probes(settings: Settings, proxy: Proxy, clock: Clock) -> HealthProbes:
+    """One background health probe per Whisper server."""
+
+    def probe(server: int, url: str) -> HealthProbe:
+        return HealthProbe(
+            url,
+            interval=settings.health_interval,
+            timeout=settings.health_timeout,
+            clock=clock,
+            path=settings.health_path,
+            busy=lambda: proxy.gate.counts().servers[server].active > 0,
+            on_status=lambda health: proxy.upstream_checked(server, health),
+        )
+
+    return HealthProbes([probe(i, url) for i, url in enumerate(settings.upstream_urls)])
 
 
 Lifetime = Callable[[web.Application], AsyncIterator[None]]

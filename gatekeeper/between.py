@@ -51,6 +51,8 @@ class Between:
         """
         if self._config().oom_cooldown > 0:
             gone = await wait_or_gone(self._clock, delay, task)
+            if not gone:
+                task.ticket.move()  # a retry prefers another server, when one has room
             return (Resume.GONE if gone else Resume.GRANTED), "retry_delay"
         record = task.record
         if record.held_since is not None:

@@ -13,7 +13,10 @@ __all__ = ["ProxyConfig"]
 class ProxyConfig:
     """The task path's settings; rebuilt whole on a live change (running tasks keep theirs)."""
 
-    upstream: str
+    upstreams: tuple[str, ...]
+    """The Whisper servers' base URLs, in ASR_UPSTREAM_URL's order."""
+    upstream_names: tuple[str, ...]
+    """Their names (host:port) for logs."""
     gated_paths: tuple[str, ...]
     task_methods: frozenset[str]
     max_body_size: int
@@ -32,7 +35,8 @@ class ProxyConfig:
     @classmethod
     def from_settings(cls, settings: Settings) -> "ProxyConfig":
         return cls(
-            upstream=settings.upstream_url,
+            upstreams=settings.upstream_urls,
+            upstream_names=settings.upstream_names,
             gated_paths=settings.gated_paths,
             task_methods=frozenset(settings.task_methods),
             max_body_size=settings.max_body_size,

@@ -19,7 +19,7 @@ from gatekeeper.answers import json_answer, own_path_elsewhere
 from gatekeeper.clock import local_iso
 from gatekeeper.control import RELOADABLE, Controller
 from gatekeeper.gate import Gate
-from gatekeeper.health import HealthProbe
+from gatekeeper.health import HealthProbes
 from gatekeeper.settings import Settings, SettingsError
 from gatekeeper.state import LiveState
 from gatekeeper.stats import stats_document
@@ -41,7 +41,7 @@ class OwnEndpoints:
         state: LiveState,
         gate: Gate,
         control: Controller,
-        probe: HealthProbe,
+        probe: HealthProbes,
         registry: CollectorRegistry,
     ) -> None:
         self._settings = settings
@@ -94,27 +94,42 @@ class OwnEndpoints:
         return json_answer(200, stats_document(self._state.snapshot(), extras=extras))
 
     async def health(self, request: web.Request) -> web.StreamResponse:
-        status = self._probe.status
+        """ok while at least one Whisper server is up; each server listed."""
         counts = self._gate.counts()  # cheap: /health must answer fast even under a flood
-        ok = status.up is True and not counts.shutting_down
-        upstream = {
-            "url": self._settings.upstream_url,
-            "state": status.state.value,
-            "reachable": status.up,
-            "checked_at": None if status.checked_at is None else local_iso(status.checked_at),
-            "latency_seconds": None if status.latency is None else round(status.latency, 4),
-            "error": status.error,
-        }
-        return json_answer(
-            200 if ok else 503,
+        names, urls = self._settings.upstream_names, self._settings.upstream_urls
+        upstreams = []
+        for i, probe in enumerate(self._probe.probes):
+            status = probe.status
+            upstreams.append(
+                {
+                    "name": names[i],
+                    "url": urls[i],
+                    "state": status.state.value,
+                    "reachable": status.up,
+                    "checked_at": (
+                        None if status.checked_at is None else local_iso(status.checked_at)
+                    ),
+                    "latency_seconds": (
+                        None if status.latency is None else round(status.latency, 4)
+                    ),
+                    "error": status.error,
+                }
+            )
+        up = any(entry["reachable"] is True for entry in upstreams)
+        ok = up and not counts.shutting_down
+        doc: dict[str, object] = {"status": "ok" if ok else "degraded"}
+        if len(upstreams) == 1:  # the single-server shape, kept as it was
+            doc["upstream"] = {k: v for k, v in upstreams[0].items() if k != "name"}
+        doc.update(
             {
-                "status": "ok" if ok else "degraded",
-                "upstream": upstream,
+                "upstreams": upstreams,
+                "upstreams_up": sum(entry["reachable"] is True for entry in upstreams),
                 "shutting_down": counts.shutting_down,
                 "active_tasks": counts.active,
                 "queued_tasks": counts.queued,
-            },
+            }
         )
+        return json_answer(200 if ok else 503, doc)
 
     async def admin_get(self, request: web.Request) -> web.StreamResponse:
         return json_answer(

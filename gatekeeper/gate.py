@@ -14,18 +14,26 @@ does so when there is no OOM cool-down): the GPU is not working for it, and an i
 leave the card idle too. When its delay is over it takes a slot again (`Ticket.resume`) ahead of
 every task that has not started yet, since it is older than all of them and its client has
 already waited the longest.
+
+Several Whisper servers (one per GPU) share the one queue: each has its own limit and slots
+(`ServerCounts`), and a slot is always a slot *on a server* (`Ticket.server`). A task goes to
+the usable server with the most room; a server not cooling down after an OOM comes first. A
+server the health probe found down is not usable, unless no server is up at all (then all are
+tried: the probe may be wrong, and the retry rules handle a dead server). A retry prefers
+another server than the one it failed on.
 """
 
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from gatekeeper.clock import Clock, SystemClock
 from gatekeeper.policy.admission import Admission, Decision, decide
 from gatekeeper.policy.outcomes import RejectReason
 
-__all__ = ["Gate", "GateCounts", "Refused", "Ticket", "Upload"]
+__all__ = ["Gate", "GateCounts", "Refused", "ServerCounts", "Ticket", "Upload"]
 
 
 class Refused(Exception):
@@ -35,6 +43,16 @@ class Refused(Exception):
         super().__init__(reason.value)
         self.reason = reason
         self.admission = admission
+
+
+@dataclass(frozen=True, slots=True)
+class ServerCounts:
+    """One Whisper server's slots."""
+
+    limit: int
+    active: int
+    usable: bool
+    """False while the health probe finds the server down: it gets no new tasks."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +72,8 @@ class GateCounts:
     uploading: int = 0
     """Tasks whose upload is still being received: they hold no slot and are not queued yet,
     but arrivals count them against the queue's room."""
+    servers: tuple[ServerCounts, ...] = ()
+    """Per Whisper server, in ASR_UPSTREAM_URL's order (`active` and `limit` are their sums)."""
 
 
 class Ticket:
@@ -63,7 +83,7 @@ class Ticket:
     call it.
     """
 
-    __slots__ = ("_gate", "_granted", "_left", "_paused", "admission")
+    __slots__ = ("_gate", "_granted", "_left", "_paused", "admission", "last_server", "server")
 
     def __init__(self, gate: "Gate", admission: Admission) -> None:
         self._gate = gate
@@ -71,6 +91,10 @@ class Ticket:
         self._granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._left = False
         self._paused = False
+        self.server: int | None = None
+        """The server whose slot the ticket holds (its index), None while it holds none."""
+        self.last_server: int | None = None
+        """The server of the last slot held: a retry prefers another one."""
 
     @property
     def granted(self) -> bool:
@@ -105,7 +129,14 @@ class Ticket:
             raise RuntimeError("only a ticket holding a slot can pause")
         self._paused = True
         self._granted = self._granted.get_loop().create_future()
-        self._gate._pause()
+        self._gate._pause(self)
+
+    def move(self) -> bool:
+        """Before a retry that kept its slot: move the slot to another usable server with room,
+        if there is one (True). The slot left behind goes to the next waiter."""
+        if self._left or not self.granted:
+            raise RuntimeError("only a ticket holding a slot can move")
+        return self._gate._move(self)
 
     async def resume(self) -> None:
         """Take a slot again after `pause`, ahead of every task that has not started yet.
@@ -129,16 +160,17 @@ class Ticket:
             return
         if self._granted.done():
             if self._granted.exception() is None:
-                self._gate._release()
+                self._gate._release(self)
         else:
             self._gate._drop_waiter(self)
             self._granted.cancel()
 
-    def _grant(self) -> bool:
+    def _grant(self, server: int) -> bool:
         if self._granted.done():
             return False
         self._granted.set_result(None)
         self._paused = False
+        self.server = self.last_server = server
         return True
 
     def _refuse(self, reason: RejectReason) -> None:
@@ -175,14 +207,35 @@ class Upload:
             self._gate._upload_ended()
 
 
-class Gate:
-    """Slots for tasks upstream, and the queue in front of them."""
+class _Server:
+    """One Whisper server's slots (mutable books; `ServerCounts` is the reading)."""
 
-    def __init__(self, *, limit: int, max_queue: int, clock: Clock | None = None) -> None:
-        if limit < 1:
+    __slots__ = ("active", "limit", "usable")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self.usable = True
+
+
+class Gate:
+    """Slots for tasks upstream (per Whisper server), and the one queue in front of them."""
+
+    def __init__(
+        self,
+        *,
+        limit: int | Sequence[int],
+        max_queue: int,
+        clock: Clock | None = None,
+        cooling: Callable[[int], bool] | None = None,
+    ) -> None:
+        limits = (limit,) if isinstance(limit, int) else tuple(limit)
+        if not limits or min(limits) < 1:
             raise ValueError("limit must be at least 1")
         self._clock = clock or SystemClock()  # the queue timeout follows it
-        self._limit = limit
+        # Whether a server cools down after an OOM right now: others are preferred meanwhile.
+        self._cooling = cooling or (lambda server: False)
+        self._servers = [_Server(n) for n in limits]
         self._max_queue = max_queue
         self._uploading = 0
         self._active = 0
@@ -193,17 +246,27 @@ class Gate:
         self._idle = asyncio.Event()
         self._idle.set()
 
+    @property
+    def _limit(self) -> int:
+        return sum(server.limit for server in self._servers)
+
     def counts(self) -> GateCounts:
+        servers = tuple(ServerCounts(s.limit, s.active, s.usable) for s in self._servers)
         return GateCounts(
             self._active,
             len(self._waiters),
-            self._limit,
+            sum(s.limit for s in servers),
             self._max_queue,
             self._shutting_down,
             self._paused,
             len(self._retry_waiters),
             self._uploading,
+            servers,
         )
+
+    def first_usable(self) -> int:
+        """The first server in the list that is usable (for requests that are not tasks)."""
+        return next((i for i, s in enumerate(self._servers) if s.usable), 0)
 
     def arrival_refusal(self) -> RejectReason | None:
         """Why an arriving task would be refused right now, before its body is read; None: take
@@ -247,26 +310,44 @@ class Gate:
             raise Refused(admission.reason, admission)
         ticket = Ticket(self, admission)
         self._idle.clear()
-        if admission.decision is Decision.START:
-            self._active += 1
-            ticket._grant()
-        else:
+        start = admission.decision is Decision.START and not self._retry_waiters
+        server = self._pick() if start else None
+        if server is not None:
+            self._take(ticket, server)
+        else:  # no room, or room only on a server that is down: wait for a usable one
             self._waiters.append(ticket)
         return ticket
 
     def set_limits(
         self,
         *,
-        limit: int | None = None,
+        limit: int | Sequence[int] | None = None,
         max_queue: int | None = None,
     ) -> None:
-        """Change the limits live: lowering never stops running tasks, raising starts waiters."""
+        """Change the limits live: lowering never stops running tasks, raising starts waiters.
+
+        `limit`: one value for every server, or one per server.
+        """
         if limit is not None:
-            if limit < 1:
-                raise ValueError("limit must be at least 1")
-            self._limit = limit
+            limits = (limit,) * len(self._servers) if isinstance(limit, int) else tuple(limit)
+            if len(limits) != len(self._servers) or min(limits) < 1:
+                raise ValueError("give each server a limit of at least 1")
+            for server, n in zip(self._servers, limits, strict=True):
+                server.limit = n
         if max_queue is not None:
             self._max_queue = max_queue
+        self._hand_over()
+
+    def set_server_limit(self, server: int, limit: int) -> None:
+        """Change one server's limit (its adaptive limit moved)."""
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self._servers[server].limit = limit
+        self._hand_over()
+
+    def set_usable(self, server: int, usable: bool) -> None:
+        """The health probe's verdict: a server found down gets no new tasks until it is back."""
+        self._servers[server].usable = usable
         self._hand_over()
 
     def begin_shutdown(self) -> None:
@@ -286,21 +367,65 @@ class Gate:
         """Return once no task uploads, holds a slot, waits for one, or waits to retry."""
         await self._idle.wait()
 
+    def _pick(self, avoid: int | None = None) -> int | None:
+        """The server for the next slot: usable, with room; not cooling down, most room first.
+
+        `avoid` (the server a retry failed on) is taken only when no other one has room.
+        """
+        servers = self._servers
+        usable = [i for i, s in enumerate(servers) if s.usable] or range(len(servers))
+        room = [i for i in usable if servers[i].active < servers[i].limit]
+        if not room:
+            return None
+        if avoid is not None and len(room) > 1:
+            room = [i for i in room if i != avoid]
+        if len(room) == 1:
+            return room[0]
+        return max(
+            room, key=lambda i: (not self._cooling(i), servers[i].limit - servers[i].active, -i)
+        )
+
+    def _take(self, ticket: Ticket, server: int) -> None:
+        if ticket._grant(server):
+            self._servers[server].active += 1
+            self._active += 1
+
     def _upload_ended(self) -> None:
         self._uploading -= 1
         assert self._uploading >= 0, "upload ended twice"
         self._check_idle()
 
-    def _release(self) -> None:
+    def _free(self, ticket: Ticket) -> None:
+        server = ticket.server
+        assert server is not None, "slot released twice"
+        ticket.server = None
+        self._servers[server].active -= 1
         self._active -= 1
-        assert self._active >= 0, "slot released twice"
+        assert self._servers[server].active >= 0, "slot released twice"
+
+    def _release(self, ticket: Ticket) -> None:
+        self._free(ticket)
         self._hand_over()
 
-    def _pause(self) -> None:
-        self._active -= 1
-        assert self._active >= 0, "slot released twice"
+    def _pause(self, ticket: Ticket) -> None:
+        self._free(ticket)
         self._paused += 1
         self._hand_over()
+
+    def _move(self, ticket: Ticket) -> bool:
+        current = ticket.server
+        assert current is not None
+        servers = self._servers
+        servers[current].active -= 1  # as if free: may the slot be had elsewhere?
+        target = self._pick(avoid=current)
+        servers[current].active += 1
+        if target is None or target == current:
+            return False
+        servers[current].active -= 1
+        servers[target].active += 1
+        ticket.server = ticket.last_server = target
+        self._hand_over()
+        return True
 
     def _resume(self, ticket: Ticket) -> None:
         self._retry_waiters.append(ticket)
@@ -316,13 +441,20 @@ class Gate:
     def _hand_over(self) -> None:
         # Retries first (they are older than every queued task), then first-in first-out: the
         # oldest waiter gets the freed slot directly.
-        while self._retry_waiters and self._active < self._limit:
-            if self._retry_waiters.popleft()._grant():
-                self._paused -= 1
-                self._active += 1
-        while self._waiters and self._active < self._limit and not self._retry_waiters:
-            if self._waiters.popleft()._grant():
-                self._active += 1
+        while self._retry_waiters:
+            server = self._pick(avoid=self._retry_waiters[0].last_server)
+            if server is None:
+                break
+            ticket = self._retry_waiters.popleft()
+            if ticket._granted.done():
+                continue
+            self._paused -= 1
+            self._take(ticket, server)
+        while self._waiters and not self._retry_waiters:
+            server = self._pick()
+            if server is None:
+                break
+            self._take(self._waiters.popleft(), server)
         self._check_idle()
 
     def _drop_waiter(self, ticket: Ticket) -> None:

@@ -71,7 +71,7 @@ class Handler:
         return await pass_through(
             request,
             self._session(),
-            upstream=cfg.upstream,
+            upstream=cfg.upstreams[self._gate.first_usable()],
             within=cfg.request_timeout,
             new_id=self._new_id,
             clock=self._clock,

@@ -18,7 +18,7 @@ from yarl import URL
 
 from gatekeeper.clock import Clock
 
-__all__ = ["HealthProbe", "UpstreamHealth", "UpstreamState"]
+__all__ = ["HealthProbe", "HealthProbes", "UpstreamHealth", "UpstreamState"]
 
 
 class UpstreamState(StrEnum):
@@ -75,6 +75,11 @@ class HealthProbe:
         self.status = UpstreamHealth(UpstreamState.UNKNOWN, None, None, None)
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._soon = asyncio.Event()
+
+    def check_soon(self) -> None:
+        """Probe again now rather than at the next interval (an attempt just crashed there)."""
+        self._soon.set()
 
     async def check(self) -> UpstreamHealth:
         """Probe once now and remember the verdict."""
@@ -124,10 +129,20 @@ class HealthProbe:
 
     async def _loop(self) -> None:
         while True:
+            self._soon.clear()
             await self.check()
             # A timer on the injected clock: a test moves a fake clock past it instead of
             # waiting real intervals, and the probe never moves that clock itself.
-            await self.clock.wait_until(self.clock.monotonic() + self.interval)
+            due = self.clock.monotonic() + self.interval
+            waits = [
+                asyncio.ensure_future(self.clock.wait_until(due)),
+                asyncio.ensure_future(self._soon.wait()),
+            ]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="health-probe")
@@ -141,3 +156,24 @@ class HealthProbe:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+class HealthProbes:
+    """One probe per Whisper server, started and stopped together."""
+
+    def __init__(self, probes: list[HealthProbe]) -> None:
+        self.probes = probes
+
+    def __getitem__(self, server: int) -> HealthProbe:
+        return self.probes[server]
+
+    def check_soon(self, server: int) -> None:
+        self.probes[server].check_soon()
+
+    def start(self) -> None:
+        for probe in self.probes:
+            probe.start()
+
+    async def stop(self) -> None:
+        for probe in self.probes:
+            await probe.stop()

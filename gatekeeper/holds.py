@@ -44,14 +44,16 @@ class Holds:
     def after(self, task: Task, still: Still, free_slot: Callable[[Task], None]) -> None:
         """The task is answered, but the Whisper server may still be on its last attempt: a
         task of its own keeps the slot (and the body) until the server is done."""
-        began = self._began(task)
+        server = task.ticket.server
+        assert server is not None, "a hold keeps a slot"
+        began = self._began(task, server)
         hold = asyncio.create_task(self._wait(still), name=f"hold-{task.record.task_id}")
 
         def ended(hold: "asyncio.Task[HoldEnd]") -> None:
             # A callback, not a `finally`: it runs even if the hold is cancelled before it starts.
             still.close()  # a no-op unless it never started
             end = HoldEnd.STOPPED if hold.cancelled() else hold.result()
-            self._ended(task, end, began)
+            self._ended(task, server, end, began)
             free_slot(task)
             self._running.discard(hold)
 
@@ -62,13 +64,15 @@ class Holds:
     async def during(self, task: Task, still: Still) -> None:
         """The same hold inside the runner (a timed-out attempt to be retried: the retry waits
         for the Whisper server to be done with the first one)."""
-        began = self._began(task)
+        server = task.ticket.server
+        assert server is not None, "a hold keeps a slot"
+        began = self._began(task, server)
         end = HoldEnd.STOPPED
         try:
             end = await self._wait(still)
         finally:
             still.close()
-            self._ended(task, end, began)
+            self._ended(task, server, end, began)
 
     async def _wait(self, still: Still) -> HoldEnd:
         """Wait until the Whisper server is done with a timed-out attempt, at most
@@ -81,24 +85,26 @@ class Holds:
         except TimeoutError:
             return HoldEnd.EXPIRED
 
-    def _began(self, task: Task) -> float:
-        self._state.hold_began()
+    def _began(self, task: Task, server: int) -> float:
+        self._state.hold_began(server)
         log_event(
             Event.HOLD,
             logging.WARNING,
             task_id=task.record.task_id,
             hold=self._config().timeout_hold,
+            upstream=self._state.servers[server].name,
         )
         return self._clock.monotonic()
 
-    def _ended(self, task: Task, end: HoldEnd, began: float) -> None:
+    def _ended(self, task: Task, server: int, end: HoldEnd, began: float) -> None:
         """The attempt has left the Whisper server (or was cut): count it and say so."""
-        self._state.upstream_ended()
-        self._state.hold_ended(end)
+        self._state.upstream_ended(server)
+        self._state.hold_ended(end, server)
         log_event(
             Event.HOLD_ENDED,
             logging.WARNING if end is HoldEnd.EXPIRED else logging.INFO,
             task_id=task.record.task_id,
             end=end.value,
             held=self._clock.monotonic() - began,
+            upstream=self._state.servers[server].name,
         )

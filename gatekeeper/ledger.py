@@ -37,6 +37,8 @@ class TaskRecord:
     held: float = 0.0
     """Seconds the task held a slot so far (not its retry delays, when it gave the slot back)."""
     held_since: float | None = None
+    upstreams: list[str] = field(default_factory=list)
+    """The server (host:port) of each attempt, in order."""
     outcome: TaskOutcome | None = None
 
     def end(self, outcome: TaskOutcome) -> None:

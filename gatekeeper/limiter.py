@@ -1,10 +1,11 @@
-"""The limiter: the gate (who waits, who goes) and the limit it enforces (fixed or adaptive).
+"""The limiter: the gate (who waits, who goes) and the limits it enforces (fixed or adaptive).
 
 In the manner of Netflix's concurrency-limits, the algorithm (`adaptive.AdaptiveLimit`: a number
 from samples) is apart from the mechanism (`gate.Gate`); this module joins them. Callers only
-report what happened (`observe`) and let time act (`tick`); nothing sets the limit from outside
-but a change of settings (`reconfigure`). With several Whisper servers this is where each
-server's limit will live; with admission by memory, where a task's cost meets the room left.
+report what happened (`observe`) and let time act (`tick`); nothing sets a limit from outside
+but a change of settings (`reconfigure`). Each Whisper server has its own limit, fixed or
+adaptive: an OOM on one card never lowers another's. With admission by memory, this is where a
+task's cost will meet the room left.
 """
 
 import logging
@@ -20,12 +21,12 @@ from gatekeeper.settings import QUEUE_PER_SLOT, Settings
 __all__ = ["Limiter"]
 
 
-def _adaptive_params(settings: Settings) -> AdaptiveParams | None:
+def _adaptive_params(settings: Settings, maximum: int) -> AdaptiveParams | None:
     if not settings.adaptive:
         return None
     return AdaptiveParams(
         minimum=settings.min_concurrent,
-        maximum=settings.max_concurrent,
+        maximum=maximum,
         stable_successes=settings.adaptive_stable_successes,
         stable_seconds=settings.adaptive_stable_seconds,
         fade_seconds=settings.adaptive_fade_seconds,
@@ -33,87 +34,112 @@ def _adaptive_params(settings: Settings) -> AdaptiveParams | None:
 
 
 class Limiter:
-    """Owns the gate and the adaptive limit; applies every change of the limit to the gate."""
+    """Owns the gate and each server's adaptive limit; applies every change of a limit."""
 
     def __init__(
         self,
         settings: Settings,
         *,
         clock: Clock,
-        on_change: Callable[[LimitChange], None],
+        on_change: Callable[[int, LimitChange], None],
+        cooling: Callable[[int], bool] | None = None,
     ) -> None:
         self._now = clock.monotonic
         self._on_change = on_change
-        self.gate = Gate(limit=settings.start_limit, max_queue=settings.queue_limit, clock=clock)
-        params = _adaptive_params(settings)
-        self._adaptive = (
-            None
-            if params is None
-            else AdaptiveLimit(params, initial=settings.start_limit, now=self._now)
+        self._names = settings.upstream_names
+        self.gate = Gate(
+            limit=settings.start_limits,
+            max_queue=settings.queue_limit,
+            clock=clock,
+            cooling=cooling,
         )
+        self._adaptive: list[AdaptiveLimit | None] = []
+        for start, maximum in zip(settings.start_limits, settings.limits, strict=True):
+            params = _adaptive_params(settings, maximum)
+            limit = None if params is None else AdaptiveLimit(params, initial=start, now=self._now)
+            self._adaptive.append(limit)
         self._queue_follows = settings.queue_follows_limit
 
     @property
     def adaptive(self) -> AdaptiveLimit | None:
-        """The adaptive limit (read-only: it is told results, never set), or None when fixed."""
-        return self._adaptive
+        """The first server's adaptive limit (read-only: it is told results, never set), or None
+        when fixed. `adaptive_of` gives any server's."""
+        return self._adaptive[0]
 
-    def queue_for(self, limit: int) -> int | None:
-        """The queue size that goes with `limit`, when the queue follows the limit."""
-        return QUEUE_PER_SLOT * limit if self._queue_follows else None
+    def adaptive_of(self, server: int) -> AdaptiveLimit | None:
+        return self._adaptive[server]
+
+    def queue_for(self, total: int) -> int | None:
+        """The queue size that goes with the servers' limits together (`total`), when the queue
+        follows the limit."""
+        return QUEUE_PER_SLOT * total if self._queue_follows else None
 
     def reconfigure(self, settings: Settings) -> None:
-        """Take new settings live.
+        """Take new settings live (the list of servers itself needs a restart).
 
-        Switching the adaptive mode on, or changing its bounds, starts it afresh from the
-        current limit (moved into the new bounds); switching it off fixes the limit at
-        ASR_MAX_CONCURRENT.
+        Switching the adaptive mode on, or changing its bounds, starts it afresh from each
+        server's current limit (moved into the new bounds); switching it off fixes each limit at
+        its ASR_MAX_CONCURRENT.
         """
         self._queue_follows = settings.queue_follows_limit
-        current = self.gate.counts().limit
-        params = _adaptive_params(settings)
-        if params is None:
-            self._adaptive = None
-            limit = settings.max_concurrent
-        elif self._adaptive is not None and self._adaptive.params == params:
-            limit = self._adaptive.limit
-        else:
-            limit = min(max(current, params.minimum), params.maximum)
-            self._adaptive = AdaptiveLimit(params, initial=limit, now=self._now)
-        queue = self.queue_for(limit)
+        current = [server.limit for server in self.gate.counts().servers]
+        limits = []
+        for i, maximum in enumerate(settings.limits):
+            params = _adaptive_params(settings, maximum)
+            adaptive = self._adaptive[i]
+            if params is None:
+                self._adaptive[i] = None
+                limit = maximum
+            elif adaptive is not None and adaptive.params == params:
+                limit = adaptive.limit
+            else:
+                limit = min(max(current[i], params.minimum), params.maximum)
+                self._adaptive[i] = AdaptiveLimit(params, initial=limit, now=self._now)
+            limits.append(limit)
+        queue = self.queue_for(sum(limits))
         self.gate.set_limits(
-            limit=limit, max_queue=settings.queue_limit if queue is None else queue
+            limit=limits, max_queue=settings.queue_limit if queue is None else queue
         )
 
-    def observe(self, outcome: AttemptOutcome, *, in_flight: int, first_attempt: bool) -> None:
-        """One attempt ended (`in_flight`: attempts upstream, this one included)."""
-        if self._adaptive is not None:
-            self._apply(
-                self._adaptive.on_attempt(
-                    outcome,
-                    in_flight=in_flight,
-                    queue_waiting=self.gate.counts().queued > 0,
-                    first_attempt=first_attempt,
-                )
+    def observe(
+        self, outcome: AttemptOutcome, *, server: int, in_flight: int, first_attempt: bool
+    ) -> None:
+        """One attempt on `server` ended (`in_flight`: attempts on that server, this one
+        included)."""
+        adaptive = self._adaptive[server]
+        if adaptive is not None:
+            change = adaptive.on_attempt(
+                outcome,
+                in_flight=in_flight,
+                queue_waiting=self.gate.counts().queued > 0,
+                first_attempt=first_attempt,
             )
+            self._apply(server, change)
 
     def tick(self) -> None:
-        """Let time act on the adaptive limit (a faded ceiling, a stretch that became stable)."""
-        if self._adaptive is not None:
-            self._apply(self._adaptive.tick())
+        """Let time act on the adaptive limits (a faded ceiling, a stretch that became stable)."""
+        for server, adaptive in enumerate(self._adaptive):
+            if adaptive is not None:
+                self._apply(server, adaptive.tick())
 
-    def adaptive_view(self, *, wall_now: float) -> dict[str, object] | None:
-        """The adaptive limit's state for /stats, or None when the limit is fixed."""
-        return None if self._adaptive is None else self._adaptive.snapshot(wall_now=wall_now)
+    def adaptive_view(self, server: int, *, wall_now: float) -> dict[str, object] | None:
+        """A server's adaptive limit's state for /stats, or None when its limit is fixed."""
+        adaptive = self._adaptive[server]
+        return None if adaptive is None else adaptive.snapshot(wall_now=wall_now)
 
-    def _apply(self, change: LimitChange | None) -> None:
+    def _apply(self, server: int, change: LimitChange | None) -> None:
         if change is None:
             return
-        self.gate.set_limits(limit=change.new, max_queue=self.queue_for(change.new))
-        self._on_change(change)
+        self.gate.set_server_limit(server, change.new)
+        total = sum(slots.limit for slots in self.gate.counts().servers)
+        queue = self.queue_for(total)
+        if queue is not None:
+            self.gate.set_limits(max_queue=queue)
+        self._on_change(server, change)
         log_event(
             Event.LIMIT_CHANGED,
             logging.WARNING,
+            upstream=self._names[server],
             old=change.old,
             new=change.new,
             reason=change.reason,

@@ -41,6 +41,8 @@ class Event(StrEnum):
     HOLD_ENDED = "超时任务已结束，释放槽位"
     CRASH = "Whisper服务连接中断"
     UPSTREAM_ERROR = "Whisper服务返回错误"
+    UPSTREAM_DOWN = "Whisper服务不可用，暂停分配任务"
+    UPSTREAM_UP = "Whisper服务已恢复"
     CLIENT_LEFT = "客户端已断开"
     BODY_TOO_LARGE = "请求体过大，拒绝任务"
     BODY_TIMEOUT = "上传超时，释放排队位置"

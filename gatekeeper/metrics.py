@@ -83,17 +83,8 @@ class SnapshotCollector(Collector):
             gate.retrying,
         )
         yield _gauge("max_queue", "Tasks allowed to wait before refusals start.", gate.max_queue)
-        yield _gauge(
-            "upstream_up",
-            "1 when the Whisper server accepted the last connection check, else 0.",
-            1 if snap.upstream_up else 0,
-        )
+        yield from _per_server(snap)
         yield _gauge("shutting_down", "1 while draining after SIGTERM.", int(gate.shutting_down))
-        yield _gauge(
-            "last_oom_timestamp_seconds",
-            "Unix time of the last upstream out-of-memory answer (0: none yet).",
-            snap.last_oom_wall or 0.0,
-        )
         yield _counter(
             "tasks_total",
             "Tasks that ended, by outcome; a task counts from the start of its upload. "
@@ -110,12 +101,6 @@ class SnapshotCollector(Collector):
             {r.value: snap.rejected[r] for r in RejectReason},
         )
         yield _counter(
-            "upstream_attempts_total",
-            "Attempts sent to the Whisper server, by outcome.",
-            "outcome",
-            {o.value: snap.attempts[o] for o in AttemptOutcome},
-        )
-        yield _counter(
             "retries_total",
             "Retries scheduled, by the outcome that caused them.",
             "outcome",
@@ -129,17 +114,6 @@ class SnapshotCollector(Collector):
             "end",
             {end.value: snap.holds.get(end, 0) for end in HoldEnd},
         )
-        yield _counter(
-            "limit_changes_total",
-            "Changes of the adaptive limit, by what caused them.",
-            "reason",
-            {kind.value: snap.limit_changes.get(kind, 0) for kind in LimitChangeKind},
-        )
-        oom = CounterMetricFamily(
-            PREFIX + "oom_errors", "Upstream attempts that ended in out-of-memory."
-        )
-        oom.add_metric([], snap.oom_errors)
-        yield oom
         yield _histogram(
             "queue_wait_seconds",
             "Time from joining the queue (the upload received) to getting a slot.",
@@ -155,6 +129,56 @@ class SnapshotCollector(Collector):
             "Time from arrival to the end of a task that reached the Whisper server.",
             snap.task_duration,
         )
+
+
+def _per_server(snap: Snapshot) -> Iterator[Metric]:
+    """The metrics kept per Whisper server, labelled upstream="host:port"."""
+    label = ["upstream"]
+    up = GaugeMetricFamily(
+        PREFIX + "upstream_up",
+        "1 when the Whisper server accepted its last health check (busy counts), else 0.",
+        labels=label,
+    )
+    limit = GaugeMetricFamily(
+        PREFIX + "upstream_max_concurrent",
+        "The server's limit now (the adaptive one included); max_concurrent is their sum.",
+        labels=label,
+    )
+    active = GaugeMetricFamily(
+        PREFIX + "upstream_active_tasks",
+        "Slots taken on the server (held ones included); active_tasks is their sum.",
+        labels=label,
+    )
+    last_oom = GaugeMetricFamily(
+        PREFIX + "last_oom_timestamp_seconds",
+        "Unix time of the server's last out-of-memory answer (0: none yet).",
+        labels=label,
+    )
+    oom = CounterMetricFamily(
+        PREFIX + "oom_errors", "Attempts that ended in out-of-memory, per server.", labels=label
+    )
+    attempts = CounterMetricFamily(
+        PREFIX + "upstream_attempts",
+        "Attempts sent to a Whisper server, by outcome.",
+        labels=["upstream", "outcome"],
+    )
+    changes = CounterMetricFamily(
+        PREFIX + "limit_changes",
+        "Changes of a server's adaptive limit, by what caused them.",
+        labels=["upstream", "reason"],
+    )
+    for server in snap.servers:
+        name = [server.name]
+        up.add_metric(name, 1 if server.up else 0)
+        limit.add_metric(name, server.limit)
+        active.add_metric(name, server.active)
+        last_oom.add_metric(name, server.last_oom_wall or 0.0)
+        oom.add_metric(name, server.oom_errors)
+        for outcome in AttemptOutcome:
+            attempts.add_metric([server.name, outcome.value], server.attempts.get(outcome, 0))
+        for kind in LimitChangeKind:
+            changes.add_metric([server.name, kind.value], server.limit_changes.get(kind, 0))
+    yield from (up, limit, active, last_oom, oom, attempts, changes)
 
 
 def create_registry(snapshot: Callable[[], Snapshot]) -> CollectorRegistry:

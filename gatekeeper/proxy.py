@@ -9,6 +9,7 @@ Where each part of a task's life lives:
 """
 
 import asyncio
+import logging
 import random
 from collections.abc import Callable
 from typing import Any
@@ -20,8 +21,10 @@ from gatekeeper.clock import Clock
 from gatekeeper.config import ProxyConfig
 from gatekeeper.gate import Gate
 from gatekeeper.handler import Handler
+from gatekeeper.health import UpstreamHealth
 from gatekeeper.ledger import Ledger
 from gatekeeper.limiter import Limiter
+from gatekeeper.logs import Event, log_event
 from gatekeeper.policy.adaptive import AdaptiveLimit
 from gatekeeper.refusals import Refusals
 from gatekeeper.runner import Runner
@@ -41,16 +44,24 @@ class Proxy:
         clock: Clock,
         rng: random.Random,
         session: Callable[[], aiohttp.ClientSession],
+        suspect: Callable[[int], None] | None = None,
     ) -> None:
         self.config = ProxyConfig.from_settings(settings)
         self.clock = clock
         self.limiter = Limiter(
             settings,
             clock=clock,
-            on_change=lambda change: self.state.limit_changed(change.kind),
+            on_change=lambda server, change: self.state.limit_changed(change.kind, server),
+            cooling=self._cooling,
         )
-        self.state = LiveState(self.limiter.gate, now=clock.monotonic)
-        self.state.adaptive_view = lambda: self.limiter.adaptive_view(wall_now=clock.wall())
+        self.state = LiveState(
+            self.limiter.gate,
+            now=clock.monotonic,
+            servers=tuple(zip(settings.upstream_names, settings.upstream_urls, strict=True)),
+        )
+        self.state.adaptive_view = lambda server: self.limiter.adaptive_view(
+            server, wall_now=clock.wall()
+        )
         refusals = Refusals(self.limiter.gate, self.state, clock)
         self.runner = Runner(
             self._current,
@@ -60,6 +71,7 @@ class Proxy:
             clock=clock,
             rng=rng,
             session=session,
+            suspect=suspect or (lambda server: None),
         )
         self.handler = Handler(
             self._current,
@@ -74,6 +86,26 @@ class Proxy:
 
     def _current(self) -> ProxyConfig:
         return self.config
+
+    def _cooling(self, server: int) -> bool:
+        """Whether a task starting on `server` now would first cool down after its last OOM."""
+        cfg, last = self.config, self.state.servers[server].last_oom_monotonic
+        if cfg.oom_cooldown <= 0 or last is None:
+            return False
+        return self.clock.monotonic() - last < cfg.oom_window
+
+    def upstream_checked(self, server: int, health: UpstreamHealth) -> None:
+        """A health probe's verdict on one server: a server found down gets no new tasks (and
+        its running ones end by the usual rules) until a probe finds it up again."""
+        name = self.config.upstream_names[server]
+        was_usable = self.gate.counts().servers[server].usable
+        usable = health.up is not False
+        self.state.set_upstream(server, health)
+        self.gate.set_usable(server, usable)
+        if was_usable and not usable:
+            log_event(Event.UPSTREAM_DOWN, logging.WARNING, upstream=name, error=health.error)
+        elif usable and not was_usable:
+            log_event(Event.UPSTREAM_UP, upstream=name, state=health.state.value)
 
     @property
     def gate(self) -> Gate:

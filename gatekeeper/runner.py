@@ -66,8 +66,10 @@ class Runner:
         clock: Clock,
         rng: random.Random,
         session: Callable[[], aiohttp.ClientSession],
+        suspect: Callable[[int], None],
     ) -> None:
         self._config = config
+        self._suspect = suspect  # a crash on a server: probe it again now
         self._limiter = limiter
         self._state = state
         self._refusals = refusals
@@ -119,24 +121,33 @@ class Runner:
     async def _cool_down(self, task: Task) -> bool:
         """The seed's cool-down: a task starting soon after an OOM waits first. True if the
         client left meanwhile."""
-        cfg = self._config()
-        last_oom = self._state.last_oom_monotonic
+        cfg, server = self._config(), _server(task)
+        last_oom = self._state.servers[server].last_oom_monotonic  # this card's OOMs only
         if cfg.oom_cooldown <= 0 or last_oom is None:
             return False
         if self._clock.monotonic() - last_oom >= cfg.oom_window:
             return False
         task.record.cooldown = cfg.oom_cooldown
-        log_event(Event.COOLDOWN, task_id=task.record.task_id, delay=cfg.oom_cooldown)
+        log_event(
+            Event.COOLDOWN,
+            task_id=task.record.task_id,
+            delay=cfg.oom_cooldown,
+            upstream=cfg.upstream_names[server],
+        )
         return await wait_or_gone(self._clock, cfg.oom_cooldown, task)
 
     def _log_start(self, task: Task) -> None:
         counts = self._limiter.gate.counts()
+        server = _server(task)
+        slots = counts.servers[server]
         log_event(
             Event.START,
             task_id=task.record.task_id,
             active=f"{counts.active}/{counts.limit}",
             queued=counts.queued,
             path=task.record.path,
+            upstream=self._config().upstream_names[server],
+            upstream_active=f"{slots.active}/{slots.limit}",
         )
 
     def _free_slot(self, task: Task) -> None:
@@ -161,18 +172,19 @@ class Runner:
 
     async def _attempt(self, task: Task) -> web.StreamResponse | float:
         """One attempt upstream: the task's final answer, or the delay before the next one."""
-        record, cfg = task.record, self._config()
+        record, cfg, server = task.record, self._config(), _server(task)
         record.attempts += 1
+        record.upstreams.append(cfg.upstream_names[server])
         began = self._clock.monotonic()
         deadline = self._clock.monotonic() + cfg.request_timeout
         # The GPU is busy with this attempt from the request until its answer is fully read.
-        self._state.upstream_began()
+        self._state.upstream_began(server)
         held = False  # a hold took over the attempt (and ends it upstream)
         try:
             result = await send(
                 self._session(),
                 method=task.request.method,
-                url=upstream_url(cfg.upstream, task.request.raw_path),
+                url=upstream_url(cfg.upstreams[server], task.request.raw_path),
                 headers=task.headers,
                 body=task.body,
                 deadline=deadline,
@@ -190,12 +202,12 @@ class Runner:
                 answer, outcome, client_left, still = await self._deliver(
                     task, outcome, result, deadline
                 )
-                self._record_attempt(task, outcome, result, began)
+                self._record_attempt(task, server, outcome, result, began)
                 if still is not None:  # the client gets its answer; the slot stays taken
                     held = True
                     self._holds.after(task, still, self._free_slot)
                 return self._conclude(task, outcome, result, answer, client_left)
-            self._record_attempt(task, outcome, result, began)
+            self._record_attempt(task, server, outcome, result, began)
             if result.still_upstream is not None:  # a timeout retried: after the GPU is done
                 held = True
                 await self._holds.during(task, finish_attempt(result.still_upstream))
@@ -203,7 +215,7 @@ class Runner:
                 await discard(result.response, deadline, self._clock)
         finally:
             if not held:
-                self._state.upstream_ended()
+                self._state.upstream_ended(server)
         self._retry_scheduled(task, outcome, delay)
         return delay
 
@@ -219,6 +231,7 @@ class Runner:
             attempt=record.attempts,
             next_attempt=record.attempts + 1,
             delay=delay,
+            upstream=record.upstreams[-1],
         )
 
     # -- between two attempts ------------------------------------------------------------------
@@ -253,7 +266,12 @@ class Runner:
     # -- booking and answering -----------------------------------------------------------------
 
     def _record_attempt(
-        self, task: Task, outcome: AttemptOutcome, result: AttemptResult, began: float
+        self,
+        task: Task,
+        server: int,
+        outcome: AttemptOutcome,
+        result: AttemptResult,
+        began: float,
     ) -> None:
         """Book one finished attempt: the task's record, the counters, the log, the limit."""
         record = task.record
@@ -261,14 +279,20 @@ class Runner:
         self._state.attempt_ended(
             outcome,
             self._clock.monotonic() - began,
+            server=server,
             wall=self._clock.wall(),
             monotonic=self._clock.monotonic(),
         )
         self._log_attempt(task, outcome, result)
         # This attempt still counts as upstream: the concurrency it ran (and ended) at.
         self._limiter.observe(
-            outcome, in_flight=self._state.upstream_in_flight, first_attempt=record.attempts == 1
+            outcome,
+            server=server,
+            in_flight=self._state.servers[server].in_flight,
+            first_attempt=record.attempts == 1,
         )
+        if outcome is AttemptOutcome.CRASH:
+            self._suspect(server)
 
     async def _deliver(
         self, task: Task, outcome: AttemptOutcome, result: AttemptResult, deadline: float
@@ -332,6 +356,7 @@ class Runner:
             duration=self._clock.monotonic() - record.arrived,
             retry_delay=record.retry_delay_total,
             cooldown=record.cooldown,
+            upstream=record.upstreams[-1],
         )
         return answer
 
@@ -353,6 +378,7 @@ class Runner:
         if outcome is AttemptOutcome.OOM:
             facts["oom_count"] = self._state.oom_errors
         facts["attempt"] = record.attempts
+        facts["upstream"] = record.upstreams[-1]
         if outcome is AttemptOutcome.TIMEOUT:
             facts["timeout"] = self._config().request_timeout
         elif outcome is AttemptOutcome.CRASH:
@@ -360,6 +386,13 @@ class Runner:
         else:
             facts["status"] = result.status
         log_event(event, logging.WARNING, **facts)
+
+
+def _server(task: Task) -> int:
+    """The server whose slot the task holds."""
+    server = task.ticket.server
+    assert server is not None, "the task holds no slot"
+    return server
 
 
 def _classify(result: AttemptResult, cfg: ProxyConfig) -> AttemptOutcome:

@@ -6,7 +6,7 @@
 import bisect
 import math
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from gatekeeper.gate import Gate, GateCounts
@@ -21,6 +21,8 @@ __all__ = [
     "QUEUE_WAIT_BUCKETS",
     "HistogramData",
     "LiveState",
+    "ServerBook",
+    "ServerSnapshot",
     "Snapshot",
     "percentile",
 ]
@@ -107,6 +109,58 @@ def _le(bound: float) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerSnapshot:
+    """One Whisper server at snapshot time."""
+
+    name: str  # host:port
+    url: str
+    limit: int
+    active: int
+    usable: bool
+    health: UpstreamHealth | None
+    in_flight: int
+    held: int
+    oom_errors: int
+    last_oom_wall: float | None
+    attempts: dict[AttemptOutcome, int]
+    limit_changes: dict[LimitChangeKind, int]
+    adaptive: dict[str, object] | None
+
+    @property
+    def up(self) -> bool | None:
+        return None if self.health is None else self.health.up
+
+
+class ServerBook:
+    """What the gatekeeper counts per Whisper server (mutable; read through the snapshot)."""
+
+    __slots__ = (
+        "attempts",
+        "health",
+        "held",
+        "in_flight",
+        "last_oom_monotonic",
+        "last_oom_wall",
+        "limit_changes",
+        "name",
+        "oom_errors",
+        "url",
+    )
+
+    def __init__(self, name: str, url: str) -> None:
+        self.name = name
+        self.url = url
+        self.health: UpstreamHealth | None = None
+        self.in_flight = 0
+        self.held = 0
+        self.oom_errors = 0
+        self.last_oom_wall: float | None = None
+        self.last_oom_monotonic: float | None = None
+        self.attempts: Counter[AttemptOutcome] = Counter()
+        self.limit_changes: Counter[LimitChangeKind] = Counter()
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """One consistent reading of everything the gatekeeper knows about itself."""
 
@@ -128,7 +182,8 @@ class Snapshot:
     upstream_duration: HistogramData
     task_duration: HistogramData
     upstream: UpstreamHealth | None
-    """The background probe's latest verdict (None until the first check)."""
+    """The background probe's latest verdict on the only server (None until the first check,
+    and with several servers: each has its own in `servers`)."""
     upstream_in_flight: int
     limit_changes: dict[LimitChangeKind, int]
     adaptive: dict[str, object] | None = None
@@ -138,6 +193,8 @@ class Snapshot:
     `gate.active`; their tasks have already ended)."""
     holds: dict[HoldEnd, int] = field(default_factory=dict)
     """Holds of timed-out attempts that ended, by how."""
+    servers: tuple[ServerSnapshot, ...] = ()
+    """Each Whisper server, in ASR_UPSTREAM_URL's order."""
 
     @property
     def active_tasks(self) -> int:
@@ -149,8 +206,11 @@ class Snapshot:
 
     @property
     def upstream_up(self) -> bool | None:
-        """The Whisper server accepted the last check (None before the first one)."""
-        return None if self.upstream is None else self.upstream.up
+        """A Whisper server accepted the last check (None before the first one)."""
+        ups = [server.up for server in self.servers]
+        if any(ups):
+            return True
+        return None if all(up is None for up in ups) else False
 
     @property
     def failed_tasks(self) -> int:
@@ -171,12 +231,19 @@ class Snapshot:
 class LiveState:
     """Counters the proxy updates as tasks move; read only through `snapshot()`."""
 
-    def __init__(self, gate: Gate, *, now: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        gate: Gate,
+        *,
+        now: Callable[[], float],
+        servers: Sequence[tuple[str, str]] = (("upstream:80", "http://upstream"),),
+    ) -> None:
         self.gate = gate
         self._now = now  # monotonic clock, for "in the last hour"
-        self.upstream: UpstreamHealth | None = None
-        # The adaptive limit's state at snapshot time (the limiter sets this; None: fixed).
-        self.adaptive_view: Callable[[], dict[str, object] | None] = lambda: None
+        self.servers = [ServerBook(name, url) for name, url in servers]
+        # The adaptive limits' states at snapshot time, per server (the limiter sets this;
+        # None: fixed).
+        self.adaptive_view: Callable[[int], dict[str, object] | None] = lambda server: None
         self.upstream_in_flight = 0
         self.limit_changes: Counter[LimitChangeKind] = Counter()
         self.held_tasks = 0
@@ -198,28 +265,32 @@ class LiveState:
         self.queue_waits: deque[float] = deque(maxlen=_RECENT)
         self.upstream_durations: deque[float] = deque(maxlen=_RECENT)
 
-    def set_upstream(self, health: "UpstreamHealth") -> None:
-        """The background probe's latest verdict (None until the first check)."""
-        self.upstream = health
+    def set_upstream(self, server: int, health: UpstreamHealth) -> None:
+        """The background probe's latest verdict on one server."""
+        self.servers[server].health = health
 
-    def upstream_began(self) -> int:
-        """An attempt is being sent; returns how many are upstream now, this one included."""
+    def upstream_began(self, server: int) -> None:
+        """An attempt is being sent to `server`."""
         self.upstream_in_flight += 1
-        return self.upstream_in_flight
+        self.servers[server].in_flight += 1
 
-    def limit_changed(self, kind: LimitChangeKind) -> None:
-        """The adaptive limit moved, for this kind of reason."""
+    def limit_changed(self, kind: LimitChangeKind, server: int) -> None:
+        """A server's adaptive limit moved, for this kind of reason."""
         self.limit_changes[kind] += 1
+        self.servers[server].limit_changes[kind] += 1
 
-    def upstream_ended(self) -> None:
+    def upstream_ended(self, server: int) -> None:
         self.upstream_in_flight -= 1
+        self.servers[server].in_flight -= 1
 
-    def hold_began(self) -> None:
+    def hold_began(self, server: int) -> None:
         """A timed-out attempt keeps its slot while the Whisper server may still be on it."""
         self.held_tasks += 1
+        self.servers[server].held += 1
 
-    def hold_ended(self, end: HoldEnd) -> None:
+    def hold_ended(self, end: HoldEnd, server: int) -> None:
         self.held_tasks -= 1
+        self.servers[server].held -= 1
         self.holds[end] += 1
 
     def task_admitted(self) -> None:
@@ -239,15 +310,24 @@ class LiveState:
         self.queue_wait = self.queue_wait.observe(seconds)
 
     def attempt_ended(
-        self, outcome: AttemptOutcome, seconds: float, *, wall: float, monotonic: float
+        self,
+        outcome: AttemptOutcome,
+        seconds: float,
+        *,
+        server: int,
+        wall: float,
+        monotonic: float,
     ) -> None:
+        book = self.servers[server]
         self.attempts[outcome] += 1
+        book.attempts[outcome] += 1
         self.upstream_durations.append(seconds)
         self.upstream_duration = self.upstream_duration.observe(seconds)
         if outcome is AttemptOutcome.OOM:
             self.oom_errors += 1
-            self.last_oom_wall = wall
-            self.last_oom_monotonic = monotonic
+            book.oom_errors += 1
+            self.last_oom_wall = book.last_oom_wall = wall
+            self.last_oom_monotonic = book.last_oom_monotonic = monotonic
             self.oom_times.append(monotonic)
 
     def retry_scheduled(self, outcome: AttemptOutcome, delay: float) -> None:
@@ -262,8 +342,27 @@ class LiveState:
         horizon = self._now() - _HOUR
         while self.oom_times and self.oom_times[0] < horizon:
             self.oom_times.popleft()
+        gate = self.gate.counts()
+        servers = tuple(
+            ServerSnapshot(
+                name=book.name,
+                url=book.url,
+                limit=slots.limit,
+                active=slots.active,
+                usable=slots.usable,
+                health=book.health,
+                in_flight=book.in_flight,
+                held=book.held,
+                oom_errors=book.oom_errors,
+                last_oom_wall=book.last_oom_wall,
+                attempts={o: book.attempts[o] for o in AttemptOutcome},
+                limit_changes={k: book.limit_changes[k] for k in LimitChangeKind},
+                adaptive=self.adaptive_view(i),
+            )
+            for i, (book, slots) in enumerate(zip(self.servers, gate.servers, strict=True))
+        )
         return Snapshot(
-            gate=self.gate.counts(),
+            gate=gate,
             total_tasks=self.total_tasks,
             tasks={o: self.tasks[o] for o in TaskOutcome},
             rejected={r: self.rejected[r] for r in RejectReason},
@@ -280,10 +379,22 @@ class LiveState:
             queue_wait=self.queue_wait,
             upstream_duration=self.upstream_duration,
             task_duration=self.task_duration,
-            upstream=self.upstream,
-            adaptive=self.adaptive_view(),
+            upstream=servers[0].health if len(servers) == 1 else None,
+            adaptive=servers[0].adaptive if len(servers) == 1 else _pool_adaptive(servers),
             upstream_in_flight=self.upstream_in_flight,
             limit_changes=dict(self.limit_changes),
             held_tasks=self.held_tasks,
             holds={end: self.holds[end] for end in HoldEnd},
+            servers=servers,
         )
+
+
+def _pool_adaptive(servers: tuple[ServerSnapshot, ...]) -> dict[str, object] | None:
+    """The adaptive limits of several servers in one view: their sum and each server's limit
+    (each server's whole state is under `upstreams`)."""
+    if any(server.adaptive is None for server in servers):
+        return None
+    return {
+        "limit": sum(server.limit for server in servers),
+        "limits": {server.name: server.limit for server in servers},
+    }

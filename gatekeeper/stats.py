@@ -6,7 +6,7 @@ from gatekeeper.clock import local_iso
 from gatekeeper.policy.admission import queue_usage
 from gatekeeper.policy.outcomes import AttemptOutcome, HoldEnd, RejectReason, TaskOutcome
 from gatekeeper.policy.quantiles import percentile
-from gatekeeper.state import Snapshot
+from gatekeeper.state import ServerSnapshot, Snapshot
 
 __all__ = ["stats_document"]
 
@@ -19,6 +19,25 @@ def _quantiles(values: tuple[float, ...]) -> dict[str, float | int | None]:
         return None if v is None else round(v, 3)
 
     return {"p50": q(0.5), "p95": q(0.95), "window": len(values)}
+
+
+def _upstream(server: ServerSnapshot) -> dict[str, Any]:
+    """One Whisper server's part of the stats (SPEC "Several Whisper servers")."""
+    return {
+        "name": server.name,
+        "url": server.url,
+        "up": server.up,
+        "state": "unknown" if server.health is None else server.health.state.value,
+        "usable": server.usable,
+        "max_concurrent": server.limit,
+        "active_tasks": server.active,
+        "in_flight": server.in_flight,
+        "held_tasks": server.held,
+        "oom_errors": server.oom_errors,
+        "last_oom": None if server.last_oom_wall is None else local_iso(server.last_oom_wall),
+        "attempts": {o.value: n for o, n in server.attempts.items()},
+        "adaptive": server.adaptive,
+    }
 
 
 def stats_document(snap: Snapshot, *, extras: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -58,6 +77,7 @@ def stats_document(snap: Snapshot, *, extras: dict[str, Any] | None = None) -> d
         "shutting_down": snap.gate.shutting_down,
         "upstream_up": snap.upstream_up,
         "adaptive": snap.adaptive,
+        "upstreams": [_upstream(server) for server in snap.servers],
     }
     if extras:
         doc.update(extras)

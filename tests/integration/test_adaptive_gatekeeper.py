@@ -11,6 +11,7 @@ import pytest
 from gatekeeper.app import PROXY, REGISTRY, STATE
 from gatekeeper.logs import _FIELDS_ATTR
 from gatekeeper.policy.adaptive import HISTORY_LENGTH
+from gatekeeper.settings import server_name
 from gatekeeper.sim import SimConfig, Simulator
 from gatekeeper.sim.audio import silent_wav
 from tests.conftest import GatekeeperFactory
@@ -72,7 +73,7 @@ async def test_starting_too_high_comes_down_to_what_fits(
     first = vars(lines[0])[_FIELDS_ATTR]  # the first OOM cut at once: 8 × 0.7
     assert (first["old"], first["new"], first["reason"][:7]) == (8, 5, "oom_at_")
     assert app[REGISTRY].get_sample_value(
-        "asr_gatekeeper_limit_changes_total", {"reason": "oom"}
+        "asr_gatekeeper_limit_changes_total", {"reason": "oom", "upstream": server_name(sim.url)}
     ) == sum(1 for r in reasons if r.startswith("oom"))
     gate = app[STATE].snapshot().gate
     assert gate.limit == adaptive.limit

@@ -149,15 +149,19 @@ async def test_metrics_agree_with_stats(
     assert value("tasks_total", outcome="failed") == doc["failed_tasks"]
     assert value("tasks_total", outcome="success") == doc["succeeded_tasks"]
     assert value("rejected_total", reason="queue_full") == doc["rejected_tasks"]
-    assert value("oom_errors_total") == doc["oom_errors"]
-    assert value("upstream_attempts_total", outcome="oom") == 1
+    (server,) = doc["upstreams"]  # one Whisper server: its series carry its host:port
+    name = server["name"]
+    assert value("oom_errors_total", upstream=name) == doc["oom_errors"] == server["oom_errors"]
+    assert value("upstream_attempts_total", upstream=name, outcome="oom") == 1
+    assert value("upstream_max_concurrent", upstream=name) == doc["max_concurrent"]
     assert value("retries_total", outcome="error") == 1
     assert value("queue_wait_seconds_count") == 5  # every admitted task got a slot
     assert value("task_duration_seconds_count") == 5
-    assert value("last_oom_timestamp_seconds") > 0
+    assert value("last_oom_timestamp_seconds", upstream=name) > 0
     registry = app[REGISTRY]
-    assert registry.get_sample_value("asr_gatekeeper_oom_errors_total") == doc["oom_errors"]
-    assert registry.get_sample_value("asr_gatekeeper_upstream_up") in (0.0, 1.0)
+    labels = {"upstream": name}
+    assert registry.get_sample_value("asr_gatekeeper_oom_errors_total", labels) == doc["oom_errors"]
+    assert registry.get_sample_value("asr_gatekeeper_upstream_up", labels) in (0.0, 1.0)
 
 
 async def test_registries_are_per_app(
@@ -191,7 +195,7 @@ async def test_health_follows_the_upstream(start_gatekeeper: GatekeeperFactory) 
         assert doc["upstream"]["state"] == "up"
         assert doc["upstream"]["checked_at"] is not None
         await sim.stop()
-        clock.advance(app[HEALTH].interval)
+        clock.advance(app[HEALTH][0].interval)
         await until(lambda: app[STATE].snapshot().upstream_up is False)
         async with session.get(f"{base}/health") as response:
             assert response.status == 503
@@ -199,7 +203,9 @@ async def test_health_follows_the_upstream(start_gatekeeper: GatekeeperFactory) 
     assert doc["status"] == "degraded"
     assert doc["upstream"]["state"] == "down"
     assert doc["upstream"]["error"]
-    assert app[REGISTRY].get_sample_value("asr_gatekeeper_upstream_up") == 0
+    assert doc["upstreams"][0]["state"] == "down"
+    labels = {"upstream": doc["upstreams"][0]["name"]}
+    assert app[REGISTRY].get_sample_value("asr_gatekeeper_upstream_up", labels) == 0
 
 
 @pytest.mark.parametrize("health_path", [None, "/health"])
@@ -218,7 +224,7 @@ async def test_busy_server_is_not_called_down(
             health_timeout=0.2,
             health_interval=0.05,
         )
-        probe = app[HEALTH]
+        probe = app[HEALTH][0]
         await until(lambda: probe.status.checked_at is not None)  # the first probe, server idle
         async with aiohttp.ClientSession() as session:
             form = aiohttp.FormData()
