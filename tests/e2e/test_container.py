@@ -40,6 +40,8 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
+COMPOSE_GPUS = DEPLOY / "docker-compose.gpus.yml"  # two Whisper containers, one per GPU
+COMPOSE_FILES = [COMPOSE, COMPOSE_GPUS]
 ENV_EXAMPLE = DEPLOY / ".env.example"
 
 SETTINGS = {"ASR_" + name.upper() for name in Settings.model_fields}
@@ -58,6 +60,7 @@ EXAMPLE_LINES = {
     "ASR_INITIAL_CONCURRENT",
 }
 MONITORING = {"prometheus", "grafana"}
+WHISPER_IMAGE = "onerahmet/openai-whisper-asr-webservice:"
 
 
 def _tool(name: str, package: str) -> str:
@@ -261,8 +264,9 @@ def test_compose_file_matches_the_compose_specification(tmp_path: Path) -> None:
             check=False,
         )
 
-    result = validate(COMPOSE)
-    assert result.returncode == 0, f"check-jsonschema:\n{result.stdout}{result.stderr}"
+    for compose in COMPOSE_FILES:
+        result = validate(compose)
+        assert result.returncode == 0, f"{compose.name}:\n{result.stdout}{result.stderr}"
     # The schema is strict: a misspelt key is refused (so the pass above means something).
     typo = tmp_path / "compose.yml"
     typo.write_text("services:\n  gatekeeper:\n    imagee: asr-gatekeeper\n", encoding="utf-8")
@@ -307,28 +311,51 @@ def test_env_example_values_are_valid_and_comments_show_the_defaults(tmp_path: P
     assert documented.public_dict() == defaults.public_dict()
 
 
-def test_compose_gives_each_service_its_own_settings() -> None:
+def _whisper_services(services: dict[str, Any]) -> dict[str, Any]:
+    return {
+        name: service
+        for name, service in services.items()
+        if str(service.get("image", "")).startswith(WHISPER_IMAGE)
+    }
+
+
+def _interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ${NAME:-default} and ${NAME}, as `docker compose` fills them from .env."""
+
+    def fill(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(3)
+        return env.get(name) or (default if default is not None else "")
+
+    return re.sub(r"\$\{(\w+)(:-([^}]*))?\}", fill, value)
+
+
+@pytest.mark.parametrize("compose", COMPOSE_FILES, ids=lambda path: path.name)
+def test_compose_gives_each_service_its_own_settings(compose: Path) -> None:
     """The gatekeeper gets only real ASR_* settings; Whisper gets its own and none of ours."""
-    services = _load_yaml(COMPOSE)["services"]
-    gatekeeper, whisper = services["gatekeeper"], services["whisper"]
+    services = _load_yaml(compose)["services"]
+    gatekeeper, whispers = services["gatekeeper"], _whisper_services(services)
+    assert whispers, "no Whisper service"
     env = gatekeeper.get("environment", {})
     assert isinstance(env, dict), "write environment: as a mapping"
     asr = {name for name in env if name.startswith("ASR_")}
     assert asr <= SETTINGS, f"not gatekeeper settings: {sorted(asr - SETTINGS)}"
     assert env["ASR_PORT"] == "8000"
     assert env["ASR_HOST"] == "0.0.0.0"
-    assert "http://whisper:9000" in env["ASR_UPSTREAM_URL"]
+    for name in whispers:
+        assert f"http://{name}:9000" in env["ASR_UPSTREAM_URL"], f"{name} is not an upstream"
+        assert name in gatekeeper["depends_on"], f"the gatekeeper starts before {name}"
     env_files = gatekeeper.get("env_file", [])
     env_files = [env_files] if isinstance(env_files, str | dict) else env_files
     assert [f if isinstance(f, str) else f["path"] for f in env_files] == [".env"]
     for name, service in services.items():
         if name != "gatekeeper":
             assert "env_file" not in service, f"{name} must not read the gatekeeper's .env"
-    whisper_env = whisper.get("environment", {})
-    assert {"ASR_MODEL", "ASR_ENGINE"} <= set(whisper_env)
-    assert not set(whisper_env) & SETTINGS, "a gatekeeper setting would reach Whisper"
-    devices = whisper["deploy"]["resources"]["reservations"]["devices"]
-    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    for whisper in whispers.values():
+        whisper_env = whisper.get("environment", {})
+        assert {"ASR_MODEL", "ASR_ENGINE"} <= set(whisper_env)
+        assert not set(whisper_env) & SETTINGS, "a gatekeeper setting would reach Whisper"
+        devices = whisper["deploy"]["resources"]["reservations"]["devices"]
+        assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
     grace = [float(ln.value) for ln in _env_example() if ln.name == "ASR_SHUTDOWN_GRACE"]
     drain = max([Settings.model_fields["shutdown_grace"].default, *grace])
     assert _seconds(gatekeeper["stop_grace_period"]) > drain, "Docker would kill the drain"
@@ -341,9 +368,10 @@ def test_compose_gives_each_service_its_own_settings() -> None:
             assert "ports" not in service, f"{name} publishes a port"
 
 
-def test_compose_mounts_files_that_exist_and_agree() -> None:
+@pytest.mark.parametrize("compose", COMPOSE_FILES, ids=lambda path: path.name)
+def test_compose_mounts_files_that_exist_and_agree(compose: Path) -> None:
     """Every file the compose file takes from the repo exists and names the gatekeeper:8000."""
-    services = _load_yaml(COMPOSE)["services"]
+    services = _load_yaml(compose)["services"]
     mounts: dict[str, Path] = {}  # container path -> repo path
     for service in services.values():
         for volume in service.get("volumes", []):
@@ -368,6 +396,58 @@ def test_compose_mounts_files_that_exist_and_agree() -> None:
     )
     assert "/var/lib/grafana/dashboards" in dashboards_yml
     assert list(mounts["/var/lib/grafana/dashboards"].glob("*.json"))
+
+
+def test_gpus_compose_pins_one_whisper_to_each_gpu(tmp_path: Path) -> None:
+    """Two Whisper containers, each on its own GPU and cache; the gatekeeper feeds both."""
+    services = _load_yaml(COMPOSE_GPUS)["services"]
+    whispers = _whisper_services(services)
+    assert list(whispers) == ["whisper0", "whisper1"]
+    gpus, caches = [], []
+    for name, whisper in whispers.items():
+        (device,) = whisper["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia"
+        assert device["capabilities"] == ["gpu"]
+        assert "count" not in device, f"{name}: count and device_ids exclude each other"
+        (gpu,) = device["device_ids"]
+        gpus.append(gpu)
+        caches += [v.split(":")[0] for v in whisper["volumes"] if v.endswith(":/root/.cache")]
+    assert gpus == ["0", "1"]
+    assert len(caches) == len(set(caches)) == 2, "two first starts would write one model file"
+    env = services["gatekeeper"]["environment"]
+    assert env["ASR_UPSTREAM_URL"] == "http://whisper0:9000,http://whisper1:9000"
+    # ASR_MAX_CONCURRENT: .env's value when set there (one for every card, or one per card),
+    # else two on each card. Each is a valid setting for this list of servers.
+    cases = {"": (2, 2), "1": (1, 1), "2,1": (2, 1)}
+    for in_env_file, limits in cases.items():
+        value = _interpolate(env["ASR_MAX_CONCURRENT"], {"ASR_MAX_CONCURRENT": in_env_file})
+        entries = {"ASR_UPSTREAM_URL": env["ASR_UPSTREAM_URL"], "ASR_MAX_CONCURRENT": value}
+        settings = load_settings(env_file=_write_env(tmp_path / "gpus.env", entries))
+        assert settings.limits == limits, (in_env_file, value)
+        assert settings.upstream_names == ("whisper0:9000", "whisper1:9000")
+
+
+def test_gpus_compose_keeps_the_rest_of_the_one_gpu_stack() -> None:
+    """Apart from the Whisper servers, the two-GPU file runs the same stack as the one-GPU file."""
+    one = _load_yaml(COMPOSE)
+    two = _load_yaml(COMPOSE_GPUS)
+    assert one["name"] == two["name"], "the volumes would not carry over"
+    for name in ("nginx", "prometheus", "grafana"):
+        assert one["services"][name] == two["services"][name], name
+    different = {"environment", "depends_on"}
+    gatekeeper_one, gatekeeper_two = one["services"]["gatekeeper"], two["services"]["gatekeeper"]
+    assert {k: v for k, v in gatekeeper_one.items() if k not in different} == {
+        k: v for k, v in gatekeeper_two.items() if k not in different
+    }
+    assert set(gatekeeper_one["environment"]) <= set(gatekeeper_two["environment"])
+    whisper = one["services"]["whisper"]
+    for name in ("whisper0", "whisper1"):
+        server = two["services"][name]
+        same = {"deploy", "volumes"}
+        assert {k: v for k, v in whisper.items() if k not in same} == {
+            k: v for k, v in server.items() if k not in same
+        }, name
+    assert set(one["volumes"]) <= set(two["volumes"])
 
 
 # --- the image's install path, for real ----------------------------------------------------
