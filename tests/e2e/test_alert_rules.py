@@ -7,12 +7,24 @@ tests fail and say how to install it, they never skip.
 import json
 import re
 import subprocess
+from collections import defaultdict
 from pathlib import Path
 
+import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from ruamel.yaml import YAML
 
-from tests.e2e.tools import METRIC_NAME, ROOT, contract_violations, run_promtool
+from tests.conftest import GatekeeperFactory
+from tests.e2e.tools import (
+    EXPORTED_METRICS,
+    HISTOGRAMS,
+    METRIC_NAME,
+    ROOT,
+    contract_violations,
+    run_promtool,
+)
+from tests.fakes import FakeUpstream
 
 pytestmark = pytest.mark.e2e
 
@@ -189,6 +201,41 @@ def test_alerts_are_unit_tested_on_a_pool_of_two_servers() -> None:
     assert any(
         servers >= 2 and upstreams == [None] for servers, upstreams in fired["AsrUpstreamDown"]
     ), "AsrUpstreamDown is never shown firing once for a pool whose servers are all down"
+
+
+async def test_the_metric_contract_is_what_a_pool_gatekeeper_exports(
+    upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory
+) -> None:
+    """A gatekeeper in front of two servers exports each contract metric with exactly its labels.
+
+    The alert rules and the dashboard are checked against that contract (tests/e2e/tools.py), so
+    this keeps the contract honest: per-server series name both servers, totals carry no upstream.
+    """
+    second = FakeUpstream()
+    await second.start()
+    try:
+        base, _ = await start_gatekeeper(f"{upstream.url},{second.url}", max_concurrent="2,1")
+        async with aiohttp.ClientSession() as session, session.get(f"{base}/metrics") as response:
+            text = await response.text()
+    finally:
+        await second.stop()
+    labels: dict[str, set[frozenset[str]]] = defaultdict(set)
+    servers: dict[str, set[str]] = defaultdict(set)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name = sample.name
+            if family.type == "histogram":
+                name = re.sub(r"_(bucket|sum|count)$", "", name)
+            labels[name].add(frozenset(sample.labels) - {"le"})
+            if "upstream" in sample.labels:
+                servers[name].add(sample.labels["upstream"])
+    names = {f"127.0.0.1:{upstream.port}", f"127.0.0.1:{second.port}"}
+    for metric, contract in EXPORTED_METRICS.items():
+        assert metric in labels, f"{metric} is not exported"
+        assert labels[metric] == {frozenset(contract)}, f"{metric}: labels {labels[metric]}"
+        if "upstream" in contract:
+            assert servers[metric] == names, f"{metric} does not show each server"
+    assert set(EXPORTED_METRICS) >= HISTOGRAMS
 
 
 def test_contract_check_catches_misspelled_metrics_and_labels() -> None:
