@@ -6,6 +6,7 @@ import subprocess
 import aiohttp
 import pytest
 
+from gatekeeper.settings import server_name
 from tests.conftest import GatekeeperFactory
 from tests.fakes import FakeUpstream
 
@@ -25,7 +26,7 @@ async def test_promtool_accepts_a_real_scrape(
                 await response.read()
         async with session.get(f"{base}/metrics") as response:
             text = await response.text()
-    assert "asr_gatekeeper_oom_errors_total 1.0" in text
+    assert f'asr_gatekeeper_oom_errors_total{{upstream="{server_name(upstream.url)}"}} 1.0' in text
     # Outside the event loop's thread: promtool must not block the gatekeeper it just scraped.
     result = await asyncio.to_thread(
         subprocess.run,

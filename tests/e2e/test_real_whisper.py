@@ -11,6 +11,7 @@ only a loose sanity check: at least half of them must be in the text.
 """
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterator
@@ -34,6 +35,7 @@ from tests.e2e.whisper_server import (
     whisper_server,
 )
 from tests.processes import free_port, gatekeeper_process
+from tests.waiting import until
 
 pytestmark = [
     pytest.mark.e2e,
@@ -182,10 +184,13 @@ class Front:
     gatekeeper: str
     nginx: Nginx | None
 
-    def check_passed_nginx(self, uploads: int) -> None:
+    async def check_passed_nginx(self, uploads: int) -> None:
         if self.nginx is not None:
-            log = self.nginx.access_log
-            assert log.count('"POST /v1/audio/transcriptions HTTP/1.1" 200') == uploads, log
+            nginx, line = self.nginx, '"POST /v1/audio/transcriptions HTTP/1.1" 200'
+            # nginx writes its access-log line after the answer has gone: poll for it.
+            with contextlib.suppress(TimeoutError):
+                await until(lambda: nginx.access_log.count(line) >= uploads)
+            assert nginx.access_log.count(line) == uploads, nginx.access_log
 
 
 @asynccontextmanager
@@ -215,7 +220,7 @@ async def test_transcription_comes_back_with_the_spoken_words(
         started = time.perf_counter()
         status, body = await transcribe(session, entry.url, whisper.clips["weather"])
         took = time.perf_counter() - started
-        entry.check_passed_nginx(1)
+        await entry.check_passed_nginx(1)
     assert status == 200, body
     text = assert_passed_through(body, whisper.direct["weather"], WEATHER[1])
     print(f"\n[whisper via {via}] said:  {WEATHER[0]!r}")
@@ -257,7 +262,7 @@ async def test_two_uploads_are_served_one_after_the_other(
             await asyncio.gather(watcher, return_exceptions=True)
         async with session.get(f"{entry.gatekeeper}/stats") as resp:
             final = await resp.json()
-        entry.check_passed_nginx(2)
+        await entry.check_passed_nginx(2)
 
     assert (status1, status2) == (200, 200), (body1, body2)
     text1 = assert_passed_through(body1, whisper.direct["lighthouse"], LIGHTHOUSE[1])
