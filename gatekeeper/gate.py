@@ -25,12 +25,14 @@ another server than the one it failed on.
 
 import asyncio
 import contextlib
+import itertools
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from gatekeeper.clock import Clock, SystemClock
 from gatekeeper.policy.admission import Admission, Decision, decide
+from gatekeeper.policy.memory import MemoryModel, fits
 from gatekeeper.policy.outcomes import RejectReason
 
 __all__ = ["Gate", "GateCounts", "Refused", "ServerCounts", "Ticket", "Upload"]
@@ -53,6 +55,10 @@ class ServerCounts:
     active: int
     usable: bool
     """False while the health probe finds the server down: it gets no new tasks."""
+    memory_used: float = 0.0
+    """GiB of the memory budget the running tasks' estimates hold (admission by memory)."""
+    memory_budget: float | None = None
+    """The card's memory budget in GiB; None: admission by count only."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,11 +89,25 @@ class Ticket:
     call it.
     """
 
-    __slots__ = ("_gate", "_granted", "_left", "_paused", "admission", "last_server", "server")
+    __slots__ = (
+        "_gate",
+        "_granted",
+        "_left",
+        "_paused",
+        "admission",
+        "audio",
+        "charged",
+        "last_server",
+        "server",
+    )
 
-    def __init__(self, gate: "Gate", admission: Admission) -> None:
+    def __init__(self, gate: "Gate", admission: Admission, audio: float | None = None) -> None:
         self._gate = gate
         self.admission = admission
+        self.audio = audio
+        """Seconds of audio in the task's upload (None: unknown), for admission by memory."""
+        self.charged = 0.0
+        """GiB the ticket's slot holds of its server's memory budget (admission by memory)."""
         self._granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._left = False
         self._paused = False
@@ -192,14 +212,15 @@ class Upload:
         self._gate = gate
         self._done = False
 
-    def enter(self) -> Ticket:
+    def enter(self, audio: float | None = None) -> Ticket:
         """The body is in: admit the task to the queue (or a free slot), or raise Refused.
+        `audio`: seconds of audio in it, when known (admission by memory costs it).
 
         The shutdown does not refuse it: its upload began before the shutdown did, and a task
         admitted before the shutdown may still run within the grace period.
         """
         self.end()
-        return self._gate._enter(shutting_down=False)
+        return self._gate._enter(shutting_down=False, audio=audio)
 
     def end(self) -> None:
         if not self._done:
@@ -210,12 +231,25 @@ class Upload:
 class _Server:
     """One Whisper server's slots (mutable books; `ServerCounts` is the reading)."""
 
-    __slots__ = ("active", "limit", "usable")
+    __slots__ = ("active", "budget", "limit", "model", "usable", "used")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.active = 0
         self.usable = True
+        self.budget: float | None = None  # GiB for tasks; None: admission by count only
+        self.model = MemoryModel(0.0)
+        self.used = 0.0  # GiB the running tasks' estimates hold
+
+    def cost(self, ticket: Ticket) -> float:
+        return 0.0 if self.budget is None else self.model.cost(ticket.audio)
+
+    def fits(self, ticket: Ticket) -> bool:
+        if self.active >= self.limit:
+            return False
+        if self.budget is None:
+            return True
+        return fits(self.cost(ticket), used=self.used, budget=self.budget, running=self.active)
 
 
 class Gate:
@@ -228,6 +262,7 @@ class Gate:
         max_queue: int,
         clock: Clock | None = None,
         cooling: Callable[[int], bool] | None = None,
+        backfill_seconds: float = 0.0,
     ) -> None:
         limits = (limit,) if isinstance(limit, int) else tuple(limit)
         if not limits or min(limits) < 1:
@@ -240,18 +275,26 @@ class Gate:
         self._uploading = 0
         self._active = 0
         self._waiters: deque[Ticket] = deque()
+        self._holders: set[Ticket] = set()  # tickets holding a slot
         self._paused = 0  # tickets between two attempts (holding nothing)
         self._retry_waiters: deque[Ticket] = deque()  # paused tickets that want a slot back
         self._shutting_down = False
         self._idle = asyncio.Event()
         self._idle.set()
+        # Admission by memory: a task that fits may pass the head of the queue (which does
+        # not), but only for `backfill_seconds` after the head was first passed.
+        self.backfill_seconds = backfill_seconds
+        self._head: Ticket | None = None
+        self._head_passed_at: float | None = None
 
     @property
     def _limit(self) -> int:
         return sum(server.limit for server in self._servers)
 
     def counts(self) -> GateCounts:
-        servers = tuple(ServerCounts(s.limit, s.active, s.usable) for s in self._servers)
+        servers = tuple(
+            ServerCounts(s.limit, s.active, s.usable, s.used, s.budget) for s in self._servers
+        )
         return GateCounts(
             self._active,
             len(self._waiters),
@@ -264,6 +307,12 @@ class Gate:
             servers,
         )
 
+    def _taken(self) -> int:
+        """Slots taken as admission counts them: the sum of the limits less the free slots,
+        server by server (a server over a lowered limit does not eat another's room)."""
+        free = sum(max(0, s.limit - s.active) for s in self._servers)
+        return self._limit - free
+
     def first_usable(self) -> int:
         """The first server in the list that is usable (for requests that are not tasks)."""
         return next((i for i, s in enumerate(self._servers) if s.usable), 0)
@@ -275,7 +324,7 @@ class Gate:
         burst is refused queue_full at once rather than after its uploads."""
         if self._shutting_down:
             return RejectReason.SHUTTING_DOWN
-        taken = self._active + len(self._waiters) + self._uploading
+        taken = self._taken() + len(self._waiters) + self._uploading
         if taken >= self._limit + self._max_queue:
             return RejectReason.QUEUE_FULL
         return None
@@ -296,9 +345,9 @@ class Gate:
         """
         return self._enter(shutting_down=self._shutting_down)
 
-    def _enter(self, *, shutting_down: bool) -> Ticket:
+    def _enter(self, *, shutting_down: bool, audio: float | None = None) -> Ticket:
         admission = decide(
-            active=self._active,
+            active=self._taken(),
             queued=len(self._waiters),
             limit=self._limit,
             max_queue=self._max_queue,
@@ -308,14 +357,17 @@ class Gate:
             assert admission.reason is not None
             self._check_idle()
             raise Refused(admission.reason, admission)
-        ticket = Ticket(self, admission)
+        ticket = Ticket(self, admission, audio)
         self._idle.clear()
-        start = admission.decision is Decision.START and not self._retry_waiters
-        server = self._pick() if start else None
-        if server is not None:
-            self._take(ticket, server)
-        else:  # no room, or room only on a server that is down: wait for a usable one
-            self._waiters.append(ticket)
+        # Into the queue, then the queue moves: the ticket starts at once when it is first and
+        # fits somewhere (or, by memory, fits while the head does not, within the bound).
+        self._waiters.append(ticket)
+        self._hand_over()
+        if not ticket.granted and len(self._waiters) > self._max_queue:
+            # Room by count but not by memory, and no queue place (ASR_MAX_QUEUE=0).
+            self._waiters.remove(ticket)
+            self._check_idle()
+            raise Refused(RejectReason.QUEUE_FULL, admission)
         return ticket
 
     def set_limits(
@@ -345,6 +397,21 @@ class Gate:
         self._servers[server].limit = limit
         self._hand_over()
 
+    def set_memory(
+        self, server: int, *, budget: float | None, model: MemoryModel | None = None
+    ) -> None:
+        """Admission by memory on one server: its budget in GiB (None: by count only) and the
+        figures a task is costed by. Running tasks keep what they were charged."""
+        slots = self._servers[server]
+        slots.budget = budget
+        if model is not None:
+            slots.model = model
+        self._hand_over()
+
+    def running_audio(self, server: int) -> list[float | None]:
+        """The audio lengths of the tasks holding a slot on `server` (for learning)."""
+        return [t.audio for t in self._holders if t.server == server]
+
     def set_usable(self, server: int, usable: bool) -> None:
         """The health probe's verdict: a server found down gets no new tasks until it is back."""
         self._servers[server].usable = usable
@@ -367,27 +434,39 @@ class Gate:
         """Return once no task uploads, holds a slot, waits for one, or waits to retry."""
         await self._idle.wait()
 
-    def _pick(self, avoid: int | None = None) -> int | None:
-        """The server for the next slot: usable, with room; not cooling down, most room first.
+    def _pick(self, avoid: int | None = None, ticket: Ticket | None = None) -> int | None:
+        """The server for the next slot: usable, with room (and, by memory, where `ticket`
+        fits); not cooling down, then most room (free memory, or free slots), first.
 
         `avoid` (the server a retry failed on) is taken only when no other one has room.
         """
         servers = self._servers
         usable = [i for i, s in enumerate(servers) if s.usable] or range(len(servers))
-        room = [i for i in usable if servers[i].active < servers[i].limit]
+        if ticket is None:
+            room = [i for i in usable if servers[i].active < servers[i].limit]
+        else:
+            room = [i for i in usable if servers[i].fits(ticket)]
         if not room:
             return None
         if avoid is not None and len(room) > 1:
             room = [i for i in room if i != avoid]
         if len(room) == 1:
             return room[0]
-        return max(
-            room, key=lambda i: (not self._cooling(i), servers[i].limit - servers[i].active, -i)
-        )
+
+        def preference(i: int) -> tuple[bool, float, int, int]:
+            s = servers[i]
+            free = 0.0 if s.budget is None else s.budget - s.used
+            return (not self._cooling(i), free, s.limit - s.active, -i)
+
+        return max(room, key=preference)
 
     def _take(self, ticket: Ticket, server: int) -> None:
         if ticket._grant(server):
-            self._servers[server].active += 1
+            slots = self._servers[server]
+            slots.active += 1
+            ticket.charged = slots.cost(ticket)
+            slots.used += ticket.charged
+            self._holders.add(ticket)
             self._active += 1
 
     def _upload_ended(self) -> None:
@@ -399,7 +478,11 @@ class Gate:
         server = ticket.server
         assert server is not None, "slot released twice"
         ticket.server = None
-        self._servers[server].active -= 1
+        self._holders.discard(ticket)
+        slots = self._servers[server]
+        slots.active -= 1
+        slots.used = max(0.0, slots.used - ticket.charged)
+        ticket.charged = 0.0
         self._active -= 1
         assert self._servers[server].active >= 0, "slot released twice"
 
@@ -415,17 +498,28 @@ class Gate:
     def _move(self, ticket: Ticket) -> bool:
         current = ticket.server
         assert current is not None
-        servers = self._servers
-        servers[current].active -= 1  # as if free: may the slot be had elsewhere?
-        target = self._pick(avoid=current)
-        servers[current].active += 1
+        here = self._servers[current]
+        charged = ticket.charged
+        here.active -= 1  # as if free: may the slot be had elsewhere?
+        here.used -= charged
+        target = self._pick(avoid=current, ticket=ticket)
+        here.active += 1
+        here.used += charged
         if target is None or target == current:
             return False
-        servers[current].active -= 1
-        servers[target].active += 1
-        ticket.server = ticket.last_server = target
+        self._free(ticket)
+        self._grant_again(ticket, target)
         self._hand_over()
         return True
+
+    def _grant_again(self, ticket: Ticket, server: int) -> None:
+        slots = self._servers[server]
+        ticket.server = ticket.last_server = server
+        slots.active += 1
+        ticket.charged = slots.cost(ticket)
+        slots.used += ticket.charged
+        self._holders.add(ticket)
+        self._active += 1
 
     def _resume(self, ticket: Ticket) -> None:
         self._retry_waiters.append(ticket)
@@ -440,22 +534,58 @@ class Gate:
 
     def _hand_over(self) -> None:
         # Retries first (they are older than every queued task), then first-in first-out: the
-        # oldest waiter gets the freed slot directly.
-        while self._retry_waiters:
-            server = self._pick(avoid=self._retry_waiters[0].last_server)
-            if server is None:
+        # oldest waiter gets the freed slot directly. By memory, a later one that fits may
+        # pass a head that does not, for `backfill_seconds` after the head was first passed.
+        while True:
+            head = self._first()
+            if head is None:
                 break
-            ticket = self._retry_waiters.popleft()
-            if ticket._granted.done():
+            if head is not self._head:
+                self._head, self._head_passed_at = head, None
+            server = self._pick(avoid=head.last_server, ticket=head)
+            if server is not None:
+                self._start(head, server)
                 continue
-            self._paused -= 1
-            self._take(ticket, server)
-        while self._waiters and not self._retry_waiters:
-            server = self._pick()
-            if server is None:
+            passer = self._backfill()
+            if passer is None:
                 break
-            self._take(self._waiters.popleft(), server)
+            ticket, server = passer
+            if self._head_passed_at is None:
+                self._head_passed_at = self._clock.monotonic()
+            self._start(ticket, server)
         self._check_idle()
+
+    def _first(self) -> Ticket | None:
+        """The head: the oldest retry waiting for a slot, else the first in the queue."""
+        if self._retry_waiters:
+            return self._retry_waiters[0]
+        while self._waiters and self._waiters[0]._granted.done():  # refused: not waiting
+            self._waiters.popleft()
+        return self._waiters[0] if self._waiters else None
+
+    def _backfill(self) -> tuple[Ticket, int] | None:
+        """A later ticket that fits now while the head does not (admission by memory only),
+        unless the head has been passed for `backfill_seconds` already."""
+        if all(s.budget is None for s in self._servers):
+            return None  # by count, a later task fits exactly when the head does
+        since = self._head_passed_at
+        if since is not None and self._clock.monotonic() - since >= self.backfill_seconds:
+            return None
+        for ticket in itertools.chain(self._retry_waiters, self._waiters):
+            if ticket is self._head or ticket._granted.done():
+                continue
+            server = self._pick(avoid=ticket.last_server, ticket=ticket)
+            if server is not None:
+                return ticket, server
+        return None
+
+    def _start(self, ticket: Ticket, server: int) -> None:
+        if ticket._paused:
+            self._retry_waiters.remove(ticket)
+            self._paused -= 1
+        else:
+            self._waiters.remove(ticket)
+        self._take(ticket, server)
 
     def _drop_waiter(self, ticket: Ticket) -> None:
         with contextlib.suppress(ValueError):  # already handed a slot or refused

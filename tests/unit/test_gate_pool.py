@@ -402,15 +402,8 @@ async def test_arrival_refusal_counts_the_sum_of_the_limits() -> None:
     assert gate.arrival_refusal() is None
 
 
-# BUG in gatekeeper/gate.py (issue #15, found by this file): an arrival is admitted by the sum
-# of the limits (`decide(active=total, limit=total)` in `Gate._enter`), not by the room of each
-# server. Once a lowered limit (the adaptive limit after an OOM) leaves one server over its
-# limit, the sum says "full" while another server is idle: the newcomer queues (or is refused
-# queue_full) and waits until some slot is freed anywhere, with a GPU doing nothing. Minimal
-# reproduction: Gate(limit=[3, 1]); three enter() (all on server 0); set_server_limit(0, 1);
-# enter() -> not granted, though server 1 (limit 1) runs nothing. Strict: when the gate is
-# fixed this fails, and `ADMITS_BY_TOTAL_LIMIT` in the state machine below must go too.
-@pytest.mark.xfail(strict=True, reason="gate.py admits by the sum of the limits (issue #15)")
+# Found by this file (issue #15): an arrival was admitted by the sum of the limits, so a server
+# over its lowered limit (the adaptive limit after an OOM) kept a newcomer off an idle server.
 async def test_an_arrival_starts_on_an_idle_server_while_another_is_over_its_limit() -> None:
     """A server over its (lowered) limit does not keep a newcomer off an idle server."""
     gate = Gate(limit=[3, 1], max_queue=0)
@@ -427,10 +420,6 @@ async def test_an_arrival_starts_on_an_idle_server_while_another_is_over_its_lim
 
 SERVERS = 3
 MAX_QUEUE = 3
-ADMITS_BY_TOTAL_LIMIT = True
-"""The gate admits an arrival only while the sum of active is below the sum of the limits (see
-the xfail test above): the model does the same so the machine checks everything else. Set to
-False once gate.py admits by each server's room."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -593,10 +582,7 @@ class PoolGateMachine(RuleBasedStateMachine):
 
         got = self.loop.run_until_complete(enter())
         expected: list[tuple[Ticket, int]] = []
-        active = self._active()
         server = None if self.queue or self.retrying else self._pick()
-        if ADMITS_BY_TOTAL_LIMIT and sum(active) >= sum(self.limits):
-            server = None
         if server is not None:
             assert isinstance(got, Ticket), got
             self.arrival[got] = self.arrivals
@@ -804,10 +790,7 @@ class PoolGateMachine(RuleBasedStateMachine):
             return
         active = self._active()
         room = [i for i in self._eligible() if active[i] < self.limits[i]]
-        if room:  # only the known admission bug (see the xfail test) leaves a task waiting
-            assert ADMITS_BY_TOTAL_LIMIT
-            assert not self.retrying
-            assert sum(active) >= sum(self.limits), (room, active, self.limits)
+        assert not room, (room, active, self.limits)
 
 
 PoolGateMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)

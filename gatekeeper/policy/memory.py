@@ -1,0 +1,218 @@
+"""Admission by GPU memory (ASR_GPU_MEMORY_GIB): what a task costs, whether it fits, and how the
+figures are learned.
+
+Pure policy, like the adaptive count: no asyncio, no aiohttp, time injected.
+
+**Cost.** The seed's rule is about memory: "最大并发数 = (GPU总显存 − 系统预留) / 单个转录峰值显存".
+A task's peak is estimated as `base + per_minute × audio minutes` (ASR_TASK_MEMORY_GIB,
+ASR_TASK_MEMORY_PER_MINUTE_GIB). A file whose length could not be read is costed as a long one
+(`UNKNOWN_AUDIO_SECONDS`): never refused for that, but never squeezed beside others either.
+
+**Fit.** A task starts on a card only when the estimated peaks of the card's running tasks plus
+its own fit in the card's budget; a task bigger than the whole card runs alone (it may still
+fit: the estimate can be wrong, and refusing it forever would be worse).
+
+**Learning** (ASR_ADAPTIVE). Every task that starts on a card is a piece of evidence about the
+set of tasks running there at that moment (the simulator and real servers allocate the big
+buffers when a task starts): an OOM says "these together did not fit", a start that went well
+says "these fitted". The learner keeps the OOM sets of the last `fade_seconds` and chooses the
+cheapest figures that explain every one of them with a margin: a two-variable linear programme
+(minimise the cost of a typical task subject to `n·base + minutes·per_minute ≥ budget × (1 +
+margin)` for each OOM set), solved exactly by visiting the vertices. With no OOM to explain, the
+figures come down from where they started, a step after each stretch of successes that ran with
+the memory full and tasks waiting (the same "probe while there is demand" as the adaptive
+count). An OOM stops the descent where it was: the probe restarts from the figures that
+explained it.
+"""
+
+import itertools
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "UNKNOWN_AUDIO_SECONDS",
+    "MemoryLearner",
+    "MemoryModel",
+    "MemoryParams",
+    "fits",
+]
+
+UNKNOWN_AUDIO_SECONDS = 3600.0
+"""The length an unreadable file is costed at: an hour, a long meeting."""
+
+_EPS = 1e-9
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryModel:
+    """A task's estimated peak GPU memory from the length of its audio."""
+
+    base_gib: float
+    per_minute_gib: float = 0.0
+
+    def cost(self, audio_seconds: float | None) -> float:
+        """Estimated peak in GiB; an unknown length counts as `UNKNOWN_AUDIO_SECONDS`."""
+        seconds = UNKNOWN_AUDIO_SECONDS if audio_seconds is None else max(0.0, audio_seconds)
+        return self.base_gib + self.per_minute_gib * seconds / 60.0
+
+    def rounded(self) -> "MemoryModel":
+        return MemoryModel(round(self.base_gib, 3), round(self.per_minute_gib, 4))
+
+
+def fits(cost: float, *, used: float, budget: float, running: int) -> bool:
+    """Whether a task of `cost` GiB may start beside `running` tasks using `used` of `budget`.
+
+    A task alone always may: bigger than the card or not, refusing it forever helps nobody.
+    """
+    return running == 0 or used + cost <= budget + _EPS
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryParams:
+    """How the learner moves (defaults suit a card that runs a few tasks at once)."""
+
+    margin: float = 0.05
+    """Figures explain each OOM with this much to spare: the set that ran out would now need
+    `budget × (1 + margin)`."""
+    step: float = 0.9
+    """Without OOMs, each stable stretch multiplies the figures by this."""
+    stable_starts: int = 3
+    """Starts that went well while memory was the limit (a task waited that did not fit), with
+    no OOM between, before the figures come down a step."""
+    fade_seconds: float = 3600.0
+    """OOM sets older than this are forgotten (a restarted server is probed again)."""
+    floor_gib: float = 0.25
+    """The base never goes below this: a task always costs something."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Evidence:
+    """One set of tasks that ran out of memory together: its size and its minutes of audio."""
+
+    tasks: int
+    minutes: float
+    at: float
+
+
+class MemoryLearner:
+    """Learns one card's memory figures from OOMs and successes; answers the model to use."""
+
+    def __init__(
+        self,
+        start: MemoryModel,
+        *,
+        budget_gib: float,
+        now: Callable[[], float],
+        params: MemoryParams | None = None,
+    ) -> None:
+        self.start = start
+        self.budget = budget_gib
+        self.params = params or MemoryParams()
+        self._now = now
+        self._probe = start  # where the descent has got to
+        self._ooms: deque[_Evidence] = deque()
+        self._stable = 0
+        self._typical_minutes = 5.0  # a running mean of the audio seen, for the objective
+        self.model = start
+        self.changes = 0
+
+    def observe_start(
+        self,
+        *,
+        oom: bool,
+        audio_seconds: Sequence[float | None],
+        memory_was_limit: bool,
+    ) -> MemoryModel | None:
+        """A task started on the card beside others: `audio_seconds` of every task running
+        there then, itself included. `oom`: it ran out of memory. `memory_was_limit`: a task
+        waited that did not fit (there was demand the figures held back). Returns the new
+        model when it changed."""
+        minutes = [
+            (UNKNOWN_AUDIO_SECONDS if s is None else max(0.0, s)) / 60.0 for s in audio_seconds
+        ]
+        if minutes:
+            self._typical_minutes += 0.05 * (minutes[-1] - self._typical_minutes)
+        if oom:
+            self._ooms.append(_Evidence(len(minutes), math.fsum(minutes), self._now()))
+            self._stable = 0
+            self._probe = self.model  # the descent stops here; the OOM set lifts the floor
+            return self._update()
+        if memory_was_limit:
+            self._stable += 1
+            if self._stable >= self.params.stable_starts:
+                self._stable = 0
+                step = self.params.step
+                self._probe = MemoryModel(
+                    max(self.params.floor_gib, self._probe.base_gib * step),
+                    self._probe.per_minute_gib * step,
+                )
+                return self._update()
+        return None
+
+    def tick(self) -> MemoryModel | None:
+        """Let OOM sets older than `fade_seconds` go; the new model when that changed it."""
+        horizon = self._now() - self.params.fade_seconds
+        if not self._ooms or self._ooms[0].at >= horizon:
+            return None
+        while self._ooms and self._ooms[0].at < horizon:
+            self._ooms.popleft()
+        return self._update()
+
+    def floor(self) -> MemoryModel:
+        """The cheapest figures that explain every remembered OOM with the margin."""
+        need = self.budget * (1.0 + self.params.margin)
+        base_min = self.params.floor_gib
+        sets = [(e.tasks, e.minutes) for e in self._ooms]
+        if not sets:
+            return MemoryModel(base_min, 0.0)
+        weight = max(self._typical_minutes, 0.1)  # cost of a typical task: base + p × minutes
+
+        def feasible(b: float, p: float) -> bool:
+            return b >= base_min - _EPS and p >= -_EPS and all(
+                n * b + m * p >= need - 1e-6 for n, m in sets
+            )
+
+        # Vertices of the feasible region: intersections of two constraint lines, or of one
+        # with the bounds b = base_min or p = 0.
+        lines = [(float(n), m, need) for n, m in sets] + [(1.0, 0.0, base_min), (0.0, 1.0, 0.0)]
+        best: tuple[float, float] | None = None
+        for (a1, c1, r1), (a2, c2, r2) in itertools.combinations(lines, 2):
+            det = a1 * c2 - a2 * c1
+            if abs(det) < 1e-12:
+                continue
+            b = (r1 * c2 - r2 * c1) / det
+            p = (a1 * r2 - a2 * r1) / det
+            if feasible(b, p) and (best is None or b + weight * p < best[0] + weight * best[1]):
+                best = (b, p)
+        if best is None:  # unbounded only along a ray; fall back to explaining by base alone
+            b = max(base_min, max(need / n for n, _ in sets))
+            return MemoryModel(b, 0.0)
+        return MemoryModel(max(base_min, best[0]), max(0.0, best[1]))
+
+    def _update(self) -> MemoryModel | None:
+        floor = self.floor()
+        model = MemoryModel(
+            max(floor.base_gib, self._probe.base_gib),
+            max(floor.per_minute_gib, self._probe.per_minute_gib),
+        )
+        if model == self.model:
+            return None
+        self.model = model
+        self.changes += 1
+        return model
+
+    def snapshot(self) -> dict[str, object]:
+        """The state for /stats."""
+        model = self.model.rounded()
+        return {
+            "task_memory_gib": model.base_gib,
+            "task_memory_per_minute_gib": model.per_minute_gib,
+            "started_from": {
+                "task_memory_gib": self.start.base_gib,
+                "task_memory_per_minute_gib": self.start.per_minute_gib,
+            },
+            "oom_sets_remembered": len(self._ooms),
+            "changes": self.changes,
+        }
