@@ -42,17 +42,26 @@ Besides per-request faults there are global ones the driver switches: `go_down()
 container: the listener closes, every open connection is aborted, new connections are refused)
 and `come_back()`, and `slow` (extra milliseconds added to the work of `ok`, `stream` and the
 error answers: a busy GPU).
+
+A pool (`ChaosPool`, issue #15) is several chaos upstreams behind one gatekeeper, one per GPU,
+each with its own limit, its own in-flight count and its own books (`arrivals`: the requests it
+received). They share one `Ledger`: a task's k-th request follows step k of its plan on
+whichever server it lands, so a retry that moves to another server goes on with the plan.
 """
 
 import asyncio
 import hashlib
 import random
 import socket
+import struct
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from gatekeeper.sim.errors import ErrorAnswer, ErrorStyle, gpu_error_answer, oom_answer
 from gatekeeper.sim.server import OnDisconnect
@@ -60,9 +69,12 @@ from gatekeeper.sim.server import OnDisconnect
 __all__ = [
     "CHAOS_BODY_SHA",
     "CHAOS_PLAN",
+    "ChaosPool",
     "ChaosUpstream",
     "Downtime",
+    "Ledger",
     "Served",
+    "Upstreams",
     "answer_bytes",
 ]
 
@@ -96,9 +108,10 @@ class Served:
     """One request as the upstream lived it."""
 
     request_id: str
-    arrival: int  # 1 for the first request with this id, 2 for the second, ...
+    arrival: int  # 1 for the first request with this id (on any server of a pool), 2 ...
     step: str
     started: float
+    server: int = 0  # which server of the pool received it (its index)
     ended: float = 0.0  # the upstream was done: answered, broke off, or stopped computing
     busy_until: float | None = None  # when its computation ends (time.monotonic())
     status: int | None = None
@@ -122,6 +135,56 @@ class Downtime:
 
 
 @dataclass
+class Ledger:
+    """Every request of every task as the upstreams lived it, numbered per task across a pool,
+    and events a client can wait on (`arrived`, `answered`)."""
+
+    by_id: dict[str, list[Served]] = field(default_factory=lambda: defaultdict(list))
+    _arrived: dict[tuple[str, int], asyncio.Event] = field(default_factory=dict)
+    _answered: dict[tuple[str, int], asyncio.Event] = field(default_factory=dict)
+
+    def event(self, kind: str, request_id: str, arrival: int) -> asyncio.Event:
+        """An event set when `request_id`'s arrival number `arrival` came in / was answered."""
+        table = self._arrived if kind == "arrived" else self._answered
+        key = (request_id, arrival)
+        if key not in table:
+            table[key] = asyncio.Event()
+        return table[key]
+
+    def forget(self, request_id: str) -> None:
+        """Drop what is kept about a task that has been judged (keeps a long soak's memory flat)."""
+        for served in self.by_id.pop(request_id, []):
+            self._arrived.pop((request_id, served.arrival), None)
+            self._answered.pop((request_id, served.arrival), None)
+        self._arrived.pop((request_id, 1), None)
+        self._answered.pop((request_id, 1), None)
+
+    def release(self) -> None:
+        """Wake whoever waits on an event (the upstreams are stopping)."""
+        for event in (*self._arrived.values(), *self._answered.values()):
+            event.set()
+
+
+class _Connection(RequestHandler):
+    """aiohttp's handler of one connection, cut at once when the upstream crashed (or stopped)
+    between the kernel accepting the connection and this handler taking it up: a dead process
+    serves nothing, not even what reached its socket just before it died."""
+
+    __slots__ = ("_life", "_upstream")
+
+    def __init__(self, upstream: "ChaosUpstream", manager: web.Server, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._upstream = upstream
+        self._life = upstream.lives
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._upstream.down or self._life != self._upstream.lives:
+            self._upstream.cut_without_request += 1
+            cast(asyncio.Transport, transport).abort()
+
+
+@dataclass
 class ChaosUpstream:
     """The misbehaving Whisper server, on a fixed loopback port for its whole life."""
 
@@ -132,21 +195,42 @@ class ChaosUpstream:
     max_in_flight: int = 0
     orphans_total: int = 0  # requests that kept computing after their connection went away
     violations: list[str] = field(default_factory=list)
-    arrivals: int = 0
-    by_id: dict[str, list[Served]] = field(default_factory=lambda: defaultdict(list))
+    arrivals: int = 0  # requests this server received (their headers reached the handler)
+    # Connections a crash cut with no request being handled on them (idle keep-alive ones, and
+    # those whose request had not reached the handler yet, accepted or still in the backlog):
+    # an attempt the gatekeeper sent on one never arrived here, so it bounds the attempts the
+    # gatekeeper may count beyond `arrivals` and the connections it saw refused.
+    cut_without_request: int = 0
+    lives: int = 0  # how often it crashed (or stopped): a connection belongs to one life
     downtimes: list[Downtime] = field(default_factory=list)
     port: int = 0
+    index: int = 0  # its place in a pool
+    ledger: Ledger = field(default_factory=Ledger)
     _current: dict[str, Served] = field(default_factory=dict)
     _orphans: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
-    _arrived: dict[tuple[str, int], asyncio.Event] = field(default_factory=dict)
-    _answered: dict[tuple[str, int], asyncio.Event] = field(default_factory=dict)
+    _handling: set[RequestHandler] = field(default_factory=set)
     _runner: web.AppRunner | None = None
     _server: asyncio.AbstractServer | None = None
+    _socket: socket.socket | None = None
     _down_since: float | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def name(self) -> str:
+        """The gatekeeper's name for this server (host:port)."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def by_id(self) -> dict[str, list[Served]]:
+        return self.ledger.by_id
+
+    @property
+    def members(self) -> tuple["ChaosUpstream", ...]:
+        """The servers behind the gatekeeper: this one (a pool has several)."""
+        return (self,)
 
     @property
     def down(self) -> bool:
@@ -168,8 +252,8 @@ class ChaosUpstream:
         await self._listen()
 
     async def stop(self) -> None:
-        for event in (*self._arrived.values(), *self._answered.values()):
-            event.set()
+        self.ledger.release()
+        self.lives += 1
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -182,16 +266,26 @@ class ChaosUpstream:
     async def _listen(self) -> None:
         assert self._runner is not None
         assert self._runner.server is not None
+        # Our own listening socket, so that a crash can see what waits in its backlog.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(128)
+        sock.setblocking(False)
         loop = asyncio.get_running_loop()
+        manager = self._runner.server
         self._server = await loop.create_server(
-            self._runner.server, "127.0.0.1", self.port, reuse_address=True
+            lambda: _Connection(self, manager, loop=loop, **manager._kwargs), sock=sock
         )
+        self._socket = sock
 
     def go_down(self) -> None:
         """Crash: stop listening and abort every open connection (idle or busy)."""
         if self._server is None:
             return
         self._down_since = time.monotonic()
+        self.lives += 1
+        self.cut_without_request += self._reset_backlog()
         self._server.close()
         self._server = None
         for served in self._current.values():
@@ -201,8 +295,25 @@ class ChaosUpstream:
         assert self._runner is not None
         assert self._runner.server is not None
         for handler in self._runner.server.connections:
+            if handler not in self._handling:
+                self.cut_without_request += 1
             if handler.transport is not None:
                 handler.transport.abort()
+
+    def _reset_backlog(self) -> int:
+        """Connections the kernel accepted that the server had not taken yet: reset them, as
+        the kernel does when a crashed process's listener goes; how many there were."""
+        cut = 0
+        while self._socket is not None:
+            try:
+                conn, _ = self._socket.accept()
+            except OSError:  # BlockingIOError: the backlog is empty
+                break
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+            cut += 1
+        self._socket = None
+        return cut
 
     async def come_back(self) -> None:
         """Restart: listen on the same port again."""
@@ -215,11 +326,7 @@ class ChaosUpstream:
 
     def forget(self, request_id: str) -> None:
         """Drop what is kept about a task that has been judged (keeps a long soak's memory flat)."""
-        for served in self.by_id.pop(request_id, []):
-            self._arrived.pop((request_id, served.arrival), None)
-            self._answered.pop((request_id, served.arrival), None)
-        self._arrived.pop((request_id, 1), None)
-        self._answered.pop((request_id, 1), None)
+        self.ledger.forget(request_id)
 
     def overlaps_downtime(self, began: float, ended: float, margin: float = 0.05) -> bool:
         """True when the upstream crashed between `began` and `ended` (plus a margin)."""
@@ -228,13 +335,17 @@ class ChaosUpstream:
             periods.append(Downtime(self._down_since, time.monotonic()))
         return any(d.began <= ended + margin and d.ended >= began - margin for d in periods)
 
+    def working(self) -> list[Served]:
+        """The requests being handled now on a live connection (orphans not included)."""
+        return [served for served in self._current.values() if not served.orphaned]
+
+    def hit_by_crash(self, served: Served) -> bool:
+        """The request was cut by a crash, or lived through one (its server's)."""
+        return served.crashed or self.overlaps_downtime(served.started, served.ended)
+
     def event(self, kind: str, request_id: str, arrival: int) -> asyncio.Event:
         """An event set when `request_id`'s arrival number `arrival` came in / was answered."""
-        table = self._arrived if kind == "arrived" else self._answered
-        key = (request_id, arrival)
-        if key not in table:
-            table[key] = asyncio.Event()
-        return table[key]
+        return self.ledger.event(kind, request_id, arrival)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if request.method != "POST" or not request.path.startswith(_TASK_PREFIXES):
@@ -243,7 +354,7 @@ class ChaosUpstream:
         steps = request.headers.get(CHAOS_PLAN, "ok:0:16").split(",")
         arrival = len(self.by_id[request_id]) + 1
         step = steps[min(arrival, len(steps)) - 1]
-        served = Served(request_id, arrival, step, time.monotonic())
+        served = Served(request_id, arrival, step, time.monotonic(), server=self.index)
         served.body_expected = request.headers.get(CHAOS_BODY_SHA)
         self.in_flight += 1
         served.in_flight_at_start = self.in_flight
@@ -261,6 +372,7 @@ class ChaosUpstream:
         self.by_id[request_id].append(served)
         key = f"{request_id}#{arrival}"
         self._current[key] = served
+        self._handling.add(request.protocol)
         self.event("arrived", request_id, arrival).set()
         try:
             return await self._perform(request, served)
@@ -268,6 +380,7 @@ class ChaosUpstream:
             served.cut = True
             raise
         finally:
+            self._handling.discard(request.protocol)
             self.event("answered", request_id, arrival).set()
             self._end(key, served)
 
@@ -383,3 +496,89 @@ class ChaosUpstream:
         # The lost connection cancels this handler (handler_cancellation); wait for that.
         await asyncio.sleep(_HANG_SECONDS)
         raise AssertionError("an aborted connection did not cancel its handler")
+
+
+@dataclass
+class ChaosPool:
+    """Several chaos upstreams behind one gatekeeper (ASR_UPSTREAM_URL=u0,u1,...), one limit
+    each, sharing one ledger. Offers what the driver uses of a `ChaosUpstream`; the promises
+    are checked at each member (its own limit, in-flight count and books)."""
+
+    members: tuple[ChaosUpstream, ...]
+    ledger: Ledger
+
+    @classmethod
+    def of(
+        cls, limits: Iterable[int], on_disconnect: OnDisconnect = OnDisconnect.CONTINUE
+    ) -> "ChaosPool":
+        ledger = Ledger()
+        members = tuple(
+            ChaosUpstream(limit=limit, on_disconnect=on_disconnect, index=index, ledger=ledger)
+            for index, limit in enumerate(limits)
+        )
+        return cls(members, ledger)
+
+    @property
+    def url(self) -> str:
+        """ASR_UPSTREAM_URL for the gatekeeper: every member, in order."""
+        return ",".join(member.url for member in self.members)
+
+    @property
+    def by_id(self) -> dict[str, list[Served]]:
+        return self.ledger.by_id
+
+    @property
+    def limit(self) -> int:
+        return sum(member.limit for member in self.members)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(member.in_flight for member in self.members)
+
+    @property
+    def orphans(self) -> int:
+        return sum(member.orphans for member in self.members)
+
+    @property
+    def orphans_total(self) -> int:
+        return sum(member.orphans_total for member in self.members)
+
+    @property
+    def arrivals(self) -> int:
+        return sum(member.arrivals for member in self.members)
+
+    @property
+    def violations(self) -> list[str]:
+        return [
+            f"{member.name} (server {member.index}): {violation}"
+            for member in self.members
+            for violation in member.violations
+        ]
+
+    @property
+    def downtimes(self) -> list[Downtime]:
+        return sorted(
+            (d for member in self.members for d in member.downtimes), key=lambda d: d.began
+        )
+
+    async def start(self) -> None:
+        for member in self.members:
+            await member.start()
+
+    async def stop(self) -> None:
+        for member in self.members:
+            await member.stop()
+
+    def event(self, kind: str, request_id: str, arrival: int) -> asyncio.Event:
+        return self.ledger.event(kind, request_id, arrival)
+
+    def forget(self, request_id: str) -> None:
+        self.ledger.forget(request_id)
+
+    def hit_by_crash(self, served: Served) -> bool:
+        """A crash of the server that received the request hit it (the others' do not)."""
+        return self.members[served.server].hit_by_crash(served)
+
+
+Upstreams = ChaosUpstream | ChaosPool
+"""What the driver runs against: one chaos upstream, or a pool of them."""

@@ -16,7 +16,16 @@ Checks, continuously (`Monitor`, and the upstream itself at every arrival) and a
 - retries: never more than 1 + max_retries attempts, never after a 2xx, 4xx or timeout, never
   after the client left (beyond the attempt already running), never for a refused task;
 - after traffic: active 0, queued 0, stats reconcile with the clients' view and with /metrics,
-  bytes of successful answers equal what the upstream sent, request bodies arrive intact.
+  bytes of successful answers equal what the upstream sent, request bodies arrive intact;
+- per server (`_server_books`): the attempts the gatekeeper booked to a server are the requests
+  that server received, plus the connections it refused while down (from the log), plus at
+  most the connections a crash cut before their request reached it; each attempt is classified
+  as what that server did; nothing is left active, in flight or held on any server.
+
+Pool mode (issue #15, `ChaosConfig.pool`): several chaos upstreams behind one gatekeeper, each
+with its own limit (`ChaosPool`), the same clients and faults, and `Kill`: one server crashes
+mid-run (listener closed, every connection cut) and restarts later on its port. Every check
+above holds at each server, against that server's own limit.
 """
 
 import asyncio
@@ -40,21 +49,35 @@ from prometheus_client.parser import text_string_to_metric_families
 from gatekeeper.logs import Event
 from gatekeeper.sim.errors import ErrorStyle
 from gatekeeper.upstream import SMALL_ANSWER
-from tests.chaos.chaos_upstream import CHAOS_BODY_SHA, CHAOS_PLAN, ChaosUpstream, Served
+from tests.chaos.chaos_upstream import (
+    CHAOS_BODY_SHA,
+    CHAOS_PLAN,
+    ChaosPool,
+    ChaosUpstream,
+    Served,
+    Upstreams,
+)
 
 __all__ = [
     "CLIENT_KINDS",
     "ChaosConfig",
     "ClientResult",
     "EventLog",
+    "Kill",
     "Monitor",
     "Monkey",
     "Round",
     "TaskSpec",
     "Verdict",
+    "books",
+    "books_problems",
     "fd_report",
+    "get_json",
     "make_spec",
     "run_clients",
+    "server_books_problems",
+    "settle",
+    "verdict_text",
 ]
 
 # How each client behaves (weights out of 100).
@@ -102,6 +125,9 @@ _USAGE = re.compile(r"^\d+/\d+ \(\d+%\)$")
 _SESSION_SEED = random.SystemRandom().randrange(1 << 32)
 _TASK_ID = re.compile(r"\btask_id=(\S+)")
 _STAGE = re.compile(r"\bstage=(\S+)")
+_UPSTREAM = re.compile(r"\bupstream=(\S+)")
+# The gatekeeper's name for a connection the Whisper server refused (nothing reached it).
+REFUSED = "ClientConnectorError"
 
 
 @dataclass(frozen=True)
@@ -112,6 +138,9 @@ class ChaosConfig:
     tasks: int
     seconds: float | None = None
     limit: int = 4
+    # Pool mode: one chaos upstream per value, each with that limit (ASR_MAX_CONCURRENT=3,2,1);
+    # `limit` is then unused. Empty: one upstream with `limit`.
+    pool: tuple[int, ...] = ()
     max_queue: int = 16
     queue_timeout: float = 1.0
     request_timeout: float = 0.6
@@ -127,8 +156,14 @@ class ChaosConfig:
     clients: int = 22
     think_ms: float = 150.0
     work_ms: float = 15.0
-    downtime_every: tuple[float, float] = (1.0, 3.0)
+    # Short crashes of the (single) upstream, now and then; None: none (the pool mode kills
+    # one server once instead, see `Kill`).
+    downtime_every: tuple[float, float] | None = (1.0, 3.0)
     downtime_length: tuple[float, float] = (0.05, 0.3)
+    # Pool mode: the share of the run after which one server is killed, and how much more of
+    # the run passes before it restarts (both drawn from the seed within these bounds).
+    kill_at: tuple[float, float] = (0.2, 0.35)
+    kill_for: tuple[float, float] = (0.2, 0.3)
     slow_every: tuple[float, float] = (1.0, 5.0)
     slow_length: tuple[float, float] = (0.8, 1.6)
     slow_ms: int = 400
@@ -144,10 +179,26 @@ class ChaosConfig:
             tasks = 10**9  # run for the time given, whatever the count
         return cls(seed=seed, tasks=tasks, seconds=seconds, **overrides)
 
+    @property
+    def limits(self) -> tuple[int, ...]:
+        """Each upstream's limit, in order."""
+        return self.pool or (self.limit,)
+
+    @property
+    def total_limit(self) -> int:
+        """Tasks upstream at once, at most, over all upstreams."""
+        return sum(self.limits)
+
+    def upstreams(self) -> Upstreams:
+        """The chaos upstream(s) this run needs (not started)."""
+        if self.pool:
+            return ChaosPool.of(self.pool)
+        return ChaosUpstream(limit=self.limit)
+
     def gatekeeper_settings(self, spool_dir: str) -> dict[str, Any]:
         """Settings for an in-process gatekeeper (load_settings overrides)."""
         settings: dict[str, Any] = {
-            "max_concurrent": self.limit,
+            "max_concurrent": ",".join(map(str, self.pool)) if self.pool else self.limit,
             "max_queue": self.max_queue,
             "queue_timeout": self.queue_timeout,
             "request_timeout": self.request_timeout,
@@ -351,7 +402,7 @@ async def run_client(
     url: str,
     spec: TaskSpec,
     cfg: ChaosConfig,
-    upstream: ChaosUpstream,
+    upstream: Upstreams,
 ) -> ClientResult:
     """One client, start to end: it sends, maybe leaves on purpose, and records what it saw."""
     result = ClientResult(spec, time.monotonic())
@@ -391,7 +442,7 @@ async def run_client(
     return result
 
 
-async def _after(upstream: ChaosUpstream, kind: str, request_id: str, delay: float) -> None:
+async def _after(upstream: Upstreams, kind: str, request_id: str, delay: float) -> None:
     await upstream.event(kind, request_id, 1).wait()
     await asyncio.sleep(delay)
 
@@ -399,7 +450,7 @@ async def _after(upstream: ChaosUpstream, kind: str, request_id: str, delay: flo
 async def run_clients(
     url: str,
     cfg: ChaosConfig,
-    upstream: ChaosUpstream,
+    upstream: Upstreams,
     indices: range,
     *,
     deadline: float | None = None,
@@ -429,14 +480,70 @@ async def run_clients(
     return results
 
 
+# -- the gatekeeper's own pages ---------------------------------------------------------------
+
+
+async def get_json(session: aiohttp.ClientSession, url: str) -> Any:
+    """GET a page that must answer 200: its JSON document, or its text."""
+    async with session.get(url) as response:
+        assert response.status == 200, f"GET {url} -> {response.status}"
+        if response.content_type == "application/json":
+            return await response.json()
+        return await response.text()
+
+
+async def settle(base: str, upstream: Upstreams, *, within: float = 20.0) -> dict[str, Any]:
+    """Wait until nothing is active or queued anywhere (every upstream's leftover computing
+    included); return the /stats document."""
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + within
+        while True:
+            doc: dict[str, Any] = await get_json(session, f"{base}/stats")
+            busy = doc["active_tasks"] + doc["queued_tasks"] + doc["retrying_tasks"]
+            if busy == 0 and upstream.in_flight == 0:
+                return doc
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"traffic stopped but the gatekeeper is not at rest after {within} s: "
+                    f"active={doc['active_tasks']} queued={doc['queued_tasks']} "
+                    f"retrying={doc['retrying_tasks']} upstream in flight="
+                    + ", ".join(f"{m.name}: {m.in_flight}" for m in upstream.members)
+                )
+            await asyncio.sleep(0.05)
+
+
+async def books(base: str) -> tuple[dict[str, Any], str]:
+    """/stats and /metrics, one after the other (at rest they tell the same story)."""
+    async with aiohttp.ClientSession() as session:
+        return await get_json(session, f"{base}/stats"), await get_json(session, f"{base}/metrics")
+
+
+def verdict_text(cfg: ChaosConfig, verdict: "Verdict", upstream: Upstreams) -> str:
+    """The failure message: the seed to replay, the broken promises, each server's peak."""
+    shown = "\n  ".join(verdict.violations[:25])
+    more = len(verdict.violations) - 25
+    peaks = ", ".join(f"{m.name} {m.max_in_flight} (limit {m.limit})" for m in upstream.members)
+    replay = f"CHAOS_SEED={cfg.seed} CHAOS_TASKS={cfg.tasks}"
+    if cfg.seconds is not None:
+        replay = f"CHAOS_SEED={cfg.seed} CHAOS_SECONDS={cfg.seconds}"
+    return (
+        f"chaos run with seed {cfg.seed} broke {len(verdict.violations)} promise(s) "
+        f"(replay: {replay}):\n  {shown}"
+        + (f"\n  … and {more} more" if more > 0 else "")
+        + f"\nupstream max in flight: {peaks}"
+    )
+
+
 # -- faults on the upstream side that are not tied to one request ----------------------------
 
 
 @dataclass
 class Monkey:
-    """Takes the upstream down and brings it back, and makes it slow for a while (seeded)."""
+    """Takes the upstream down and brings it back, and makes each upstream slow for a while
+    (seeded). A pool's servers are slowed independently; they are not taken down here (`Kill`
+    does that once)."""
 
-    upstream: ChaosUpstream
+    upstream: Upstreams
     cfg: ChaosConfig
     salt: str
     downs: int = 0
@@ -445,10 +552,12 @@ class Monkey:
 
     def start(self) -> None:
         rng = random.Random(f"{self.cfg.seed}:monkey:{self.salt}")
-        self._tasks = [
-            asyncio.create_task(self._downtimes(random.Random(rng.random()))),
-            asyncio.create_task(self._slowness(random.Random(rng.random()))),
-        ]
+        downtimes = random.Random(rng.random())
+        if isinstance(self.upstream, ChaosUpstream) and self.cfg.downtime_every is not None:
+            self._tasks.append(asyncio.create_task(self._downtimes(self.upstream, downtimes)))
+        for member in self.upstream.members:
+            slowness = random.Random(rng.random())
+            self._tasks.append(asyncio.create_task(self._slowness(member, slowness)))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -456,30 +565,103 @@ class Monkey:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.upstream.come_back()
-        self.upstream.slow_ms = 0
+        if isinstance(self.upstream, ChaosUpstream):
+            await self.upstream.come_back()
+        for member in self.upstream.members:
+            member.slow_ms = 0
 
-    async def _downtimes(self, rng: random.Random) -> None:
+    async def _downtimes(self, upstream: ChaosUpstream, rng: random.Random) -> None:
+        assert self.cfg.downtime_every is not None
         try:
             while True:
                 await asyncio.sleep(rng.uniform(*self.cfg.downtime_every))
-                self.upstream.go_down()
+                upstream.go_down()
                 self.downs += 1
                 await asyncio.sleep(rng.uniform(*self.cfg.downtime_length))
-                await self.upstream.come_back()
+                await upstream.come_back()
         finally:
-            await self.upstream.come_back()
+            await upstream.come_back()
 
-    async def _slowness(self, rng: random.Random) -> None:
+    async def _slowness(self, upstream: ChaosUpstream, rng: random.Random) -> None:
         try:
             while True:
                 await asyncio.sleep(rng.uniform(*self.cfg.slow_every))
-                self.upstream.slow_ms = self.cfg.slow_ms
+                upstream.slow_ms = self.cfg.slow_ms
                 self.slow_phases += 1
                 await asyncio.sleep(rng.uniform(*self.cfg.slow_length))
-                self.upstream.slow_ms = 0
+                upstream.slow_ms = 0
         finally:
-            self.upstream.slow_ms = 0
+            upstream.slow_ms = 0
+
+
+@dataclass
+class Kill:
+    """Pool mode: one server (drawn from the seed) crashes once mid-run, like a container that
+    dies: its listener closes and every connection is cut; later it restarts on its port.
+
+    Both moments are shares of the run (`cfg.kill_at`, `cfg.kill_for`, drawn from the seed):
+    of the tasks when the run is a count, of the time when it is `CHAOS_SECONDS`. The crash
+    waits for the server to be working on a request, so it always cuts running work."""
+
+    pool: ChaosPool
+    cfg: ChaosConfig
+    victim: ChaosUpstream = field(init=False)
+    kill_share: float = field(init=False)
+    back_share: float = field(init=False)
+    done: int = 0
+    began: float = field(default_factory=time.monotonic)
+    killed_at: float | None = None
+    back_at: float | None = None
+    cut: list[Served] = field(default_factory=list)  # requests the crash cut
+    _restart: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        rng = random.Random(f"{self.cfg.seed}:kill")
+        self.victim = rng.choice(self.pool.members)
+        self.kill_share = rng.uniform(*self.cfg.kill_at)
+        self.back_share = self.kill_share + rng.uniform(*self.cfg.kill_for)
+
+    def _progress(self) -> float:
+        if self.cfg.seconds is not None:
+            return (time.monotonic() - self.began) / self.cfg.seconds
+        return self.done / max(1, self.cfg.tasks)
+
+    def note(self, _result: ClientResult) -> None:
+        """run_clients' on_result: one more task is over; maybe it is time."""
+        self.done += 1
+        progress = self._progress()
+        if self.killed_at is None:
+            working = self.victim.working()
+            if progress >= self.kill_share and working:
+                self.cut = working
+                self.victim.go_down()
+                self.killed_at = time.monotonic()
+        elif self._restart is None and progress >= self.back_share:
+            self._restart = asyncio.create_task(self._come_back())
+
+    async def _come_back(self) -> None:
+        await self.victim.come_back()
+        self.back_at = time.monotonic()
+
+    async def stop(self) -> None:
+        """After the traffic: the victim is up again whatever happened."""
+        if self._restart is not None:
+            await self._restart
+        elif self.killed_at is not None:
+            await self._come_back()
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "victim": self.victim.name,
+            "victim_limit": self.victim.limit,
+            "killed_after_s": None if self.killed_at is None else self.killed_at - self.began,
+            "down_s": (
+                None
+                if self.killed_at is None or self.back_at is None
+                else round(self.back_at - self.killed_at, 2)
+            ),
+            "cut_running": len(self.cut),
+        }
 
 
 # -- continuous checks of the gatekeeper's own books -----------------------------------------
@@ -521,10 +703,57 @@ def books_problems(doc: dict[str, Any], cfg: ChaosConfig) -> list[str]:
             f"/stats does not reconcile: total_tasks={doc['total_tasks']} != {parts}, "
             f"queued_tasks={doc['queued_tasks']}"
         )
-    if doc["active_tasks"] > cfg.limit:
-        problems.append(f"/stats active_tasks={doc['active_tasks']} > limit {cfg.limit}")
+    if doc["active_tasks"] > cfg.total_limit:
+        problems.append(f"/stats active_tasks={doc['active_tasks']} > limit {cfg.total_limit}")
     if doc["queued_tasks"] > cfg.max_queue:
         problems.append(f"/stats queued_tasks={doc['queued_tasks']} > max_queue {cfg.max_queue}")
+    servers = doc.get("upstreams")
+    if servers is not None:  # per-server books (issue #15), with one server too
+        problems.extend(_server_problems(doc, servers, cfg))
+    elif cfg.pool:
+        problems.append("/stats has no `upstreams` list for a pool")
+    return problems
+
+
+# The totals of /stats that are sums over the servers' own figures.
+_SUMS = {
+    "active_tasks": "active_tasks",
+    "held_tasks": "held_tasks",
+    "max_concurrent": "max_concurrent",
+    "oom_errors": "oom_errors",
+}
+
+
+def _server_problems(
+    doc: dict[str, Any], servers: list[dict[str, Any]], cfg: ChaosConfig
+) -> list[str]:
+    """One /stats reading's per-server figures: each within its limit, adding up to the totals."""
+    problems = []
+    if len(servers) != len(cfg.limits):
+        return [f"/stats lists {len(servers)} upstreams, the run has {len(cfg.limits)}"]
+    for index, (server, limit) in enumerate(zip(servers, cfg.limits, strict=True)):
+        name = f"upstreams[{index}] ({server.get('name')})"
+        if server["active_tasks"] > limit:
+            problems.append(f"/stats {name} active_tasks={server['active_tasks']} > limit {limit}")
+        if server["max_concurrent"] > limit:
+            problems.append(
+                f"/stats {name} max_concurrent={server['max_concurrent']} > ASR_MAX_CONCURRENT "
+                f"{limit}"
+            )
+        if server["held_tasks"] > server["active_tasks"]:
+            problems.append(f"/stats {name} holds {server['held_tasks']} of its active tasks")
+    for total, part in _SUMS.items():
+        summed = sum(server[part] for server in servers)
+        if summed != doc[total]:
+            problems.append(
+                f"/stats {total}={doc[total]} but the upstreams' {part} add to {summed}"
+            )
+    for outcome, count in doc["upstream_attempts"].items():
+        summed = sum(server["attempts"].get(outcome, 0) for server in servers)
+        if summed != count:
+            problems.append(
+                f"/stats upstream_attempts[{outcome}]={count} but the upstreams' add to {summed}"
+            )
     return problems
 
 
@@ -534,7 +763,7 @@ class Monitor:
 
     base: str
     cfg: ChaosConfig
-    upstream: ChaosUpstream
+    upstream: Upstreams
     readings: int = 0
     max_active: int = 0
     max_queued: int = 0
@@ -564,12 +793,13 @@ class Monitor:
                 self.max_queued = max(self.max_queued, doc["queued_tasks"])
                 if len(self.problems) < 1000:
                     self.problems.extend(books_problems(doc, self.cfg))
-                    if self.upstream.in_flight > self.cfg.limit:
-                        self.problems.append(
-                            f"upstream in flight {self.upstream.in_flight} > limit "
-                            f"{self.cfg.limit} ({self.upstream.orphans} of them computing "
-                            "after the gatekeeper hung up)"
-                        )
+                    for member in self.upstream.members:
+                        if member.in_flight > member.limit:
+                            self.problems.append(
+                                f"upstream {member.name} in flight {member.in_flight} > limit "
+                                f"{member.limit} ({member.orphans} of them computing after the "
+                                "gatekeeper hung up)"
+                            )
                 await asyncio.sleep(0.025)
 
 
@@ -579,17 +809,43 @@ class Monitor:
 class EventLog(logging.Handler):
     """Collects the gatekeeper's events (in process) so the driver knows where clients left."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep: bool = False) -> None:
         super().__init__(logging.INFO)
         self.counts: Counter[str] = Counter()
         self.left: dict[str, str] = {}  # task_id -> stage
         self.errors: list[str] = []
+        # Per server (the `upstream=` of a line; None when a line names none): events, and
+        # attempts whose connection the server refused (crashed: nothing reached it).
+        self.by_upstream: Counter[tuple[str, str | None]] = Counter()
+        self.refused: Counter[str | None] = Counter()
+        self.crashes: Counter[tuple[str | None, str]] = Counter()  # (upstream, error)
+        self.keep = keep
+        self.records: list[tuple[Event, dict[str, Any], float]] = []  # with `keep` only
+        # A server the health probe found down gets no new task until it is back: a task that
+        # starts there (`开始转录 upstream=…`) more than `down_margin` seconds after the
+        # `Whisper服务不可用` line, before `Whisper服务已恢复`, is noted. The margin covers a
+        # task given its slot just before the verdict that logs its start after a cool-down.
+        self.down_margin = 0.25
+        self.down_since: dict[str, float] = {}
+        self.started_while_down: list[str] = []
+        # Attempts refused by a server its probe had found down, past the same margin: a retry
+        # that went back to a dead server rather than to a usable one.
+        self.refused_while_down: list[str] = []
+
+    def refused_by(self, name: str, *, only: bool) -> int:
+        """Connections `name` refused; `only`: it is the only server, so lines that name no
+        server are its too."""
+        return self.refused[name] + (self.refused[None] if only else 0)
 
     def emit(self, record: logging.LogRecord) -> None:
         event = getattr(record, "gk_event", None)
         fields: dict[str, Any] = getattr(record, "gk_fields", {}) or {}
         if event is not None:
             self.counts[event.name] += 1
+            upstream = fields.get("upstream")
+            self._per_upstream(event, None if upstream is None else str(upstream), fields)
+            if self.keep:
+                self.records.append((event, dict(fields), time.monotonic()))
             if event is Event.CLIENT_LEFT:
                 self.left[str(fields.get("task_id"))] = str(fields.get("stage"))
             elif fields.get("outcome") == "cancelled":
@@ -597,12 +853,47 @@ class EventLog(logging.Handler):
         if record.levelno >= logging.ERROR:
             self.errors.append(self.format(record))
 
+    def _per_upstream(self, event: Event, upstream: str | None, fields: dict[str, Any]) -> None:
+        self.by_upstream[(event.name, upstream)] += 1
+        refused = event is Event.CRASH and str(fields.get("error")) == REFUSED
+        if event is Event.CRASH:
+            self.crashes[(upstream, str(fields.get("error")))] += 1
+            if refused:
+                self.refused[upstream] += 1
+        if upstream is None:
+            return
+        # By name: the health events came with #15.
+        now = time.monotonic()
+        if refused and now - self.down_since.get(upstream, now) > self.down_margin:
+            self.refused_while_down.append(
+                f"task {fields.get('task_id')} attempt {fields.get('attempt')} went to {upstream} "
+                f"{now - self.down_since[upstream]:.2f} s after the probe found it down"
+            )
+        if event.name == "UPSTREAM_DOWN":
+            self.down_since.setdefault(upstream, now)
+        elif event.name == "UPSTREAM_UP":
+            self.down_since.pop(upstream, None)
+        elif event is Event.START and upstream in self.down_since:
+            late = now - self.down_since[upstream]
+            if late > self.down_margin:
+                self.started_while_down.append(
+                    f"task {fields.get('task_id')} started on {upstream} {late:.2f} s after the "
+                    "health probe found it down"
+                )
+
     def note_line(self, line: str) -> None:
         """The same from a text log line of a `gatekeeper serve` process."""
         for event in Event:
             words = event.value.split("{")[0]
             if words and f"] {words}" in line:
                 self.counts[event.name] += 1
+                upstream = _UPSTREAM.search(line)
+                error = re.search(r"\berror=(\S+)", line)
+                self._per_upstream(
+                    event,
+                    None if upstream is None else upstream.group(1),
+                    {"error": None if error is None else error.group(1)},
+                )
                 break
         task = _TASK_ID.search(line)
         if task is not None:
@@ -674,7 +965,7 @@ class Verdict:
     """Judges every client's result against the upstream's books and the gatekeeper's stats."""
 
     cfg: ChaosConfig
-    upstream: ChaosUpstream
+    upstream: Upstreams
     events: EventLog
     shutting_down_allowed: Callable[[ClientResult], bool] = lambda _r: False
     violations: list[str] = field(default_factory=list)
@@ -687,6 +978,11 @@ class Verdict:
     arrivals: int = 0
     clean_outcomes: Counter[str] = field(default_factory=Counter)
     possible_outcomes: Counter[str] = field(default_factory=Counter)
+    # The same per server (index in the pool; 0 for a single upstream).
+    server_clean: Counter[tuple[int, str]] = field(default_factory=Counter)
+    server_possible: Counter[tuple[int, str]] = field(default_factory=Counter)
+    server_figures: dict[str, dict[str, int]] = field(default_factory=dict)
+    late_queue_full: int = 0  # tasks refused queue_full after their upload (see reconcile)
 
     def fail(self, result: ClientResult | None, message: str) -> None:
         where = "" if result is None else f"{result.spec.request_id} ({result.spec.kind}, plan "
@@ -758,7 +1054,7 @@ class Verdict:
         )
 
     def _crashed(self, served: Served) -> bool:
-        return served.crashed or self.upstream.overlaps_downtime(served.started, served.ended)
+        return self.upstream.hit_by_crash(served)
 
     def _judge_own(self, result: ClientResult, arrivals: list[Served]) -> None:
         status, doc, spec = result.status, result.document, result.spec
@@ -873,12 +1169,16 @@ class Verdict:
                 self.step_tally[served.step] += 1
             expected = _EXPECTED_OUTCOME.get(served.step.split(":")[0])
             if expected is not None:
+                clean = not self._crashed(served)
                 self.possible_outcomes[expected] += 1
-                self.clean_outcomes[expected] += not self._crashed(served)
+                self.clean_outcomes[expected] += clean
+                self.server_possible[(served.server, expected)] += 1
+                self.server_clean[(served.server, expected)] += clean
             elif served.step.startswith("reset_answer:5"):
                 # Broken after the first 64 KiB the gatekeeper inspects: the status is known,
                 # so it may count as `error` (else `crash`).
                 self.possible_outcomes["error"] += 1
+                self.server_possible[(served.server, "error")] += 1
             if served.body_sha is not None and served.body_sha != served.body_expected:
                 self.fail(result, f"attempt {served.arrival} received a different request body")
         for served in arrivals[:-1]:
@@ -903,8 +1203,23 @@ class Verdict:
 
     # -- the books ---------------------------------------------------------------------------
 
-    def reconcile(self, stats: dict[str, Any], metrics: str, *, admitted_refusals: bool) -> None:
-        """At rest: the stats add up, agree with /metrics, and match what the clients saw."""
+    def reconcile(
+        self,
+        stats: dict[str, Any],
+        metrics: str,
+        *,
+        admitted_refusals: bool,
+        log_complete: bool = True,
+        late_queue_full: bool = False,
+    ) -> None:
+        """At rest: the stats add up, agree with /metrics, and match what the clients saw.
+
+        `log_complete`: every log line of the run has been read (in process it has; a
+        process's stderr may lag), so the refused connections it names can be counted.
+        `late_queue_full`: tolerate tasks refused queue_full after their upload (booked as
+        rejected after queueing). An arrival is refused at once when slots + queue are full, so
+        this never happens with one server; a pool with a server down lets arrivals upload
+        against the dead server's slots and refuses them after the upload."""
         for problem in books_problems(stats, self.cfg):
             self.fail(None, problem)
         busy = ("uploading_tasks", "active_tasks", "held_tasks", "queued_tasks", "retrying_tasks")
@@ -912,13 +1227,28 @@ class Verdict:
             self.fail(None, "not at rest: " + ", ".join(f"{n}={stats[n]}" for n in busy))
         t = self.tally
         leavers = t["left"] + t["no_answer"]
+        late = 0  # refused queue_full after the upload
+        if late_queue_full and not admitted_refusals:
+            late = (
+                stats["rejected_after_queueing_tasks"]
+                - stats["rejected_by_reason"]["queue_timeout"]
+            )
+            self.late_queue_full = late
+            if not 0 <= late <= stats["rejected_by_reason"]["queue_full"]:
+                self.fail(
+                    None,
+                    f"rejected_after_queueing_tasks {stats['rejected_after_queueing_tasks']} is "
+                    "not the queue timeouts plus some of the queue_full refusals "
+                    f"{stats['rejected_by_reason']}",
+                )
         expected = {
             "succeeded_tasks": t["200"],
             "client_error_tasks": t["4xx_relayed"]
             + t["408_body_timeout"]
             + t["413_too_large_chunked"],
             "rejected_after_queueing_tasks": t["503_queue_timeout"]
-            + (t["503_shutting_down"] if admitted_refusals else 0),
+            + (t["503_shutting_down"] if admitted_refusals else 0)
+            + late,
         }
         for name, floor in expected.items():
             if not floor <= stats[name] <= floor + leavers:
@@ -939,12 +1269,18 @@ class Verdict:
         full = stats["rejected_by_reason"]["queue_full"]
         if not t["503_queue_full"] <= full <= t["503_queue_full"] + leavers:
             self.fail(None, f"queue_full refusals {full}, clients saw {t['503_queue_full']}")
-        if not admitted_refusals and (
+        if not (admitted_refusals or late_queue_full) and (
             stats["rejected_by_reason"]["queue_timeout"] != stats["rejected_after_queueing_tasks"]
         ):
-            self.fail(None, "queue_timeout refusals != rejected_after_queueing_tasks")
+            self.fail(
+                None,
+                f"queue_timeout refusals {stats['rejected_by_reason']['queue_timeout']} != "
+                f"rejected_after_queueing_tasks {stats['rejected_after_queueing_tasks']} "
+                f"(refusals by reason: {stats['rejected_by_reason']})",
+            )
         self._agree_with_metrics(stats, metrics)
         self._attempt_books(stats)
+        self._server_books(stats, metrics, log_complete=log_complete)
         if self.ok_bytes_client != self.ok_bytes_upstream:
             self.fail(
                 None,
@@ -953,13 +1289,7 @@ class Verdict:
             )
 
     def _agree_with_metrics(self, stats: dict[str, Any], metrics: str) -> None:
-        samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-        for family in text_string_to_metric_families(metrics):
-            for sample in family.samples:
-                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-
-        def metric(name: str, **labels: str) -> float | None:
-            return samples.get((f"asr_gatekeeper_{name}", tuple(sorted(labels.items()))))
+        metric = _metric_reader(metrics)
 
         pairs = [
             (metric("tasks_total", outcome="success"), stats["succeeded_tasks"], "success"),
@@ -1011,6 +1341,67 @@ class Verdict:
                 "overruns",
             )
 
+    def _server_books(self, stats: dict[str, Any], metrics: str, *, log_complete: bool) -> None:
+        """Per server, at rest: its attempts add up (`server_books_problems`), each is
+        classified as what that server did, and /metrics agrees with /stats."""
+        problems, figures = server_books_problems(
+            stats, self.upstream, self.events, log_complete=log_complete
+        )
+        for problem in problems:
+            self.fail(None, problem)
+        self.server_figures.update(figures)
+        servers = stats.get("upstreams")
+        if servers is not None and len(servers) == len(self.upstream.members):
+            self._server_metrics(servers, metrics)
+        for member in self.upstream.members:
+            row = stats["upstream_attempts"] if servers is None else servers[member.index]
+            self._server_outcomes(member, row if servers is None else row["attempts"])
+
+    def _server_outcomes(self, member: ChaosUpstream, attempts: dict[str, int]) -> None:
+        """The gatekeeper classified each attempt on `member` as what `member` did."""
+        name, index = member.name, member.index
+        for outcome in ("oom", "error", "client_error"):
+            clean = self.server_clean[(index, outcome)]
+            possible = self.server_possible[(index, outcome)]
+            if not clean <= attempts[outcome] <= possible:
+                self.fail(
+                    None,
+                    f"upstream {name}: {attempts[outcome]} attempts classified {outcome}, but it "
+                    f"sent {possible} such answers ({clean} of them not hit by a crash)",
+                )
+        if attempts["timeout"] < self.server_clean[(index, "timeout")]:
+            self.fail(
+                None,
+                f"upstream {name}: {attempts['timeout']} timeouts booked for "
+                f"{self.server_clean[(index, 'timeout')]} hangs and overruns",
+            )
+
+    def _server_metrics(self, servers: list[dict[str, Any]], metrics: str) -> None:
+        """/metrics says per server what /stats says."""
+        metric = _metric_reader(metrics)
+        for server in servers:
+            name = server["name"]
+            pairs = [
+                (metric("upstream_active_tasks", upstream=name), server["active_tasks"], "active"),
+                (
+                    metric("upstream_max_concurrent", upstream=name),
+                    server["max_concurrent"],
+                    "max_concurrent",
+                ),
+                (metric("oom_errors_total", upstream=name), server["oom_errors"], "oom_errors"),
+            ]
+            for outcome, count in server["attempts"].items():
+                pairs.append(
+                    (
+                        metric("upstream_attempts_total", upstream=name, outcome=outcome),
+                        count,
+                        f"attempts {outcome}",
+                    )
+                )
+            for value, expected, what in pairs:
+                if value != expected:
+                    self.fail(None, f"/metrics {name} {what}={value} but /stats says {expected}")
+
     def coverage_gaps(self, *, needed: tuple[str, ...]) -> list[str]:
         """Fault kinds and answer kinds a run of this size should have met but did not."""
         have = Counter(self.step_tally) + Counter(self.tally) + Counter(self.kinds)
@@ -1026,6 +1417,83 @@ class Verdict:
             "client_kinds": dict(sorted(self.kinds.items())),
             "left_stages": dict(Counter(self.events.left.values())),
         }
+
+
+def server_books_problems(
+    stats: dict[str, Any], upstream: Upstreams, events: EventLog, *, log_complete: bool = True
+) -> tuple[list[str], dict[str, dict[str, int]]]:
+    """Per server, once everything has ended: the attempts the gatekeeper booked to it
+    (`/stats` `upstreams[i].attempts`, summed over outcomes) are the requests it received, plus
+    the connections it refused while down (the log's `Whisper服务连接中断 error=
+    ClientConnectorError upstream=…`), plus at most the connections a crash cut before their
+    request reached it; and no server is left with a task active, in flight or held.
+
+    Before per-server books (#15) a single upstream is judged by the totals. Without a complete
+    log (`log_complete`), the refusals are only bounded by the crashes booked. Returns the
+    problems, and the figures per server."""
+    members = upstream.members
+    problems: list[str] = []
+    figures: dict[str, dict[str, int]] = {}
+    rows: list[tuple[ChaosUpstream, dict[str, int]]] = []
+    servers = stats.get("upstreams")
+    if servers is None:
+        if len(members) != 1:
+            return ["/stats has no `upstreams` list for a pool"], figures
+        rows = [(members[0], stats["upstream_attempts"])]
+    elif len(servers) != len(members):
+        return [f"/stats lists {len(servers)} upstreams, the run has {len(members)}"], figures
+    else:
+        for member, server in zip(members, servers, strict=True):
+            if (server["name"], server["url"]) != (member.name, member.url):
+                problems.append(
+                    f"/stats upstream {server['name']} {server['url']} is not {member.url}"
+                )
+            busy = {k: server[k] for k in ("active_tasks", "in_flight", "held_tasks") if server[k]}
+            if busy:
+                problems.append(f"at rest, upstream {member.name} still has {busy} (a leaked slot)")
+            rows.append((member, server["attempts"]))
+    for member, attempts in rows:
+        booked, received = sum(attempts.values()), member.arrivals
+        refused = events.refused_by(member.name, only=len(members) == 1)
+        cut = member.cut_without_request
+        if not log_complete:  # refused connections are crashes the upstream never saw
+            refused, cut = 0, cut + attempts.get("crash", 0)
+        figures[member.name] = {
+            "booked": booked,
+            "received": received,
+            "refused": refused,
+            "cut_without_request": cut,
+        }
+        if not received + refused <= booked <= received + refused + cut:
+            problems.append(
+                f"upstream {member.name}: the gatekeeper booked {booked} attempts {attempts}; it "
+                f"received {received}, refused {refused} connections while down, and a crash cut "
+                f"{cut} connections before their request arrived (booked must lie within "
+                f"[{received + refused}, {received + refused + cut}])"
+            )
+    return problems, figures
+
+
+def _metric_reader(metrics: str) -> Callable[..., float | None]:
+    """metric(name, **labels): the sum of the samples of asr_gatekeeper_<name> whose labels
+    include `labels` (None: no such sample). A total is the same question whether the series
+    carries an `upstream` label or not."""
+    samples: list[tuple[str, dict[str, str], float]] = [
+        (sample.name, sample.labels, sample.value)
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+    ]
+
+    def metric(name: str, **labels: str) -> float | None:
+        found = [
+            value
+            for sample_name, sample_labels, value in samples
+            if sample_name == f"asr_gatekeeper_{name}"
+            and all(sample_labels.get(k) == v for k, v in labels.items())
+        ]
+        return sum(found) if found else None
+
+    return metric
 
 
 def summary(data: dict[str, Any]) -> str:
