@@ -17,7 +17,7 @@ from typing import Any
 from bench import report
 from bench.config import FULL, QUICK
 from bench.procs import REPO, Procs, ToolMissing, find_tool
-from bench.scenarios import goodput, overhead, overload, uploads
+from bench.scenarios import goodput, overhead, overload, pool, uploads
 from bench.scenarios.common import Ctx
 
 __all__ = ["SCENARIOS", "main"]
@@ -27,6 +27,7 @@ SCENARIOS: dict[str, Callable[[Ctx], Awaitable[dict[str, Any]]]] = {
     "uploads": uploads.run,
     "overload": overload.run,
     "goodput": goodput.run,
+    "pool": pool.run,
 }
 
 _DESCRIPTION = """\
@@ -45,10 +46,15 @@ scenarios:
   goodput   the Whisper simulator under a seeded overloading mix: audio-minutes per minute,
             OOM rate, queue wait, refusals for HAProxy and the gatekeeper at limits 1-4,
             and with no admission control
+  pool      a heterogeneous pool (two 24 GiB cards, one 12 GiB), the same mix scaled to it:
+            HAProxy leastconn with per-server maxconn/maxqueue, the gatekeeper over the pool
+            (fixed per-card limits, adaptive), and the ceiling (each card alone, summed)
 
 Writes RESULTS.md (tables, machine description, each target beside its figure) and
-results.json. Needs the Debian packages haproxy, nginx and wrk (and py-spy for --profile).
-The full run takes about 15 minutes; --quick (for CI) under 2."""
+results.json. A run of some scenarios into a directory that already holds results of the
+same mode replaces only those scenarios' results (and their sections); the rest is kept.
+Needs the Debian packages haproxy, nginx and wrk (and py-spy for --profile).
+The full run takes about 25 minutes; --quick (for CI) under 2."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -180,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     say(f"{cfg.name} run of {', '.join(names)}; processes log to {workdir}")
-    machine = report.machine()
+    machine = report.machine(args.gatekeeper_path)
     started_at = report.now_iso()
     try:
         results, errors = asyncio.run(_run(ctx, names))
@@ -191,13 +197,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    targets = report.judge(results)
-    document = {
+    seconds = round(time.monotonic() - started, 1)
+    for result in results.values():  # where each scenario's figures came from
+        result["run"] = {
+            "command": command.strip(),
+            "mode": cfg.name,
+            "started_at": started_at,
+            "seconds": seconds,
+            "gatekeeper_commit": machine["gatekeeper_commit"],
+            "gatekeeper_path": args.gatekeeper_path,
+            "loadavg": [machine["loadavg_start"], machine["loadavg_end"]],
+        }
+    document: dict[str, Any] = {
         "schema": 1,
         "mode": cfg.name,
         "command": command.strip(),
         "started_at": started_at,
-        "seconds": round(time.monotonic() - started, 1),
+        "seconds": seconds,
         "machine": machine,
         "config": {k: v for k, v in vars(cfg).items()},
         "notes": ctx.notes,
@@ -205,9 +221,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "profiles": ctx.profiles,
         "errors": errors,
     }
+    previous = None if set(names) == set(SCENARIOS) else report.previous(out, cfg.name)
+    if previous is not None:
+        document = report.merge(previous, document)
+        say(f"kept the other scenarios' results from {previous['command']!r} in {out}")
+    targets = report.judge(document["scenarios"])
     md_path, json_path = report.write(out, document, targets)
     say(f"wrote {md_path} and {json_path}")
+    ran = {t.id for t in report.judge(results)}
     for t in targets:
-        mark = "—" if t.met is None else ("met" if t.met else "NOT met")
-        print(f"  [{mark:>7}] {t.target}: {t.measured}", file=sys.stderr)
+        if t.id in ran:
+            mark = "—" if t.met is None else ("met" if t.met else "NOT met")
+            print(f"  [{mark:>7}] {t.target}: {t.measured}", file=sys.stderr)
     return 1 if errors else 0

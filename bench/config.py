@@ -50,6 +50,23 @@ class BenchConfig:
     cost of admission and retries alone, without the seed's cool-down policy."""
     goodput_parallel: int
     """Replays run side by side (separate simulator and proxy processes; simulated time)."""
+    # 5. a heterogeneous pool of cards
+    pool_cards: tuple[str, ...]
+    """The pool's cards (`bench.scenarios.goodput.CARDS`), one simulator each, in the order of
+    ASR_UPSTREAM_URL and of HAProxy's servers."""
+    pool_limits: tuple[int, ...]
+    """Each card's fixed limit, in `pool_cards`' order: the card's best fixed limit in the
+    single-card runs (section 4: the best goodput with at most 1 % of tasks failing)."""
+    pool_adaptive_starts: tuple[int, ...]
+    """Where the adaptive gatekeeper over the pool starts, on every card (bounds 1 to
+    `adaptive_maximum` each)."""
+    pool_cooldown_off: bool
+    """Also the gatekeeper at the pool's limits with ASR_OOM_COOLDOWN=0 (and its single-card
+    counterparts): the cost of the seed's cool-down, apart from admission and retries."""
+    pool_repeats: int
+    """Replays of each pool and single-card setup; goodput is their mean."""
+    pool_parallel: int
+    """Replays run side by side in the pool scenario (a pool replay is 3 simulators + a proxy)."""
 
 
 FULL = BenchConfig(
@@ -81,6 +98,12 @@ FULL = BenchConfig(
     adaptive_maximum=8,
     cooldown_off_cards=("default",),
     goodput_parallel=4,
+    pool_cards=("default", "default", "half"),
+    pool_limits=(2, 2, 1),
+    pool_adaptive_starts=(1,),
+    pool_cooldown_off=True,
+    pool_repeats=3,
+    pool_parallel=2,
 )
 
 QUICK = BenchConfig(
@@ -112,4 +135,10 @@ QUICK = BenchConfig(
     adaptive_maximum=8,
     cooldown_off_cards=(),
     goodput_parallel=2,
+    pool_cards=("default", "default", "half"),
+    pool_limits=(2, 2, 1),
+    pool_adaptive_starts=(1,),
+    pool_cooldown_off=False,
+    pool_repeats=1,
+    pool_parallel=3,
 )

@@ -19,13 +19,14 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 __all__ = [
     "REPO",
+    "HaproxyServer",
     "Proc",
     "Procs",
     "ToolMissing",
@@ -133,6 +134,15 @@ async def end_group(pgid: int, within: float = _GROUP_GONE_WITHIN) -> None:
         if time.monotonic() > deadline:
             return  # stuck in the kernel (state D): nothing more a signal can do
         await asyncio.sleep(0.02)
+
+
+@dataclass(frozen=True, slots=True)
+class HaproxyServer:
+    """One server of an HAProxy backend: where it listens and its admission limits."""
+
+    port: int
+    maxconn: int
+    maxqueue: int
 
 
 @dataclass
@@ -318,6 +328,28 @@ class Procs:
         log_requests: bool = False,
     ) -> Proc:
         """HAProxy (Debian's) with the admission config equivalent to the gatekeeper's."""
+        return await self.haproxy_pool(
+            [HaproxyServer(upstream_port, maxconn, maxqueue)],
+            queue_total=maxqueue,
+            timeout_queue=timeout_queue,
+            timeout_server=timeout_server,
+            log_requests=log_requests,
+        )
+
+    async def haproxy_pool(
+        self,
+        servers: Sequence[HaproxyServer],
+        *,
+        queue_total: int,
+        timeout_queue: float,
+        timeout_server: float,
+        balance: str | None = None,
+        log_requests: bool = False,
+    ) -> Proc:
+        """HAProxy in front of one or several servers, each with its own `maxconn` and
+        `maxqueue`; a request is refused with 503 once `queue_total` wait in the backend (its
+        own queue and the servers' together). `balance` (e.g. `leastconn`) picks the server;
+        unset, HAProxy's default (roundrobin)."""
         port = free_port()
         log_global = "    log stdout format raw local0\n" if log_requests else ""
         log_defaults = (
@@ -329,7 +361,12 @@ class Procs:
         )
         refuse = (
             "http-request return status 503 content-type application/json hdr Retry-After 10"
-            f' string \'{{"reason": "queue_full"}}\' if {{ queue(whisper) ge {maxqueue} }}'
+            f' string \'{{"reason": "queue_full"}}\' if {{ queue(whisper) ge {queue_total} }}'
+        )
+        balance_line = f"    balance {balance}\n" if balance else ""
+        server_lines = "".join(
+            f"    server s{i} 127.0.0.1:{s.port} maxconn {s.maxconn} maxqueue {s.maxqueue}\n"
+            for i, s in enumerate(servers, 1)
         )
         config = f"""\
 global
@@ -350,14 +387,13 @@ frontend fe
     maxconn 9000
     monitor-uri /health
     http-request use-service prometheus-exporter if {{ path /metrics }}
-    # `maxqueue` alone does not refuse with a single server (the request would wait in the
-    # backend's queue instead): refuse explicitly once the queue holds {maxqueue}.
+    # `maxqueue` alone does not refuse (a request no server can take waits in the backend's
+    # own queue, which has no bound): refuse explicitly once the queue holds {queue_total}.
     {refuse}
     default_backend whisper
 
 backend whisper
-    server s1 127.0.0.1:{upstream_port} maxconn {maxconn} maxqueue {maxqueue}
-"""
+{balance_line}{server_lines}"""
         path = self.workdir / f"haproxy-{port}.cfg"
         path.write_text(config)
         argv = [find_tool("haproxy"), "-db", "-f", str(path)]

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from bench import report
 from bench.procs import Procs, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.bench]
@@ -146,7 +147,7 @@ def test_quick_run_covers_every_scenario_and_reference(bench_out: Path) -> None:
     assert data["mode"] == "quick"
     assert data["errors"] == {}
     scenarios = data["scenarios"]
-    assert set(scenarios) == {"overhead", "uploads", "overload", "goodput"}
+    assert set(scenarios) == {"overhead", "uploads", "overload", "goodput", "pool"}
     assert set(scenarios["overhead"]["references"]) == {
         "direct",
         "haproxy",
@@ -240,6 +241,89 @@ def test_goodput_rows_replay_one_schedule_and_keep_the_limit(bench_out: Path) ->
     assert all(row["peak_rss_mib"] > 0 for row in gatekeeper_rows)
 
 
+def test_pool_rows_use_every_card_and_keep_each_cards_limit(bench_out: Path) -> None:
+    """The pool scenario: HAProxy and the gatekeeper over three simulators replay one schedule;
+    every card gets tasks and never more at once than its own limit; the ceiling is the sum of
+    each card's best single-card goodput, every single-card row within its limit too."""
+    data, _, _ = _run(bench_out)
+    pool = data["scenarios"]["pool"]
+    config = data["config"]
+    cards, limits = config["pool_cards"], config["pool_limits"]
+    rows = pool["rows"]
+    expected = {
+        ("haproxy", False, False),
+        ("gatekeeper", False, False),
+        ("gatekeeper", True, False),
+    }
+    if config["pool_cooldown_off"]:
+        expected.add(("gatekeeper", False, True))
+    assert {(r["setup"], r["adaptive"], r["cooldown_off"]) for r in rows} == expected
+    arrivals = pool["setup"]["arrivals"]
+    assert arrivals > max(s["arrivals"] for s in pool["setup"]["shares"].values())
+    for row in rows:
+        assert row["tasks"] == arrivals * row["runs"], row["label"]
+        assert row["succeeded"] + row["failed"] + row["refused"] == row["tasks"], row["label"]
+        assert row["goodput_audio_min_per_min"] > 0, row["label"]
+        assert [c["card"] for c in row["per_card"]] == cards, row["label"]
+        for card in row["per_card"]:
+            assert card["tasks_started"] > 0, (row["label"], card)  # every card is used
+            bound = config["adaptive_maximum"] if row["adaptive"] else card["limit"]
+            assert card["max_active_seen"] <= bound, (row["label"], card)
+        if not row["adaptive"]:
+            assert row["limits"] == limits
+            assert row["queue_waits_logged"] > 0, row["label"]
+        assert row["vs_ceiling"] > 0, row["label"]
+    for path in next(r for r in rows if r["adaptive"])["adaptive_runs"]:
+        assert len(path["final_limits"]) == len(cards), path
+        assert all(1 <= end <= config["adaptive_maximum"] for end in path["final_limits"]), path
+    for row in pool["single_card_rows"]:
+        assert row["card"] in cards
+        assert row["succeeded"] + row["failed"] + row["refused"] == row["tasks"], row["label"]
+        if row["limit"] is not None:
+            assert row["max_active_on_gpu"] <= row["limit"], row["label"]
+    ceiling = pool["ceiling"]
+    assert [c["card"] for c in ceiling["per_card"]] == cards
+    assert ceiling["goodput_audio_min_per_min"] == pytest.approx(
+        sum(c["goodput_audio_min_per_min"] for c in ceiling["per_card"]), abs=0.01
+    )
+
+
+def test_a_run_of_some_scenarios_keeps_the_other_results(tmp_path: Path) -> None:
+    """`--scenarios pool` into bench/results replaces the pool's results and keeps the rest
+    (and the header of the run that made them); a run of another mode replaces everything."""
+    earlier = {
+        "schema": 1,
+        "mode": "full",
+        "command": "python -m bench --profile",
+        "scenarios": {"goodput": {"rows": [1]}, "pool": {"rows": [2]}},
+        "errors": {"pool": "RuntimeError: boom"},
+        "profiles": {"overhead/gatekeeper": {"samples": 3}, "pool/gatekeeper": {"samples": 1}},
+        "config": {"time_scale": 120.0},
+        "notes": ["shared machine"],
+    }
+    (tmp_path / "results.json").write_text(json.dumps(earlier), encoding="utf-8")
+    assert report.previous(tmp_path, "quick") is None
+    previous = report.previous(tmp_path, "full")
+    assert previous == earlier
+    now = {
+        "schema": 1,
+        "mode": "full",
+        "command": "python -m bench --scenarios pool",
+        "scenarios": {"pool": {"rows": [3]}},
+        "errors": {},
+        "profiles": {},
+        "config": {"time_scale": 60.0, "pool_cards": ["default"]},
+        "notes": ["shared machine", "another"],
+    }
+    merged = report.merge(previous, now)
+    assert merged["scenarios"] == {"goodput": {"rows": [1]}, "pool": {"rows": [3]}}
+    assert merged["errors"] == {}
+    assert merged["profiles"] == {"overhead/gatekeeper": {"samples": 3}}
+    assert merged["command"] == "python -m bench --profile"
+    assert merged["config"] == {"time_scale": 120.0, "pool_cards": ["default"]}
+    assert merged["notes"] == ["shared machine"]
+
+
 def test_markdown_shows_tables_machine_and_targets(bench_out: Path) -> None:
     """RESULTS.md has every section, the machine and every target with its measurement."""
     data, markdown, stderr = _run(bench_out)
@@ -250,6 +334,7 @@ def test_markdown_shows_tables_machine_and_targets(bench_out: Path) -> None:
         "## 2. Big uploads",
         "## 3. Overload",
         "## 4. GPU goodput",
+        "## 5. A pool of cards",
     ):
         assert heading in markdown, heading
     ids = {target["id"] for target in data["targets"]}
@@ -263,6 +348,8 @@ def test_markdown_shows_tables_machine_and_targets(bench_out: Path) -> None:
         "goodput_vs_haproxy",
         "success_rate_vs_haproxy",
         "adaptive_vs_best_fixed",
+        "pool_vs_haproxy",
+        "pool_vs_ceiling",
     }
     for target in data["targets"]:
         assert target["target"] in markdown
