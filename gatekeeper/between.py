@@ -51,9 +51,14 @@ class Between:
         """
         if self._config().oom_cooldown > 0:
             gone = await wait_or_gone(self._clock, delay, task)
-            if not gone:
-                task.ticket.move()  # a retry prefers another server, when one has room
-            return (Resume.GONE if gone else Resume.GRANTED), "retry_delay"
+            if gone:
+                return Resume.GONE, "retry_delay"
+            task.ticket.move()  # a retry prefers another server, when one has room
+            if not task.ticket.stranded:
+                return Resume.GRANTED, "retry_delay"
+            # Its server was found down while it waited and no other has room yet: give the
+            # slot back and wait for one on a server that is up, as without a cool-down.
+            delay = 0.0
         record = task.record
         if record.held_since is not None:
             record.held += self._clock.monotonic() - record.held_since

@@ -151,6 +151,11 @@ class Ticket:
         self._granted = self._granted.get_loop().create_future()
         self._gate._pause(self)
 
+    @property
+    def stranded(self) -> bool:
+        """It holds its slot on a server found down while another server is up."""
+        return self._gate.stranded(self)
+
     def move(self) -> bool:
         """Before a retry that kept its slot: move the slot to another usable server with room,
         if there is one (True). The slot left behind goes to the next waiter."""
@@ -309,9 +314,21 @@ class Gate:
 
     def _taken(self) -> int:
         """Slots taken as admission counts them: the sum of the limits less the free slots,
-        server by server (a server over a lowered limit does not eat another's room)."""
-        free = sum(max(0, s.limit - s.active) for s in self._servers)
+        server by server (a server over a lowered limit does not eat another's room), on the
+        servers a task may go to (a server found down has no room to offer)."""
+        free = sum(max(0, self._servers[i].limit - self._servers[i].active) for i in self._usable())
         return self._limit - free
+
+    def _usable(self) -> list[int] | range:
+        """The servers a task may go to: those not found down, or all when every one is."""
+        servers = self._servers
+        return [i for i, s in enumerate(servers) if s.usable] or range(len(servers))
+
+    def stranded(self, ticket: Ticket) -> bool:
+        """Whether `ticket` holds its slot on a server found down while another is up: its next
+        attempt should wait for a slot there rather than go to a dead server."""
+        server = ticket.server
+        return server is not None and server not in self._usable()
 
     def first_usable(self) -> int:
         """The first server in the list that is usable (for requests that are not tasks)."""
@@ -408,6 +425,19 @@ class Gate:
             slots.model = model
         self._hand_over()
 
+    def memory_model(self, server: int) -> MemoryModel:
+        """The figures tasks are costed by on `server`."""
+        return self._servers[server].model
+
+    def audio_ahead(self, *, unknown_as: float) -> tuple[float, int]:
+        """Seconds of audio of the tasks waiting for a slot (retries and queue), an unknown
+        length counted as `unknown_as`; and how many waited."""
+        total, count = 0.0, 0
+        for ticket in itertools.chain(self._retry_waiters, self._waiters):
+            total += unknown_as if ticket.audio is None else ticket.audio
+            count += 1
+        return total, count
+
     def running_audio(self, server: int) -> list[float | None]:
         """The audio lengths of the tasks holding a slot on `server` (for learning)."""
         return [t.audio for t in self._holders if t.server == server]
@@ -441,7 +471,7 @@ class Gate:
         `avoid` (the server a retry failed on) is taken only when no other one has room.
         """
         servers = self._servers
-        usable = [i for i, s in enumerate(servers) if s.usable] or range(len(servers))
+        usable = self._usable()
         if ticket is None:
             room = [i for i in usable if servers[i].active < servers[i].limit]
         else:
@@ -481,7 +511,8 @@ class Gate:
         self._holders.discard(ticket)
         slots = self._servers[server]
         slots.active -= 1
-        slots.used = max(0.0, slots.used - ticket.charged)
+        # Back to exactly 0 when the card is empty: float residue never builds up.
+        slots.used = max(0.0, slots.used - ticket.charged) if slots.active else 0.0
         ticket.charged = 0.0
         self._active -= 1
         assert self._servers[server].active >= 0, "slot released twice"

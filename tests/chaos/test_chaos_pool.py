@@ -14,9 +14,9 @@ OOMs it alone suffers; ASR_MAX_CONCURRENT is then each server's ceiling, checked
 
 The focused tests pin the pool's own promises on a known scenario: a dead server's running
 tasks are retried on another server and answered; an OOM on one server neither delays tasks
-starting on another (its cool-down) nor moves the other's adaptive limit. Two strict xfails pin
-what the pool run found in the core (see their reasons); they pass, and so fail, once it is
-fixed, and then the marker goes.
+starting on another (its cool-down) nor moves the other's adaptive limit; and the two things
+the pool run found in the core and that were fixed: a retry never goes back to a server found
+down, and a full pool with a server down refuses arrivals before their upload.
 """
 
 import asyncio
@@ -127,11 +127,7 @@ async def test_chaos_pool(start_gatekeeper: GatekeeperFactory, tmp_path: Path, m
         await kill.stop()
         await pool.stop()
     elapsed = time.monotonic() - began
-    # While a server is down the gate counts its slots as room: arrivals upload, then some are
-    # refused queue_full after the upload (pinned by the strict xfail
-    # test_with_a_server_down_a_full_pool_refuses_arrivals_before_their_upload); tolerated
-    # here, and counted in the figures, until the core is fixed.
-    verdict.reconcile(stats, metrics, admitted_refusals=False, late_queue_full=True)
+    verdict.reconcile(stats, metrics, admitted_refusals=False)
     # Each server's own account first: it names the tasks in flight when its limit broke.
     verdict.violations.extend(pool.violations[:20])
     for problem in monitor.problems[:20]:
@@ -140,6 +136,8 @@ async def test_chaos_pool(start_gatekeeper: GatekeeperFactory, tmp_path: Path, m
         verdict.fail(None, f"error logged: {line}")
     for line in events.started_while_down[:10]:
         verdict.fail(None, f"a server the probe found down got a new task: {line}")
+    for line in events.refused_while_down[:10]:
+        verdict.fail(None, f"an attempt went to a server the probe found down: {line}")
     _check_kill(verdict, kill, events, victim_after)
     _check_spool(verdict, spool)
     for member in pool.members:
@@ -159,11 +157,7 @@ async def test_chaos_pool(start_gatekeeper: GatekeeperFactory, tmp_path: Path, m
                     "victim_arrivals_after_restart": victim_after,
                     "cut_tasks": fate_of_the_cut,
                 },
-                "refused_queue_full_after_upload": verdict.late_queue_full,
                 "crashes_logged": {f"{u} {e}": n for (u, e), n in events.crashes.items()},
-                # Known core issue (see test_a_retry_never_goes_to_a_server_found_down): not
-                # yet a promise of this run, counted.
-                "attempts_refused_by_a_server_found_down": len(events.refused_while_down),
                 "per_server": {
                     m.name: {
                         "limit": m.limit,
@@ -489,14 +483,9 @@ async def test_an_oom_on_one_server_leaves_the_others_adaptive_limit_alone(
     _books_hold(stats, pool, events)
 
 
-# -- what the pool chaos run found in the core (strict xfails: they pass once it is fixed) ---
+# -- what the pool chaos run found in the core, fixed ----------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: a retry that keeps its slot on a server found down (the others being busy) "
-    "goes back to the dead server, attempt after attempt, and ends 502 crash",
-)
 async def test_a_retry_never_goes_to_a_server_found_down(
     start_gatekeeper: GatekeeperFactory,
 ) -> None:
@@ -534,11 +523,6 @@ async def test_a_retry_never_goes_to_a_server_found_down(
     assert [s.server for s in pool.by_id["cut"]] == [victim.index, 1 - victim.index]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: with a server down its slots still count as room for arrivals, so a task is "
-    "let upload and then refused queue_full (booked rejected after queueing)",
-)
 async def test_with_a_server_down_a_full_pool_refuses_arrivals_before_their_upload(
     start_gatekeeper: GatekeeperFactory,
 ) -> None:
