@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import random
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,9 @@ from urllib.parse import quote
 
 from aiohttp import BodyPartReader, web
 
-from .audio import DEFAULT_BYTE_RATE, AudioProbe
+from gatekeeper.spool import SpooledBody
+
+from .audio import DEFAULT_BYTE_RATE, AudioProbe, estimate_seconds, spooled_seconds
 from .errors import ErrorAnswer, ErrorStyle, gpu_error_answer, oom_answer, status_answer
 from .memory import GpuCompute, GpuMemory
 
@@ -53,6 +56,8 @@ TASK_PATHS: Final = (
 _log = logging.getLogger(__name__)
 
 _CHUNK = 64 * 1024  # upload read size: large enough to be fast, small enough to never matter
+_SPOOL_MEMORY = 1024 * 1024  # an audio part larger than this waits in a temporary file
+_SPOOL_IDLE = 600.0  # the simulator gives up on an upload that stalls this long
 _FORM_FIELD_LIMIT = 64 * 1024  # non-file form fields are tiny; keep at most this much
 _SHUTDOWN_TIMEOUT = 1.0  # handlers are cancelled on stop; do not wait aiohttp's default 60 s
 _RESET_GRACE = 0.05  # real seconds the half-written answer gets to leave before the reset
@@ -100,7 +105,7 @@ class SimConfig:
     release_delay: float = 0.0
     """Seconds a finished task keeps its memory (a cache that is not freed at once)."""
     byte_rate: float = DEFAULT_BYTE_RATE
-    """Bytes per second used to estimate the duration of non-WAV uploads."""
+    """Bytes per second used to estimate the duration of uploads whose headers cannot be read."""
     seed: int | None = None
     jitter: float = 0.0
     """Each task's work is multiplied by uniform(1 − jitter, 1 + jitter), drawn from `seed`."""
@@ -220,12 +225,26 @@ class _Counters:
 
 @dataclass
 class _Upload:
-    """The parsed multipart body: the audio part (hashed, never kept) and small form fields."""
+    """The parsed multipart body: the audio part (hashed, and spooled until its length is
+    read) and small form fields."""
 
     probe: AudioProbe = field(default_factory=AudioProbe)
     found: bool = False
     filename: str = "audio"
     form: dict[str, str] = field(default_factory=dict)
+    audio: SpooledBody | None = None
+
+    async def seconds(self, byte_rate: float) -> float:
+        """How long the audio is: read in a thread, since it is file I/O."""
+        if self.audio is None:
+            return estimate_seconds(0, byte_rate)
+        return await asyncio.to_thread(spooled_seconds, self.audio, byte_rate)
+
+    def close(self) -> None:
+        """Free the spooled audio (idempotent)."""
+        if self.audio is not None:
+            self.audio.close()
+            self.audio = None
 
 
 class _BadSteering(ValueError):
@@ -608,10 +627,13 @@ class Simulator:
         record.audio_bytes = upload.probe.total_bytes
         record.audio_sha256 = upload.probe.sha256 if upload.found else None
         headers = _task_headers(request, record)
+        steered = "X-Sim-Audio-Seconds" in request.headers  # overrides what the file says
         try:
-            seconds = (
-                _steered_seconds(request) if "X-Sim-Audio-Seconds" in request.headers else None
-            )
+            measured = 0.0 if steered else await upload.seconds(self._config.byte_rate)
+        finally:
+            upload.close()
+        try:
+            seconds = _steered_seconds(request) if steered else measured
             status = _steered_status(request)
             fail = request.headers.get("X-Sim-Fail", "").strip().lower()
             if fail and fail not in _FAILS:
@@ -620,8 +642,6 @@ class Simulator:
             record.outcome = "bad_request"
             body = json.dumps({"detail": str(exc)})
             return _respond(ErrorAnswer(400, "application/json", body), headers)
-        if seconds is None:
-            seconds = upload.probe.seconds(self._config.byte_rate)
         record.audio_seconds = seconds
         gpu_seconds = min(seconds, _DETECT_SECONDS) if route.task == "detect" else seconds
         need = self._memory.need_gib(gpu_seconds)
@@ -860,15 +880,29 @@ async def _read_upload(request: web.Request, field_name: str) -> _Upload:
             elif part.name == field_name and not upload.found:
                 upload.found = True
                 upload.filename = part.filename or "audio"
-                while chunk := await part.read_chunk(_CHUNK):
-                    upload.probe.feed(chunk)
+                await _spool_audio(part, upload)
             elif part.filename is None and part.name:
                 upload.form[part.name] = await _read_small(part)
             else:
                 await part.release()
     except ValueError:
         _log.debug("malformed multipart body", exc_info=True)
+    except BaseException:  # the client left mid-upload: nothing will read the spool
+        upload.close()
+        raise
     return upload
+
+
+async def _spool_audio(part: BodyPartReader, upload: _Upload) -> None:
+    """Keep the audio part (in memory, or a temporary file when large), hashing it as it comes."""
+    audio = upload.audio = SpooledBody(memory_limit=_SPOOL_MEMORY)
+
+    async def read() -> bytes:
+        chunk = await part.read_chunk(_CHUNK)
+        upload.probe.feed(chunk)
+        return chunk
+
+    await audio.fill(read, max_size=sys.maxsize, idle_timeout=_SPOOL_IDLE)
 
 
 async def _read_small(part: BodyPartReader) -> str:

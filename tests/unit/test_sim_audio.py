@@ -1,7 +1,9 @@
-"""Audio duration from WAV headers and sizes, and the streaming upload probe."""
+"""The simulator's audio duration (headers read by the gatekeeper's reader, else the size at a
+byte rate), WAV headers, and the streaming upload probe."""
 
 import hashlib
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -14,8 +16,10 @@ from gatekeeper.sim.audio import (
     estimate_seconds,
     parse_wav,
     silent_wav,
+    spooled_seconds,
     wav_header,
 )
+from gatekeeper.spool import SpooledBody
 
 
 @pytest.mark.parametrize("seconds", [0.0, 0.5, 2.5, 61.0])
@@ -94,21 +98,19 @@ def test_byte_rate_is_configurable() -> None:
         estimate_seconds(1, byte_rate=0)
 
 
-def test_probe_hashes_everything_but_keeps_only_the_head() -> None:
-    """The probe's hash and size cover the whole upload while it keeps just 4 KiB."""
+def test_probe_hashes_and_counts_everything() -> None:
+    """The probe's hash and size cover the whole upload, fed in pieces."""
     wav = silent_wav(1.0)
     probe = AudioProbe()
     for start in range(0, len(wav), 1000):
         probe.feed(wav[start : start + 1000])
     assert probe.sha256 == hashlib.sha256(wav).hexdigest()
     assert probe.total_bytes == len(wav)
-    assert len(probe.head) == HEAD_BYTES
-    assert probe.seconds() == pytest.approx(1.0)
 
 
 @given(st.binary(max_size=10_000), st.lists(st.integers(min_value=1, max_value=3000), max_size=10))
 def test_chunking_never_changes_what_the_probe_sees(data: bytes, cuts: list[int]) -> None:
-    """However the upload is split into chunks, hash, size and head are the same."""
+    """However the upload is split into chunks, hash and size are the same."""
     probe = AudioProbe()
     position = 0
     for size in cuts:
@@ -117,4 +119,34 @@ def test_chunking_never_changes_what_the_probe_sees(data: bytes, cuts: list[int]
     probe.feed(data[position:])
     assert probe.sha256 == hashlib.sha256(data).hexdigest()
     assert probe.total_bytes == len(data)
-    assert probe.head == data[:HEAD_BYTES]
+
+
+async def _spooled(data: bytes, tmp_path: Path) -> SpooledBody:
+    body = SpooledBody(memory_limit=1000, directory=tmp_path)
+    chunks = iter([data, b""])
+
+    async def read() -> bytes:
+        return next(chunks)
+
+    await body.fill(read, max_size=1 << 30, idle_timeout=5)
+    return body
+
+
+@pytest.mark.parametrize("claimed", [None, 0xFFFFFFFF])
+async def test_the_simulator_reads_the_length_as_the_gatekeeper_does(
+    tmp_path: Path, claimed: int | None
+) -> None:
+    """A spooled WAV's length comes from the gatekeeper's reader (a streaming writer's size
+    field included), not from the byte rate."""
+    data = bytes(32_000 * 3)
+    body = await _spooled(wav_header(len(data), data_size_field=claimed) + data, tmp_path)
+    assert spooled_seconds(body, byte_rate=1.0) == pytest.approx(3.0)
+    body.close()
+
+
+async def test_what_no_reader_understands_is_estimated_from_its_size(tmp_path: Path) -> None:
+    """Bytes no reader understands last their size over the byte rate: the last resort."""
+    body = await _spooled(bytes(range(256)) * 625, tmp_path)  # 160,000 bytes
+    assert spooled_seconds(body) == pytest.approx(10.0)
+    assert spooled_seconds(body, byte_rate=8_000) == pytest.approx(20.0)
+    body.close()
