@@ -30,6 +30,8 @@ __all__ = [
     "upstream_unreachable",
 ]
 
+AUDIO_HEADER = "X-Gatekeeper-Audio-Seconds"
+"""Seconds of audio in a task's upload (two decimals), or `unknown`, on every answer to it."""
 ATTEMPTS_HEADER = "X-Gatekeeper-Attempts"
 REASON_HEADER = "X-Gatekeeper-Reason"
 _JSON = "application/json; charset=utf-8"

@@ -6,7 +6,10 @@ from gatekeeper.policy.classify import OomMatcher
 from gatekeeper.policy.retry import RetryPolicy
 from gatekeeper.settings import Settings
 
-__all__ = ["ProxyConfig"]
+__all__ = ["MIN_ATTEMPT_TIMEOUT", "ProxyConfig"]
+
+MIN_ATTEMPT_TIMEOUT = 60.0
+"""The shortest timeout an attempt scaled by its audio gets (the seed: 1 min → 30–60 s)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +30,7 @@ class ProxyConfig:
     client_body_timeout: float
     upload_timeout: float
     timeout_hold: float
+    timeout_per_audio_minute: float | None
     oom_window: float
     oom_cooldown: float
     retry: RetryPolicy
@@ -47,6 +51,7 @@ class ProxyConfig:
             client_body_timeout=settings.client_body_timeout,
             upload_timeout=settings.upload_timeout,
             timeout_hold=settings.timeout_hold_s,
+            timeout_per_audio_minute=settings.timeout_per_audio_minute,
             oom_window=settings.oom_window_s,
             oom_cooldown=settings.oom_cooldown_s,
             retry=RetryPolicy(
@@ -57,6 +62,16 @@ class ProxyConfig:
             ),
             matcher=settings.oom_matcher(),
         )
+
+    def attempt_timeout(self, audio_seconds: float | None) -> float:
+        """One attempt's timeout: ASR_REQUEST_TIMEOUT, or with ASR_TIMEOUT_PER_AUDIO_MINUTE that
+        many seconds per minute of audio, at least `MIN_ATTEMPT_TIMEOUT`, never above
+        ASR_REQUEST_TIMEOUT (the worst case; also for files of unknown length)."""
+        per_minute = self.timeout_per_audio_minute
+        if per_minute is None or audio_seconds is None:
+            return self.request_timeout
+        scaled = max(MIN_ATTEMPT_TIMEOUT, per_minute * audio_seconds / 60.0)
+        return min(self.request_timeout, scaled)
 
     def is_task(self, method: str, path: str) -> bool:
         """Work for the GPU: a task method (POST) on a task path; the rest passes through."""

@@ -16,11 +16,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
-from gatekeeper.answers import body_broken, body_timeout, body_too_large, upload_timeout
+from gatekeeper.answers import (
+    AUDIO_HEADER,
+    body_broken,
+    body_timeout,
+    body_too_large,
+    upload_timeout,
+)
+from gatekeeper.audio import audio_seconds
 from gatekeeper.clock import Clock
 from gatekeeper.config import ProxyConfig
 from gatekeeper.gate import Gate, Refused, Ticket
@@ -32,6 +39,7 @@ from gatekeeper.refusals import Refusals
 from gatekeeper.relay import client_write, pass_through, upstream_headers
 from gatekeeper.runner import Runner
 from gatekeeper.spool import BodyTimeout, BodyTooLarge, SpooledBody, UploadTimeout
+from gatekeeper.state import LiveState
 from gatekeeper.task import Task
 
 __all__ = ["Handler"]
@@ -51,8 +59,10 @@ class Handler:
         session: Callable[[], aiohttp.ClientSession],
         new_id: Callable[[], str],
         clock: Clock,
+        state: LiveState,
     ) -> None:
         self._config = config
+        self._state = state
         self._clock = clock
         self._new_id = new_id  # a request id for a request that brought none
         self._gate = gate
@@ -132,7 +142,8 @@ class Handler:
             failed = await self._receive(request, record, body)
             if failed is not None:
                 return failed
-            ticket = upload.enter() if not self._uploads_stopped else None
+            record.audio = await self._audio(body, request.headers.get(hdrs.CONTENT_TYPE))
+            ticket = upload.enter(record.audio) if not self._uploads_stopped else None
             if ticket is None:  # the upload ended just as the grace period did
                 raise Refused(RejectReason.SHUTTING_DOWN)
             # ASR_QUEUE_TIMEOUT counts from here: the upload had its own limit.
@@ -145,7 +156,9 @@ class Handler:
             return await self._await_runner(task, self._runner.start(task))
         except Refused as refused:  # no room once the upload was in, queue timeout, shutdown
             record.end(TaskOutcome.REJECTED)
-            return self._refusals.refuse(refused.reason, request_id, arrived=record.arrived)
+            answer = self._refusals.refuse(refused.reason, request_id, arrived=record.arrived)
+            answer.headers[AUDIO_HEADER] = record.audio_text
+            return answer
         except asyncio.CancelledError:
             if not handed_over:
                 record.end(TaskOutcome.CANCELLED)
@@ -162,6 +175,17 @@ class Handler:
                 if ticket is not None:
                     ticket.leave()
                 body.close()
+
+    async def _audio(self, body: SpooledBody, content_type: str | None) -> float | None:
+        """Seconds of audio in the upload (None: unreadable, never refused for that), from the
+        spool's headers only: at once for a body held in memory (microseconds), in a worker
+        thread for one spooled to disk."""
+        if body.in_memory() is not None:
+            seconds = audio_seconds(body, content_type)
+        else:
+            seconds = await asyncio.to_thread(audio_seconds, body, content_type)
+        self._state.audio_read(seconds)
+        return seconds
 
     @staticmethod
     def _headers(request: web.Request, request_id: str, size: int) -> CIMultiDict[str]:

@@ -39,7 +39,14 @@ class TaskRecord:
     held_since: float | None = None
     upstreams: list[str] = field(default_factory=list)
     """The server (host:port) of each attempt, in order."""
+    audio: float | None = None
+    """Seconds of audio in the upload (None: not read yet, or unreadable)."""
     outcome: TaskOutcome | None = None
+
+    @property
+    def audio_text(self) -> str:
+        """The audio length as answers and logs show it: `12.35`, or `unknown`."""
+        return "unknown" if self.audio is None else f"{self.audio:.2f}"
 
     def end(self, outcome: TaskOutcome) -> None:
         """Book the task's one outcome; raise TaskAlreadyEnded the second time."""

@@ -15,6 +15,7 @@ from gatekeeper.clock import Clock
 from gatekeeper.gate import Gate
 from gatekeeper.logs import Event, log_event
 from gatekeeper.policy.adaptive import AdaptiveLimit, AdaptiveParams, LimitChange
+from gatekeeper.policy.memory import MemoryLearner, MemoryModel, MemoryParams
 from gatekeeper.policy.outcomes import AttemptOutcome
 from gatekeeper.settings import QUEUE_PER_SLOT, Settings
 
@@ -22,7 +23,9 @@ __all__ = ["Limiter"]
 
 
 def _adaptive_params(settings: Settings, maximum: int) -> AdaptiveParams | None:
-    if not settings.adaptive:
+    """The adaptive count's parameters; None when the count is fixed (also when admission is by
+    memory: then the memory figures are what is learned, and the count only caps)."""
+    if not settings.adaptive or settings.by_memory:
         return None
     return AdaptiveParams(
         minimum=settings.min_concurrent,
@@ -59,6 +62,36 @@ class Limiter:
             limit = None if params is None else AdaptiveLimit(params, initial=start, now=self._now)
             self._adaptive.append(limit)
         self._queue_follows = settings.queue_follows_limit
+        self._learners: list[MemoryLearner | None] = [None] * len(self._names)
+        self._memory(settings)
+
+    def _memory(self, settings: Settings) -> None:
+        """Admission by memory, per server: budget, figures, and a learner in adaptive mode
+        (kept across changes that leave its budget and starting figures alone)."""
+        params = MemoryParams(
+            stable_starts=settings.adaptive_stable_successes,
+            fade_seconds=settings.adaptive_fade_seconds,
+        )
+        for i, (budget, (base, per_minute)) in enumerate(
+            zip(settings.memory_budgets, settings.task_memory, strict=True)
+        ):
+            start = MemoryModel(base, per_minute)
+            learner = self._learners[i]
+            if budget is None or not settings.adaptive:
+                self._learners[i] = None
+                model = start
+            elif learner is not None and (learner.start, learner.budget, learner.params) == (
+                start,
+                budget,
+                params,
+            ):
+                model = learner.model
+            else:
+                learner = MemoryLearner(start, budget_gib=budget, now=self._now, params=params)
+                self._learners[i] = learner
+                model = learner.model
+            self.gate.set_memory(i, budget=budget, model=model)
+        self.gate.backfill_seconds = settings.backfill_seconds
 
     @property
     def adaptive(self) -> AdaptiveLimit | None:
@@ -100,6 +133,54 @@ class Limiter:
         self.gate.set_limits(
             limit=limits, max_queue=settings.queue_limit if queue is None else queue
         )
+        self._memory(settings)
+
+    def observe_start(
+        self,
+        server: int,
+        *,
+        oom: bool,
+        audio_seconds: list[float | None],
+        memory_was_limit: bool,
+    ) -> None:
+        """An attempt that started on `server` beside the tasks of `audio_seconds` (itself
+        included) ran out of memory (`oom`) or went well: evidence for that card's figures."""
+        learner = self._learners[server]
+        if learner is None:
+            return
+        model = learner.observe_start(
+            oom=oom, audio_seconds=audio_seconds, memory_was_limit=memory_was_limit
+        )
+        if model is not None:
+            self._new_model(server, model, "oom" if oom else "stable")
+
+    def memory_view(self, server: int) -> dict[str, object] | None:
+        """A server's memory admission for /stats (None: admission by count)."""
+        slots = self.gate.counts().servers[server]
+        if slots.memory_budget is None:
+            return None
+        learner = self._learners[server]
+        model = self.gate.memory_model(server).rounded()
+        return {
+            "used": round(slots.memory_used, 3),
+            "budget": slots.memory_budget,
+            "task_memory_gib": model.base_gib,
+            "task_memory_per_minute_gib": model.per_minute_gib,
+            "learning": None if learner is None else learner.snapshot(),
+        }
+
+    def _new_model(self, server: int, model: MemoryModel, reason: str) -> None:
+        self.gate.set_memory(
+            server, budget=self.gate.counts().servers[server].memory_budget, model=model
+        )
+        log_event(
+            Event.MEMORY_LEARNED,
+            logging.WARNING if reason == "oom" else logging.INFO,
+            upstream=self._names[server],
+            task_memory_gib=round(model.base_gib, 3),
+            per_minute_gib=round(model.per_minute_gib, 4),
+            reason=reason,
+        )
 
     def observe(
         self, outcome: AttemptOutcome, *, server: int, in_flight: int, first_attempt: bool
@@ -121,6 +202,11 @@ class Limiter:
         for server, adaptive in enumerate(self._adaptive):
             if adaptive is not None:
                 self._apply(server, adaptive.tick())
+        for server, learner in enumerate(self._learners):
+            if learner is not None:
+                model = learner.tick()
+                if model is not None:
+                    self._new_model(server, model, "faded")
 
     def adaptive_view(self, server: int, *, wall_now: float) -> dict[str, object] | None:
         """A server's adaptive limit's state for /stats, or None when its limit is fixed."""

@@ -50,6 +50,7 @@ class Event(StrEnum):
     CONFIG_CHANGED = "配置已更改"
     CONFIG_NEEDS_RESTART = "配置更改需要重启才能生效"
     LIMIT_CHANGED = "调整并发"
+    MEMORY_LEARNED = "调整显存估计"
     SERVING = "网关已启动"
     DRAINING = "收到停止信号，等待任务完成"
     DRAINING_CUT = "再次收到停止信号，不再等待"

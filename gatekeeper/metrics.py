@@ -23,6 +23,7 @@ from gatekeeper.state import HistogramData, Snapshot
 __all__ = ["PREFIX", "SnapshotCollector", "create_registry"]
 
 PREFIX = "asr_gatekeeper_"
+GIB = 2**30
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -125,6 +126,17 @@ class SnapshotCollector(Collector):
             snap.upstream_duration,
         )
         yield _histogram(
+            "audio_seconds",
+            "Seconds of audio in each task's upload (those whose length could be read).",
+            snap.audio,
+        )
+        unreadable = CounterMetricFamily(
+            PREFIX + "audio_unreadable",
+            "Uploads whose audio length could not be read (costed as a long file).",
+        )
+        unreadable.add_metric([], snap.audio_unknown)
+        yield unreadable
+        yield _histogram(
             "task_duration_seconds",
             "Time from arrival to the end of a task that reached the Whisper server.",
             snap.task_duration,
@@ -167,8 +179,28 @@ def _per_server(snap: Snapshot) -> Iterator[Metric]:
         "Changes of a server's adaptive limit, by what caused them.",
         labels=["upstream", "reason"],
     )
+    memory = {
+        key: GaugeMetricFamily(PREFIX + f"upstream_{key}_bytes", doc, labels=label)
+        for key, doc in (
+            ("memory_budget", "The card's GPU memory for tasks (ASR_GPU_MEMORY_GIB)."),
+            ("memory_used", "GPU memory the running tasks' estimated peaks hold."),
+            ("task_memory", "A task's estimated peak whatever its length (set or learned)."),
+            ("task_memory_per_minute", "Extra estimated peak per minute of audio."),
+        )
+    }
     for server in snap.servers:
         name = [server.name]
+        if server.memory is not None:
+            view = server.memory
+            for key, field in (
+                ("memory_budget", "budget"),
+                ("memory_used", "used"),
+                ("task_memory", "task_memory_gib"),
+                ("task_memory_per_minute", "task_memory_per_minute_gib"),
+            ):
+                gib = view[field]
+                assert isinstance(gib, float | int)
+                memory[key].add_metric(name, gib * GIB)
         up.add_metric(name, 1 if server.up else 0)
         limit.add_metric(name, server.limit)
         active.add_metric(name, server.active)
@@ -179,6 +211,8 @@ def _per_server(snap: Snapshot) -> Iterator[Metric]:
         for kind in LimitChangeKind:
             changes.add_metric([server.name, kind.value], server.limit_changes.get(kind, 0))
     yield from (up, limit, active, last_oom, oom, attempts, changes)
+    if any(server.memory is not None for server in snap.servers):
+        yield from memory.values()
 
 
 def create_registry(snapshot: Callable[[], Snapshot]) -> CollectorRegistry:

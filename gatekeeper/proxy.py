@@ -62,6 +62,7 @@ class Proxy:
         self.state.adaptive_view = lambda server: self.limiter.adaptive_view(
             server, wall_now=clock.wall()
         )
+        self.state.memory_view = self.limiter.memory_view
         refusals = Refusals(self.limiter.gate, self.state, clock)
         self.runner = Runner(
             self._current,
@@ -82,6 +83,7 @@ class Proxy:
             session=session,
             new_id=lambda: f"{rng.getrandbits(128):032x}",  # from the injected random source
             clock=clock,
+            state=self.state,
         )
 
     def _current(self) -> ProxyConfig:

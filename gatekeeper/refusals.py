@@ -8,7 +8,7 @@ from gatekeeper.answers import refusal
 from gatekeeper.clock import Clock
 from gatekeeper.gate import Gate
 from gatekeeper.logs import Event, log_event
-from gatekeeper.policy.admission import estimate_retry_after, queue_usage
+from gatekeeper.policy.admission import estimate_retry_after, queue_usage, work_ahead_steps
 from gatekeeper.policy.outcomes import RejectReason
 from gatekeeper.state import LiveState
 
@@ -39,11 +39,20 @@ class Refusals:
         # The hot path of an overload: read the few numbers needed, not a whole snapshot.
         usage = self._gate.counts()
         self._state.task_rejected(reason)
+        ahead = usage.queued + usage.retrying  # retries go ahead of the queue
+        mean_service = self._state.service.mean
+        per_audio = self._state.seconds_per_audio_second
+        if per_audio is not None and ahead and reason is not RejectReason.SHUTTING_DOWN:
+            # The audio queued ahead, at the measured seconds per second of audio.
+            audio, _ = self._gate.audio_ahead(unknown_as=self._state.mean_audio_seconds())
+            mean_service = work_ahead_steps(
+                reason=reason,
+                seconds_per_audio_second=per_audio,
+                audio_ahead=audio,
+                tasks_ahead=ahead,
+            )
         retry_after = estimate_retry_after(
-            reason=reason,
-            mean_service=self._state.service.mean,
-            limit=usage.limit,
-            queued=usage.queued + usage.retrying,  # retries go ahead of the queue
+            reason=reason, mean_service=mean_service, limit=usage.limit, queued=ahead
         )
         # In a flood one line a second per reason says it all; metrics count every refusal.
         now = self._clock.monotonic()

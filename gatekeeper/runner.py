@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gatekeeper.answers import ATTEMPTS_HEADER, upstream_failure
+from gatekeeper.answers import ATTEMPTS_HEADER, AUDIO_HEADER, upstream_failure
 from gatekeeper.between import Between, Resume, wait_or_gone
 from gatekeeper.clock import Clock
 from gatekeeper.config import ProxyConfig
@@ -99,9 +99,11 @@ class Runner:
         its retry found no slot in time, or the end of a shutdown stopped it."""
         record = task.record
         record.end(TaskOutcome.REJECTED)
-        return self._refusals.refuse(
+        answer = self._refusals.refuse(
             reason, record.task_id, arrived=record.arrived, attempts=record.attempts
         )
+        answer.headers[AUDIO_HEADER] = record.audio_text
+        return answer
 
     # -- the task's life with a slot -----------------------------------------------------------
 
@@ -148,6 +150,7 @@ class Runner:
             path=task.record.path,
             upstream=self._config().upstream_names[server],
             upstream_active=f"{slots.active}/{slots.limit}",
+            audio=task.record.audio_text,
         )
 
     def _free_slot(self, task: Task) -> None:
@@ -159,6 +162,8 @@ class Runner:
             record.held += self._clock.monotonic() - record.held_since
             record.held_since = None
         self._state.slot_held(record.held)
+        if record.audio is not None and record.outcome is TaskOutcome.SUCCESS:
+            self._state.slot_held_for_audio(record.held, record.audio)
 
     async def _attempts(self, task: Task) -> web.StreamResponse:
         """Attempt after attempt until one is delivered (or the task ends between two)."""
@@ -175,8 +180,13 @@ class Runner:
         record, cfg, server = task.record, self._config(), _server(task)
         record.attempts += 1
         record.upstreams.append(cfg.upstream_names[server])
+        gate = self._limiter.gate
+        beside = gate.running_audio(server)  # the card's tasks as this one starts, itself too
+        counts = gate.counts()
+        waiting = counts.queued + counts.retry_waiting > 0
+        memory_was_limit = waiting and counts.servers[server].active < counts.servers[server].limit
         began = self._clock.monotonic()
-        deadline = self._clock.monotonic() + cfg.request_timeout
+        deadline = self._clock.monotonic() + cfg.attempt_timeout(record.audio)
         # The GPU is busy with this attempt from the request until its answer is fully read.
         self._state.upstream_began(server)
         held = False  # a hold took over the attempt (and ends it upstream)
@@ -191,6 +201,13 @@ class Runner:
                 clock=self._clock,
             )
             outcome = _classify(result, cfg)
+            if outcome in (AttemptOutcome.OK, AttemptOutcome.OOM):
+                self._limiter.observe_start(
+                    server,
+                    oom=outcome is AttemptOutcome.OOM,
+                    audio_seconds=beside,
+                    memory_was_limit=memory_was_limit,
+                )
             delay = cfg.retry.next_delay(
                 outcome,
                 record.attempts,
@@ -306,10 +323,15 @@ class Runner:
         record = task.record
         if result.response is None:
             failure = upstream_failure(outcome, attempts=record.attempts, request_id=record.task_id)
+            failure.headers[AUDIO_HEADER] = record.audio_text
             pending = result.still_upstream
             still = None if pending is None else finish_attempt(pending)
             return failure, outcome, task.gone.is_set(), still
-        extra = {ATTEMPTS_HEADER: str(record.attempts), REQUEST_ID: record.task_id}
+        extra = {
+            ATTEMPTS_HEADER: str(record.attempts),
+            REQUEST_ID: record.task_id,
+            AUDIO_HEADER: record.audio_text,
+        }
         task.answering = True
         end = RelayEnd.UPSTREAM_BROKE
         try:
@@ -357,6 +379,7 @@ class Runner:
             retry_delay=record.retry_delay_total,
             cooldown=record.cooldown,
             upstream=record.upstreams[-1],
+            audio=record.audio_text,
         )
         return answer
 
@@ -380,7 +403,7 @@ class Runner:
         facts["attempt"] = record.attempts
         facts["upstream"] = record.upstreams[-1]
         if outcome is AttemptOutcome.TIMEOUT:
-            facts["timeout"] = self._config().request_timeout
+            facts["timeout"] = self._config().attempt_timeout(record.audio)
         elif outcome is AttemptOutcome.CRASH:
             facts["error"] = type(result.error).__name__ if result.error else "incomplete"
         else:

@@ -4,6 +4,7 @@ This is the only module that reads the environment. Names, defaults and meanings
 SPEC's settings table; anything added beyond it is marked "extra" in its description.
 """
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, get_args
@@ -125,6 +126,43 @@ class Settings(BaseSettings):
         gt=0,
         description="Extra: seconds the adaptive mode remembers OOMs; a ceiling learned from "
         "them goes once they are older (so a fixed or restarted Whisper server is probed again).",
+        json_schema_extra=_LIVE,
+    )
+    gpu_memory_gib: Annotated[float | tuple[float, ...] | None, NoDecode] = Field(
+        None,
+        description="GPU memory in GiB available to tasks on a card (the seed's total − "
+        "reserved: 24 − 6 = 18 on an RTX 3090). Setting it turns on admission by memory: a task "
+        "starts on a card only when its estimated peak fits beside the card's running tasks "
+        "(ASR_MAX_CONCURRENT still caps the count). One value for all servers or one per server.",
+        json_schema_extra=_LIVE,
+    )
+    task_memory_gib: Annotated[float | tuple[float, ...], NoDecode] = Field(
+        6.0,
+        description="A task's peak GPU memory in GiB whatever its length (the seed's "
+        "单个转录峰值); with ASR_ADAPTIVE, where learning starts. One value or one per server.",
+        json_schema_extra=_LIVE,
+    )
+    task_memory_per_minute_gib: Annotated[float | tuple[float, ...], NoDecode] = Field(
+        0.0,
+        description="Extra peak GPU memory in GiB per minute of audio. One value or one per "
+        "server.",
+        json_schema_extra=_LIVE,
+    )
+    backfill_seconds: float = Field(
+        120.0,
+        ge=0,
+        description="Extra (admission by memory): a task that fits may start before an earlier "
+        "one that does not, but the head of the queue is passed for at most this many seconds; "
+        "then it is served next. 0: strict first-in first-out.",
+        json_schema_extra=_LIVE,
+    )
+    timeout_per_audio_minute: float | None = Field(
+        None,
+        gt=0,
+        description="Extra: scale an attempt's timeout with its audio: this many seconds per "
+        "minute of audio, at least 60, at most ASR_REQUEST_TIMEOUT (which stays the worst case "
+        "and applies to files of unknown length). 30 gives the seed's table: 1 min → 60 s, "
+        "5 min → 150 s, 10 min → 300 s. Unset: every attempt gets ASR_REQUEST_TIMEOUT.",
         json_schema_extra=_LIVE,
     )
     max_queue: int | None = Field(
@@ -300,6 +338,21 @@ class Settings(BaseSettings):
             raise ValueError("give a whole number from 1 to 1024, or one per server: 3,2,1")
         return limits[0] if len(limits) == 1 else limits
 
+    @field_validator(
+        "gpu_memory_gib", "task_memory_gib", "task_memory_per_minute_gib", mode="before"
+    )
+    @classmethod
+    def _parse_gib(cls, value: object, info: ValidationInfo) -> object:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            items = [items]
+        amounts = tuple(_gib(item) for item in items)
+        if info.field_name == "gpu_memory_gib" and min(amounts) <= 0:
+            raise ValueError("each card needs more than 0 GiB for tasks, e.g. 18 on a 24 GB card")
+        return amounts[0] if len(amounts) == 1 else amounts
+
     @field_validator("gated_paths", "oom_patterns", "task_methods", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
@@ -386,12 +439,14 @@ class Settings(BaseSettings):
             object.__setattr__(
                 self, "oom_cooldown", 0.0 if self.adaptive else 1.5 * self.retry_delay
             )
-        if isinstance(self.max_concurrent, tuple):
-            servers = len(self.upstream_urls)
-            if len(self.max_concurrent) != servers:
-                given = ",".join(map(str, self.max_concurrent))
+        servers = len(self.upstream_urls)
+        per_server = ("max_concurrent", "gpu_memory_gib", "task_memory_gib")
+        for name in (*per_server, "task_memory_per_minute_gib"):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) != servers:
+                given = ",".join(f"{v:g}" for v in value)
                 raise ValueError(
-                    f"ASR_MAX_CONCURRENT={given} has {len(self.max_concurrent)} values for "
+                    f"{ENV_PREFIX}{name.upper()}={given} has {len(value)} values for "
                     f"{servers} server(s) in ASR_UPSTREAM_URL: give one value for all, or one "
                     "per server in the same order"
                 )
@@ -436,8 +491,9 @@ class Settings(BaseSettings):
 
     @property
     def queue_follows_limit(self) -> bool:
-        """Adaptive mode without ASR_MAX_QUEUE: the queue is 10 × the current limit."""
-        return self.adaptive and "max_queue" not in self.model_fields_set
+        """Adaptive mode (by count) without ASR_MAX_QUEUE: the queue is 10 × the current
+        limit."""
+        return self.adaptive and not self.by_memory and "max_queue" not in self.model_fields_set
 
     @property
     def upstream_urls(self) -> tuple[str, ...]:
@@ -456,6 +512,32 @@ class Settings(BaseSettings):
             return (self.max_concurrent,) * len(self.upstream_urls)
         return self.max_concurrent
 
+    def _per_server(self, value: float | tuple[float, ...]) -> tuple[float, ...]:
+        return (value,) * len(self.upstream_urls) if isinstance(value, float) else value
+
+    @property
+    def memory_budgets(self) -> tuple[float | None, ...]:
+        """ASR_GPU_MEMORY_GIB for each server; None: admission by count only."""
+        if self.gpu_memory_gib is None:
+            return (None,) * len(self.upstream_urls)
+        return self._per_server(self.gpu_memory_gib)
+
+    @property
+    def task_memory(self) -> tuple[tuple[float, float], ...]:
+        """(ASR_TASK_MEMORY_GIB, ASR_TASK_MEMORY_PER_MINUTE_GIB) for each server."""
+        return tuple(
+            zip(
+                self._per_server(self.task_memory_gib),
+                self._per_server(self.task_memory_per_minute_gib),
+                strict=True,
+            )
+        )
+
+    @property
+    def by_memory(self) -> bool:
+        """Admission by GPU memory (ASR_GPU_MEMORY_GIB is set)."""
+        return self.gpu_memory_gib is not None
+
     @property
     def total_limit(self) -> int:
         """The servers' limits together: tasks upstream at once, at most."""
@@ -463,8 +545,9 @@ class Settings(BaseSettings):
 
     @property
     def start_limits(self) -> tuple[int, ...]:
-        """Each server's limit to start with: fixed, or the adaptive mode's starting point."""
-        if not self.adaptive:
+        """Each server's limit to start with: fixed, or the adaptive mode's starting point (by
+        memory the count only caps: the memory figures are what adapts)."""
+        if not self.adaptive or self.by_memory:
             return self.limits
         start = self.initial_concurrent or self.min_concurrent
         return tuple(min(start, limit) for limit in self.limits)
@@ -503,6 +586,18 @@ def _limit(value: object) -> int:
     if type(text) is not int or not 1 <= text <= 1024:
         raise ValueError(f"each limit must be a whole number from 1 to 1024, got {value!r}")
     return text
+
+
+def _gib(value: object) -> float:
+    """One server's amount of GPU memory in GiB: a finite number ≥ 0."""
+    text = value.strip() if isinstance(value, str) else value
+    try:
+        amount = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        amount = math.nan
+    if isinstance(value, bool) or not math.isfinite(amount) or amount < 0:
+        raise ValueError(f"each amount must be a finite number of GiB ≥ 0, got {value!r}")
+    return amount
 
 
 def server_name(url: str) -> str:

@@ -17,6 +17,7 @@ from gatekeeper.policy.outcomes import AttemptOutcome, HoldEnd, RejectReason, Ta
 from gatekeeper.policy.quantiles import percentile
 
 __all__ = [
+    "AUDIO_BUCKETS",
     "DURATION_BUCKETS",
     "QUEUE_WAIT_BUCKETS",
     "HistogramData",
@@ -68,6 +69,8 @@ QUEUE_WAIT_BUCKETS: tuple[float, ...] = (
     600,
     1200,
 )
+# Audio lengths: voice notes of seconds to meetings of hours.
+AUDIO_BUCKETS: tuple[float, ...] = (5, 10, 30, 60, 120, 300, 600, 900, 1200, 1800, 3600, 7200)
 _HOUR = 3600.0
 
 # A prior for the service time before any task has finished: the seed's "a few minutes of
@@ -125,6 +128,7 @@ class ServerSnapshot:
     attempts: dict[AttemptOutcome, int]
     limit_changes: dict[LimitChangeKind, int]
     adaptive: dict[str, object] | None
+    memory: dict[str, object] | None = None
 
     @property
     def up(self) -> bool | None:
@@ -195,6 +199,12 @@ class Snapshot:
     """Holds of timed-out attempts that ended, by how."""
     servers: tuple[ServerSnapshot, ...] = ()
     """Each Whisper server, in ASR_UPSTREAM_URL's order."""
+    audio: HistogramData = field(default_factory=lambda: HistogramData.empty(AUDIO_BUCKETS))
+    """Seconds of audio in the uploads whose length could be read."""
+    audio_unknown: int = 0
+    """Uploads whose audio length could not be read."""
+    seconds_per_audio_second: float | None = None
+    """Measured: seconds a slot is held per second of audio (None until measured)."""
 
     @property
     def active_tasks(self) -> int:
@@ -244,6 +254,10 @@ class LiveState:
         # The adaptive limits' states at snapshot time, per server (the limiter sets this;
         # None: fixed).
         self.adaptive_view: Callable[[int], dict[str, object] | None] = lambda server: None
+        self.memory_view: Callable[[int], dict[str, object] | None] = lambda server: None
+        self.audio = HistogramData.empty(AUDIO_BUCKETS)
+        self.audio_unknown = 0
+        self.seconds_per_audio_second: float | None = None
         self.upstream_in_flight = 0
         self.limit_changes: Counter[LimitChangeKind] = Counter()
         self.held_tasks = 0
@@ -305,6 +319,25 @@ class LiveState:
         if seconds is not None:
             self.task_duration = self.task_duration.observe(seconds)
 
+    def audio_read(self, seconds: float | None) -> None:
+        """The length of a task's audio, or None when it could not be read."""
+        if seconds is None:
+            self.audio_unknown += 1
+        else:
+            self.audio = self.audio.observe(seconds)
+
+    def mean_audio_seconds(self) -> float:
+        """The mean length of the audio read so far (60 s before any)."""
+        return self.audio.total / self.audio.count if self.audio.count else 60.0
+
+    def slot_held_for_audio(self, held: float, audio_seconds: float) -> None:
+        """A task held its slot `held` seconds for `audio_seconds` of audio (its throughput)."""
+        if audio_seconds <= 0:
+            return
+        ratio = held / audio_seconds
+        old = self.seconds_per_audio_second
+        self.seconds_per_audio_second = ratio if old is None else old + 0.2 * (ratio - old)
+
     def queue_waited(self, seconds: float) -> None:
         self.queue_waits.append(seconds)
         self.queue_wait = self.queue_wait.observe(seconds)
@@ -358,6 +391,7 @@ class LiveState:
                 attempts={o: book.attempts[o] for o in AttemptOutcome},
                 limit_changes={k: book.limit_changes[k] for k in LimitChangeKind},
                 adaptive=self.adaptive_view(i),
+                memory=self.memory_view(i),
             )
             for i, (book, slots) in enumerate(zip(self.servers, gate.servers, strict=True))
         )
@@ -386,6 +420,9 @@ class LiveState:
             held_tasks=self.held_tasks,
             holds={end: self.holds[end] for end in HoldEnd},
             servers=servers,
+            audio=self.audio,
+            audio_unknown=self.audio_unknown,
+            seconds_per_audio_second=self.seconds_per_audio_second,
         )
 
 

@@ -37,6 +37,7 @@ def _upstream(server: ServerSnapshot) -> dict[str, Any]:
         "last_oom": None if server.last_oom_wall is None else local_iso(server.last_oom_wall),
         "attempts": {o.value: n for o, n in server.attempts.items()},
         "adaptive": server.adaptive,
+        "memory_gib": server.memory,
     }
 
 
@@ -77,6 +78,11 @@ def stats_document(snap: Snapshot, *, extras: dict[str, Any] | None = None) -> d
         "shutting_down": snap.gate.shutting_down,
         "upstream_up": snap.upstream_up,
         "adaptive": snap.adaptive,
+        "audio_seconds": {
+            "count": snap.audio.count,
+            "sum": round(snap.audio.total, 2),
+            "unknown": snap.audio_unknown,
+        },
         "upstreams": [_upstream(server) for server in snap.servers],
     }
     if extras:

@@ -19,6 +19,7 @@ __all__ = [
     "decide",
     "estimate_retry_after",
     "queue_usage",
+    "work_ahead_steps",
 ]
 
 RETRY_AFTER_MIN = 1
@@ -64,6 +65,18 @@ def decide(
     else:
         decision, reason = Decision.REJECT, RejectReason.QUEUE_FULL
     return Admission(decision, reason, active, queued, limit, max_queue)
+
+
+def work_ahead_steps(
+    *, reason: RejectReason, seconds_per_audio_second: float, audio_ahead: float, tasks_ahead: int
+) -> float:
+    """Retry-After from the audio queued ahead and the measured throughput (seconds a slot is
+    held per second of audio): the slot-seconds of work ahead, in the units
+    `estimate_retry_after` takes as `mean_service` with `queued` = `tasks_ahead`."""
+    work = max(0.0, seconds_per_audio_second) * max(0.0, audio_ahead)
+    if reason is RejectReason.QUEUE_TIMEOUT:
+        return work / max(1, tasks_ahead + 1)  # × (tasks_ahead + 1) steps: all of it
+    return work / max(1, tasks_ahead)  # one queued task's worth frees a place
 
 
 def queue_usage(queued: int, max_queue: int) -> str:

@@ -170,8 +170,10 @@ class MemoryLearner:
         weight = max(self._typical_minutes, 0.1)  # cost of a typical task: base + p × minutes
 
         def feasible(b: float, p: float) -> bool:
-            return b >= base_min - _EPS and p >= -_EPS and all(
-                n * b + m * p >= need - 1e-6 for n, m in sets
+            return (
+                b >= base_min - _EPS
+                and p >= -_EPS
+                and all(n * b + m * p >= need - 1e-6 for n, m in sets)
             )
 
         # Vertices of the feasible region: intersections of two constraint lines, or of one

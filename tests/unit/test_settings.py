@@ -100,6 +100,11 @@ BAD_VALUES: dict[str, list[object]] = {
     "port": [0, 70000, "eighty"],
     "max_concurrent": [0, -1, "two", 2000],
     "max_queue": [-1, "x"],
+    "gpu_memory_gib": [0, -1, "x", "18,0", "nan"],
+    "task_memory_gib": [-1, "x", "6,-6", "inf"],
+    "task_memory_per_minute_gib": [-0.5, "x", "1,y"],
+    "backfill_seconds": [-1, "x"],
+    "timeout_per_audio_minute": [0, -1, "x"],
     "adaptive": ["sometimes"],
     "min_concurrent": [0, "x"],
     "initial_concurrent": [0, "x"],
@@ -153,6 +158,21 @@ def test_every_bad_value_is_refused_with_its_name(field: str, value: object) -> 
     line = info.value.lines[0]
     assert line.startswith(f"ASR_{field.upper()}")
     assert "is invalid" in line
+
+
+@pytest.mark.parametrize(
+    "field", ["max_concurrent", "gpu_memory_gib", "task_memory_gib", "task_memory_per_minute_gib"]
+)
+def test_a_per_server_list_must_match_the_servers(field: str) -> None:
+    """A per-server setting is one value for all or one per server: three values for two
+    servers is refused with one line naming the setting and the count."""
+    base = {"upstream_url": "http://gpu0:9000,http://gpu1:9000"}
+    with pytest.raises(SettingsError) as info:
+        load_settings({**base, field: "1,2,3"}, env_file=None)
+    [line] = info.value.lines
+    assert f"ASR_{field.upper()}=1,2,3 has 3 values for 2 server(s)" in line
+    settings = load_settings({**base, field: "1,2"}, env_file=None)
+    assert getattr(settings, field) == (1, 2)
 
 
 def test_missing_upstream_says_what_to_set() -> None:

@@ -42,9 +42,9 @@ def test_non_finite_seconds_stop_the_start(
     monkeypatch.setenv(f"ASR_{field.upper()}", text)
     with pytest.raises(SettingsError) as info:
         load_settings(BASE, env_file=None)
-    assert info.value.lines == [
-        f"ASR_{field.upper()}={text} is invalid: input should be a finite number"
-    ]
+    [line] = info.value.lines
+    assert line.startswith(f"ASR_{field.upper()}={text} is invalid: ")
+    assert "finite number" in line
 
 
 @pytest.mark.parametrize("field", NUMBER_FIELDS)
