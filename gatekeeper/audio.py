@@ -60,8 +60,8 @@ _TAIL: Final = 4 * 1024 * 1024
 holds at most about 33 s, about 2 MB even at Opus's highest bitrate)."""
 
 # What one reading may cost, whatever the file says: far above any real file's needs (a WAV,
-# Ogg or WebM takes a few calls, an MP3 without a VBR header a few thousand, an hour of a
-# fragmented MP4 some ten thousand), and a fraction of a second of CPU.
+# Ogg, WebM or FLAC takes a few calls, an MP4 a few dozen, an MP3 without a VBR header at most
+# a few thousand) and a fraction of a second of CPU (docs/audio-length.md).
 _MAX_CALLS: Final = 50_000
 _MAX_READ: Final = 4 * 1024 * 1024
 _MAX_BYTES: Final = 64 * 1024 * 1024
@@ -570,15 +570,19 @@ def _last_block_end(window: _Window, first_cluster: int) -> int | None:
     """End timestamp of the file's last cluster, found from the tail: last block + its length.
 
     A block's length is its BlockDuration when it has one, else the gap to the block before
-    it on the same track (constant for a browser's Opus or Vorbis frames).
+    it on the same track (constant for a browser's Opus or Vorbis frames). The tail read
+    grows (256 KiB, 1 MiB, 4 MiB) until it holds a whole last cluster.
     """
-    tail_start = max(first_cluster, window.size - _TAIL)
-    tail = window.pread(tail_start, window.size - tail_start)
-    pos = len(tail)
-    while (pos := tail.rfind(_CLUSTER_BYTES, 0, pos)) >= 0:
-        end = _cluster_end(tail, pos)
-        if end is not None:
-            return end
+    for size in (_TAIL // 16, _TAIL // 4, _TAIL):
+        tail_start = max(first_cluster, window.size - size)
+        tail = window.pread(tail_start, window.size - tail_start)
+        pos = len(tail)
+        while (pos := tail.rfind(_CLUSTER_BYTES, 0, pos)) >= 0:
+            end = _cluster_end(tail, pos)
+            if end is not None:
+                return end
+        if tail_start == first_cluster:
+            break
     return None
 
 
