@@ -62,7 +62,7 @@ holds at most about 33 s, about 2 MB even at Opus's highest bitrate)."""
 # What one reading may cost, whatever the file says: far above any real file's needs (a WAV,
 # Ogg, WebM or FLAC takes a few calls, an MP4 a few dozen, an MP3 without a VBR header at most
 # a few thousand) and a fraction of a second of CPU (docs/audio-length.md).
-_MAX_CALLS: Final = 50_000
+_MAX_CALLS: Final = 10_000
 _MAX_READ: Final = 4 * 1024 * 1024
 _MAX_BYTES: Final = 64 * 1024 * 1024
 

@@ -360,11 +360,11 @@ async def test_a_closed_body_is_unreadable_not_an_error(tmp_path: Path, spooled:
 
 async def test_a_file_that_would_take_long_to_walk_is_given_up_on(spooled: Spool) -> None:
     """An ID3 tag followed by 200 MB of zeros would have the MP3 reader hunt for a frame 4
-    bytes at a time for minutes; the reading's budget of calls stops it within a second."""
+    bytes at a time for minutes; the reading's budget of calls stops it in milliseconds."""
     body = await _sparse(spooled, b"ID3\x04\x00\x00\x00\x00\x00\x00", 200 << 20, b"")
     started = time.perf_counter()
     assert audio_seconds(body, "audio/mpeg") is None
-    assert time.perf_counter() - started < 2.0
+    assert time.perf_counter() - started < 0.5
 
 
 # -- a 1 GB upload ------------------------------------------------------------------------------
