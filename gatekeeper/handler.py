@@ -45,6 +45,10 @@ from gatekeeper.task import Task
 __all__ = ["Handler"]
 
 
+_READ_INLINE = 64 * 1024
+"""Bodies up to this size have their audio read on the event loop (a few microseconds)."""
+
+
 class Handler:
     """Every request that is not the gatekeeper's own: tasks, and pass-through traffic."""
 
@@ -178,9 +182,10 @@ class Handler:
 
     async def _audio(self, body: SpooledBody, content_type: str | None) -> float | None:
         """Seconds of audio in the upload (None: unreadable, never refused for that), from the
-        spool's headers only: at once for a body held in memory (microseconds), in a worker
-        thread for one spooled to disk."""
-        if body.in_memory() is not None:
+        spool's headers only: at once for a small body (microseconds; a refusal burst stays
+        cheap), in a worker thread for a larger one, so a hostile file that keeps the reader
+        busy up to its budget never holds up the event loop."""
+        if body.size <= _READ_INLINE:
             seconds = audio_seconds(body, content_type)
         else:
             seconds = await asyncio.to_thread(audio_seconds, body, content_type)

@@ -18,7 +18,9 @@ buffers when a task starts): an OOM says "these together did not fit", a start t
 says "these fitted". The learner keeps the OOM sets of the last `fade_seconds` and chooses the
 cheapest figures that explain every one of them with a margin: a two-variable linear programme
 (minimise the cost of a typical task subject to `n·base + minutes·per_minute ≥ budget × (1 +
-margin)` for each OOM set), solved exactly by visiting the vertices. With no OOM to explain, the
+margin)` for each OOM set), solved exactly by visiting the vertices; the typical task of the
+objective is a long one of the recent ones, so a per-minute figure is learned only when OOMs
+demand it. With no OOM to explain, the
 figures come down from where they started, a step after each stretch of successes that ran with
 the memory full and tasks waiting (the same "probe while there is demand" as the adaptive
 count). An OOM stops the descent where it was: the probe restarts from the figures that
@@ -96,6 +98,41 @@ class _Evidence:
     at: float
 
 
+def _covers(big: _Evidence, small: _Evidence) -> bool:
+    """`big` has at least the tasks and the minutes of `small`."""
+    return big.tasks >= small.tasks and big.minutes >= small.minutes - 1e-9
+
+
+def _cheapest(
+    lower: list[tuple[float, float, float]],
+    upper: list[tuple[float, float, float]],
+    base_min: float,
+    weight: float,
+) -> tuple[float, float] | None:
+    """min base + weight × per_minute subject to a·b + c·p ≥ r (lower), ≤ r (upper), b ≥
+    base_min, p ≥ 0: a two-variable linear programme, solved by visiting its vertices."""
+
+    def feasible(b: float, p: float) -> bool:
+        return (
+            b >= base_min - _EPS
+            and p >= -_EPS
+            and all(a * b + c * p >= r - 1e-6 for a, c, r in lower)
+            and all(a * b + c * p <= r + 1e-6 for a, c, r in upper)
+        )
+
+    lines = [*lower, *upper, (1.0, 0.0, base_min), (0.0, 1.0, 0.0)]
+    best: tuple[float, float] | None = None
+    for (a1, c1, r1), (a2, c2, r2) in itertools.combinations(lines, 2):
+        det = a1 * c2 - a2 * c1
+        if abs(det) < 1e-12:
+            continue
+        b = (r1 * c2 - r2 * c1) / det
+        p = (a1 * r2 - a2 * r1) / det
+        if feasible(b, p) and (best is None or b + weight * p < best[0] + weight * best[1]):
+            best = (b, p)
+    return best
+
+
 class MemoryLearner:
     """Learns one card's memory figures from OOMs and successes; answers the model to use."""
 
@@ -112,9 +149,14 @@ class MemoryLearner:
         self.params = params or MemoryParams()
         self._now = now
         self._probe = start  # where the descent has got to
-        self._ooms: deque[_Evidence] = deque()
+        # Only the sets that say most are kept: an OOM set with no smaller OOM set beneath it
+        # (fewer tasks and fewer minutes), a fitting set with no larger fitting set above it.
+        self._ooms: list[_Evidence] = []
+        self._fits: list[_Evidence] = []
         self._stable = 0
-        self._typical_minutes = 5.0  # a running mean of the audio seen, for the objective
+        # The lengths of recent tasks: their mean weighs the per-minute figure in the objective
+        # (the cost of a typical task).
+        self._recent_minutes: deque[float] = deque(maxlen=128)
         self.model = start
         self.changes = 0
 
@@ -133,12 +175,14 @@ class MemoryLearner:
             (UNKNOWN_AUDIO_SECONDS if s is None else max(0.0, s)) / 60.0 for s in audio_seconds
         ]
         if minutes:
-            self._typical_minutes += 0.05 * (minutes[-1] - self._typical_minutes)
+            self._recent_minutes.append(minutes[-1])
+        evidence = _Evidence(len(minutes), math.fsum(minutes), self._now())
         if oom:
-            self._ooms.append(_Evidence(len(minutes), math.fsum(minutes), self._now()))
+            self._add_oom(evidence)
             self._stable = 0
             self._probe = self.model  # the descent stops here; the OOM set lifts the floor
             return self._update()
+        changed = len(minutes) > 1 and self._add_fit(evidence)
         if memory_was_limit:
             self._stable += 1
             if self._stable >= self.params.stable_starts:
@@ -149,48 +193,52 @@ class MemoryLearner:
                     self._probe.per_minute_gib * step,
                 )
                 return self._update()
-        return None
+        return self._update() if changed else None
+
+    def _add_oom(self, new: _Evidence) -> None:
+        # A fitting set at or above an OOM set contradicts it (the card changed, or the
+        # evidence was noisy): the newer word wins.
+        self._fits = [f for f in self._fits if not _covers(f, new)]
+        self._ooms = [o for o in self._ooms if not _covers(o, new)]
+        self._ooms.append(new)
+
+    def _add_fit(self, new: _Evidence) -> bool:
+        """Keep a fitting set when no kept one covers it; True when the frontier changed."""
+        if any(_covers(f, new) for f in self._fits):
+            return False
+        if any(_covers(new, o) for o in self._ooms):
+            return False  # an OOM set at or below it says otherwise: not trusted
+        self._fits = [f for f in self._fits if not _covers(new, f)]
+        self._fits.append(new)
+        return True
 
     def tick(self) -> MemoryModel | None:
-        """Let OOM sets older than `fade_seconds` go; the new model when that changed it."""
+        """Let evidence older than `fade_seconds` go; the new model when that changed it."""
         horizon = self._now() - self.params.fade_seconds
-        if not self._ooms or self._ooms[0].at >= horizon:
+        ooms = [o for o in self._ooms if o.at >= horizon]
+        fits = [f for f in self._fits if f.at >= horizon]
+        if len(ooms) == len(self._ooms) and len(fits) == len(self._fits):
             return None
-        while self._ooms and self._ooms[0].at < horizon:
-            self._ooms.popleft()
+        self._ooms, self._fits = ooms, fits
         return self._update()
 
     def floor(self) -> MemoryModel:
-        """The cheapest figures that explain every remembered OOM with the margin."""
-        need = self.budget * (1.0 + self.params.margin)
+        """The cheapest figures that explain every remembered OOM with the margin and let every
+        remembered fitting set fit (those that would contradict the OOMs are set aside)."""
         base_min = self.params.floor_gib
-        sets = [(e.tasks, e.minutes) for e in self._ooms]
-        if not sets:
+        if not self._ooms:
             return MemoryModel(base_min, 0.0)
-        weight = max(self._typical_minutes, 0.1)  # cost of a typical task: base + p × minutes
-
-        def feasible(b: float, p: float) -> bool:
-            return (
-                b >= base_min - _EPS
-                and p >= -_EPS
-                and all(n * b + m * p >= need - 1e-6 for n, m in sets)
-            )
-
-        # Vertices of the feasible region: intersections of two constraint lines, or of one
-        # with the bounds b = base_min or p = 0.
-        lines = [(float(n), m, need) for n, m in sets] + [(1.0, 0.0, base_min), (0.0, 1.0, 0.0)]
-        best: tuple[float, float] | None = None
-        for (a1, c1, r1), (a2, c2, r2) in itertools.combinations(lines, 2):
-            det = a1 * c2 - a2 * c1
-            if abs(det) < 1e-12:
-                continue
-            b = (r1 * c2 - r2 * c1) / det
-            p = (a1 * r2 - a2 * r1) / det
-            if feasible(b, p) and (best is None or b + weight * p < best[0] + weight * best[1]):
-                best = (b, p)
-        if best is None:  # unbounded only along a ray; fall back to explaining by base alone
-            b = max(base_min, max(need / n for n, _ in sets))
-            return MemoryModel(b, 0.0)
+        need = self.budget * (1.0 + self.params.margin)
+        lower = [(float(o.tasks), o.minutes, need) for o in self._ooms]
+        upper = [(float(f.tasks), f.minutes, self.budget) for f in self._fits]
+        weight = max(math.fsum(self._recent_minutes) / max(1, len(self._recent_minutes)), 0.1)
+        while True:
+            best = _cheapest(lower, upper, base_min, weight)
+            if best is not None or not upper:
+                break
+            upper = upper[1:]  # contradictory evidence: the oldest fitting set goes first
+        if best is None:  # unbounded only along a ray; explain by the base alone
+            return MemoryModel(max(base_min, max(r / a for a, _, r in lower)), 0.0)
         return MemoryModel(max(base_min, best[0]), max(0.0, best[1]))
 
     def _update(self) -> MemoryModel | None:
@@ -216,5 +264,6 @@ class MemoryLearner:
                 "task_memory_per_minute_gib": self.start.per_minute_gib,
             },
             "oom_sets_remembered": len(self._ooms),
+            "fitting_sets_remembered": len(self._fits),
             "changes": self.changes,
         }
