@@ -104,6 +104,8 @@ class SpooledBody:
             if self.size > max_size:
                 raise BodyTooLarge(max_size)
             self._write(chunk)
+        if self._file is not None:
+            self._file.flush()  # the whole body on disk: readers by offset see all of it
         self.complete = True
 
     def _write(self, chunk: bytes) -> None:

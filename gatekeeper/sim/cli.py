@@ -134,8 +134,8 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
         "--byte-rate",
         type=float,
         default=d.byte_rate,
-        help="bytes per second assumed for non-WAV uploads to estimate their duration "
-        "(default: %(default)s, about a 128 kbit/s mp3)",
+        help="bytes per second assumed to estimate the duration of an upload whose audio "
+        "length cannot be read (default: %(default)s, about a 128 kbit/s mp3)",
     )
     misc.add_argument(
         "--seed", type=int, default=None, help="seed for the random jitter (default: none)"
