@@ -225,7 +225,7 @@ class Upload:
         admitted before the shutdown may still run within the grace period.
         """
         self.end()
-        return self._gate._enter(shutting_down=False, audio=audio)
+        return self._gate._enter(shutting_down=False, audio=audio, reserved=True)
 
     def end(self) -> None:
         if not self._done:
@@ -362,7 +362,13 @@ class Gate:
         """
         return self._enter(shutting_down=self._shutting_down)
 
-    def _enter(self, *, shutting_down: bool, audio: float | None = None) -> Ticket:
+    def _enter(
+        self, *, shutting_down: bool, audio: float | None = None, reserved: bool = False
+    ) -> Ticket:
+        """`reserved`: the task's place was counted when its upload began (`begin_upload`), so
+        it is queued even if the queue has shrunk since (an adaptive cut, a server found
+        down): a task is never refused queue_full after its upload, as tasks already waiting
+        are never dropped when the queue shrinks."""
         admission = decide(
             active=self._taken(),
             queued=len(self._waiters),
@@ -370,7 +376,8 @@ class Gate:
             max_queue=self._max_queue,
             shutting_down=shutting_down,
         )
-        if admission.decision is Decision.REJECT:
+        full = admission.reason is RejectReason.QUEUE_FULL
+        if admission.decision is Decision.REJECT and not (reserved and full):
             assert admission.reason is not None
             self._check_idle()
             raise Refused(admission.reason, admission)
@@ -380,7 +387,7 @@ class Gate:
         # fits somewhere (or, by memory, fits while the head does not, within the bound).
         self._waiters.append(ticket)
         self._hand_over()
-        if not ticket.granted and len(self._waiters) > self._max_queue:
+        if not ticket.granted and not reserved and len(self._waiters) > self._max_queue:
             # Room by count but not by memory, and no queue place (ASR_MAX_QUEUE=0).
             self._waiters.remove(ticket)
             self._check_idle()

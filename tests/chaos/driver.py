@@ -982,7 +982,6 @@ class Verdict:
     server_clean: Counter[tuple[int, str]] = field(default_factory=Counter)
     server_possible: Counter[tuple[int, str]] = field(default_factory=Counter)
     server_figures: dict[str, dict[str, int]] = field(default_factory=dict)
-    late_queue_full: int = 0  # tasks refused queue_full after their upload (see reconcile)
 
     def fail(self, result: ClientResult | None, message: str) -> None:
         where = "" if result is None else f"{result.spec.request_id} ({result.spec.kind}, plan "
@@ -1210,16 +1209,14 @@ class Verdict:
         *,
         admitted_refusals: bool,
         log_complete: bool = True,
-        late_queue_full: bool = False,
     ) -> None:
         """At rest: the stats add up, agree with /metrics, and match what the clients saw.
 
         `log_complete`: every log line of the run has been read (in process it has; a
-        process's stderr may lag), so the refused connections it names can be counted.
-        `late_queue_full`: tolerate tasks refused queue_full after their upload (booked as
-        rejected after queueing). An arrival is refused at once when slots + queue are full, so
-        this never happens with one server; a pool with a server down lets arrivals upload
-        against the dead server's slots and refuses them after the upload."""
+        process's stderr may lag), so the refused connections it names can be counted. A task is
+        never refused queue_full after its upload (its place was counted when it began), so
+        the tasks rejected after queueing are the queue timeouts (and, in a drain, the
+        shutdown's refusals)."""
         for problem in books_problems(stats, self.cfg):
             self.fail(None, problem)
         busy = ("uploading_tasks", "active_tasks", "held_tasks", "queued_tasks", "retrying_tasks")
@@ -1227,28 +1224,13 @@ class Verdict:
             self.fail(None, "not at rest: " + ", ".join(f"{n}={stats[n]}" for n in busy))
         t = self.tally
         leavers = t["left"] + t["no_answer"]
-        late = 0  # refused queue_full after the upload
-        if late_queue_full and not admitted_refusals:
-            late = (
-                stats["rejected_after_queueing_tasks"]
-                - stats["rejected_by_reason"]["queue_timeout"]
-            )
-            self.late_queue_full = late
-            if not 0 <= late <= stats["rejected_by_reason"]["queue_full"]:
-                self.fail(
-                    None,
-                    f"rejected_after_queueing_tasks {stats['rejected_after_queueing_tasks']} is "
-                    "not the queue timeouts plus some of the queue_full refusals "
-                    f"{stats['rejected_by_reason']}",
-                )
         expected = {
             "succeeded_tasks": t["200"],
             "client_error_tasks": t["4xx_relayed"]
             + t["408_body_timeout"]
             + t["413_too_large_chunked"],
             "rejected_after_queueing_tasks": t["503_queue_timeout"]
-            + (t["503_shutting_down"] if admitted_refusals else 0)
-            + late,
+            + (t["503_shutting_down"] if admitted_refusals else 0),
         }
         for name, floor in expected.items():
             if not floor <= stats[name] <= floor + leavers:
@@ -1269,7 +1251,7 @@ class Verdict:
         full = stats["rejected_by_reason"]["queue_full"]
         if not t["503_queue_full"] <= full <= t["503_queue_full"] + leavers:
             self.fail(None, f"queue_full refusals {full}, clients saw {t['503_queue_full']}")
-        if not (admitted_refusals or late_queue_full) and (
+        if not admitted_refusals and (
             stats["rejected_by_reason"]["queue_timeout"] != stats["rejected_after_queueing_tasks"]
         ):
             self.fail(
