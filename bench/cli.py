@@ -17,7 +17,7 @@ from typing import Any
 from bench import report
 from bench.config import FULL, QUICK
 from bench.procs import REPO, Procs, ToolMissing, find_tool
-from bench.scenarios import goodput, overhead, overload, pool, uploads
+from bench.scenarios import goodput, memory, overhead, overload, pool, uploads
 from bench.scenarios.common import Ctx
 
 __all__ = ["SCENARIOS", "main"]
@@ -28,6 +28,7 @@ SCENARIOS: dict[str, Callable[[Ctx], Awaitable[dict[str, Any]]]] = {
     "overload": overload.run,
     "goodput": goodput.run,
     "pool": pool.run,
+    "memory": memory.run,
 }
 
 _DESCRIPTION = """\
@@ -49,12 +50,16 @@ scenarios:
   pool      a heterogeneous pool (two 24 GiB cards, one 12 GiB), the same mix scaled to it:
             HAProxy leastconn with per-server maxconn/maxqueue, the gatekeeper over the pool
             (fixed per-card limits, adaptive), and the ceiling (each card alone, summed)
+  memory    admission by GPU memory (#16) on both cards, real WAV uploads: the gatekeeper
+            with the true memory figures and learning them from the seed's, against a
+            clairvoyant oracle (computed in-process on the simulator's GPU model), today's
+            adaptive count, HAProxy and fixed limits; short files' queue wait, backfill bound
 
 Writes RESULTS.md (tables, machine description, each target beside its figure) and
 results.json. A run of some scenarios into a directory that already holds results of the
 same mode replaces only those scenarios' results (and their sections); the rest is kept.
 Needs the Debian packages haproxy, nginx and wrk (and py-spy for --profile).
-The full run takes about 25 minutes; --quick (for CI) under 2."""
+The full run takes about 40 minutes; --quick (for CI) under 2."""
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -67,6 +67,32 @@ class BenchConfig:
     """Replays of each pool and single-card setup; goodput is their mean."""
     pool_parallel: int
     """Replays run side by side in the pool scenario (a pool replay is 3 simulators + a proxy)."""
+    # 6. admission by GPU memory (#16)
+    memory_time_scale: float
+    """The simulator's speed-up in this scenario (its proxies' delays divided by it too): lower
+    than section 4's, so that the milliseconds of every hand-over (a finished task's answer,
+    the next start) weigh less against the simulated work, and the measured rows can be set
+    beside a computed oracle."""
+    memory_cards: tuple[str, ...]
+    """Simulated cards (`bench.scenarios.goodput.CARDS`), each with every row of the scenario."""
+    memory_cap: int
+    """ASR_MAX_CONCURRENT of the gatekeeper admitting by memory: high, it only caps (the queue
+    is 10 × it, for the measured memory rows and the oracle alike)."""
+    memory_backfill_seconds: float
+    """ASR_BACKFILL_SECONDS in simulated seconds (divided by the time scale when run)."""
+    memory_seed_figures: tuple[float, float]
+    """Where the learning gatekeeper starts: ASR_TASK_MEMORY_GIB, ASR_TASK_MEMORY_PER_MINUTE_GIB
+    (the seed's 6 GiB a task whatever its length)."""
+    memory_limits: tuple[int, ...]
+    """Fixed limits of the HAProxy and gatekeeper-by-count rows."""
+    memory_adaptive_start: int
+    """Where today's adaptive count starts (bounds 1 to `adaptive_maximum`)."""
+    memory_wav_rate: int
+    """Sample rate of the WAV files uploaded (16-bit mono silence): low keeps them small."""
+    memory_repeats: int
+    """Replays of each measured row; goodput is their mean, waits pooled."""
+    memory_parallel: int
+    """Replays run side by side (each with its own simulator and proxy)."""
 
 
 FULL = BenchConfig(
@@ -104,6 +130,16 @@ FULL = BenchConfig(
     pool_cooldown_off=True,
     pool_repeats=3,
     pool_parallel=2,
+    memory_time_scale=60.0,
+    memory_cards=("default", "half"),
+    memory_cap=12,
+    memory_backfill_seconds=120.0,
+    memory_seed_figures=(6.0, 0.0),
+    memory_limits=(1, 2, 3, 4),
+    memory_adaptive_start=1,
+    memory_wav_rate=1000,
+    memory_repeats=2,
+    memory_parallel=4,
 )
 
 QUICK = BenchConfig(
@@ -141,4 +177,14 @@ QUICK = BenchConfig(
     pool_cooldown_off=False,
     pool_repeats=1,
     pool_parallel=3,
+    memory_time_scale=600.0,
+    memory_cards=("default",),
+    memory_cap=12,
+    memory_backfill_seconds=120.0,
+    memory_seed_figures=(6.0, 0.0),
+    memory_limits=(2,),
+    memory_adaptive_start=1,
+    memory_wav_rate=1000,
+    memory_repeats=1,
+    memory_parallel=4,
 )

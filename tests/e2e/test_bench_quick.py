@@ -27,6 +27,8 @@ import pytest
 
 from bench import report
 from bench.procs import Procs, free_port
+from bench.scenarios import memory as memory_scenario
+from bench.workload import schedule
 
 pytestmark = [pytest.mark.e2e, pytest.mark.bench]
 
@@ -147,7 +149,7 @@ def test_quick_run_covers_every_scenario_and_reference(bench_out: Path) -> None:
     assert data["mode"] == "quick"
     assert data["errors"] == {}
     scenarios = data["scenarios"]
-    assert set(scenarios) == {"overhead", "uploads", "overload", "goodput", "pool"}
+    assert set(scenarios) == {"overhead", "uploads", "overload", "goodput", "pool", "memory"}
     assert set(scenarios["overhead"]["references"]) == {
         "direct",
         "haproxy",
@@ -288,6 +290,78 @@ def test_pool_rows_use_every_card_and_keep_each_cards_limit(bench_out: Path) -> 
     )
 
 
+def test_memory_rows_read_the_files_and_the_true_figures_never_oversubscribe(
+    bench_out: Path,
+) -> None:
+    """The memory scenario (#16): on each card the computed rows (oracle, oracle without queue
+    limits, the policy's model) and every measured row; real WAV uploads whose lengths the
+    gatekeeper and the simulator read right; with the true figures no task runs out of memory;
+    the policy's own model keeps the backfill bound as the checker measures it."""
+    data, _, _ = _run(bench_out)
+    memory = data["scenarios"]["memory"]
+    config = data["config"]
+    arrivals = memory["setup"]["arrivals"]
+    rows = memory["rows"]
+    for card in config["memory_cards"]:
+        mine = {
+            (r["setup"], r["limit"] if r["setup"] in ("haproxy", "gatekeeper") else None): r
+            for r in rows
+            if r["card"] == card
+        }
+        assert set(mine) == {
+            ("oracle", None),
+            ("oracle_open", None),
+            ("policy", None),
+            ("memory", None),
+            ("learned", None),
+            ("adaptive", None),
+            *[
+                (kind, limit)
+                for kind in ("haproxy", "gatekeeper")
+                for limit in config["memory_limits"]
+            ],
+        }
+        assert mine[("oracle", None)]["vs_oracle"] == 1.0
+        for kind in ("oracle", "oracle_open", "policy"):
+            row = mine[(kind, None)]
+            assert row["computed"] is True
+            assert row["failed"] == 0, row["label"]
+            assert row["goodput_audio_min_per_min"] > 0, row["label"]
+            assert row["succeeded"] + row["refused"] == arrivals, row["label"]
+            # Clairvoyant: never more on the card than it holds (the reservation included).
+            assert row["peak_memory_gib"] <= memory["setup"]["cards"][card]["total_gib"] + 1e-6
+        assert mine[("policy", None)]["passed_over_bound"] == 0
+        true = mine[("memory", None)]
+        assert true["oom_answers"] == 0, true
+        assert true["failed"] == 0, true
+        assert true["max_active_on_gpu"] <= config["memory_cap"]
+        assert true["passed_over_bound"] is not None
+        for row in mine.values():
+            if row["computed"]:
+                continue
+            assert row["tasks"] == arrivals * row["runs"], row["label"]
+            assert row["succeeded"] + row["failed"] + row["refused"] == row["tasks"], row["label"]
+            assert row["succeeded"] > 0, row["label"]
+            assert row["audio_lengths_checked"] > 0, row["label"]
+            assert row["audio_lengths_wrong"] == [], row["label"]
+        for path in mine[("learned", None)]["memory_runs"]:
+            assert path["ended_at"]["learning"] is not None, path
+
+
+def test_the_backfill_check_finds_an_unbounded_pass() -> None:
+    """The bound check against the simulator's model: the clairvoyant first fit (it passes
+    without bound) breaks a 120 s bound somewhere in an hour, the bounded policy never does."""
+    cards = {"default": memory_scenario.card_config("default")}
+    arrivals = schedule(seed=1, rate_per_minute=10, minutes=60)
+    for sim in cards.values():
+        rules = {"queue_timeout": 600.0, "max_queue": 120}
+        unbounded = memory_scenario.simulate(arrivals, sim, backfill=None, **rules)
+        bounded = memory_scenario.simulate(arrivals, sim, backfill=120.0, **rules)
+        check = {"minutes": 60.0, "passing": True, "backfill": 120.0, "slack": 1e-6}
+        assert memory_scenario.figures([unbounded], **check)["passed_over_bound"] > 0
+        assert memory_scenario.figures([bounded], **check)["passed_over_bound"] == 0
+
+
 def test_a_run_of_some_scenarios_keeps_the_other_results(tmp_path: Path) -> None:
     """`--scenarios pool` into bench/results replaces the pool's results and keeps the rest
     (and the header of the run that made them); a run of another mode replaces everything."""
@@ -335,6 +409,7 @@ def test_markdown_shows_tables_machine_and_targets(bench_out: Path) -> None:
         "## 3. Overload",
         "## 4. GPU goodput",
         "## 5. A pool of cards",
+        "## 6. Admission by GPU memory",
     ):
         assert heading in markdown, heading
     ids = {target["id"] for target in data["targets"]}
@@ -350,6 +425,10 @@ def test_markdown_shows_tables_machine_and_targets(bench_out: Path) -> None:
         "adaptive_vs_best_fixed",
         "pool_vs_haproxy",
         "pool_vs_ceiling",
+        "memory_true_vs_oracle",
+        "memory_learned_vs_oracle",
+        "memory_short_wait",
+        "memory_backfill_bound",
     }
     for target in data["targets"]:
         assert target["target"] in markdown
