@@ -31,13 +31,17 @@ from gatekeeper.commands.nginx_conf import (
     nginx_proxied_locations,
     parse_nginx_time,
 )
+from gatekeeper.config import MIN_ATTEMPT_TIMEOUT, ProxyConfig
 from gatekeeper.policy.budget import RETRY_AFTER_CAP, TaskBudget, from_settings
+from gatekeeper.policy.memory import UNKNOWN_AUDIO_SECONDS, MemoryModel
 from gatekeeper.settings import QUEUE_PER_SLOT, Settings, SettingsError
 
 __all__ = [
     "add_check_config_arguments",
     "describe_budget",
+    "describe_memory",
     "describe_servers",
+    "describe_timeouts",
     "main",
     "pool_notes",
     "run_check_config",
@@ -161,6 +165,8 @@ def describe_servers(settings: Settings) -> list[str]:
 
 
 def _limit_words(settings: Settings, limit: int, start: int) -> str:
+    if settings.by_memory:
+        return f"at most {limit} at a time, as its memory allows (below)"
     if not settings.adaptive:
         return f"{limit} at a time"
     return f"{settings.min_concurrent} to {limit} at a time (adaptive; starts at {start})"
@@ -282,6 +288,170 @@ def _pool_budget_lines(settings: Settings) -> list[str]:
     ]
 
 
+# -- admission by memory and timeouts scaled by the audio -----------------------------------------
+
+_SHOWN_MINUTES: Final = (1, 5, 10, 30)
+"""Audio lengths whose tasks at once are shown per card."""
+_SHORT_MINUTES: Final = 1
+"""Files this long count as short: the count cap should not be what holds them back."""
+_LONG_MINUTES: Final = 10
+"""A file this long that needs more than the whole card gets a warning."""
+_TIMEOUT_MINUTES: Final = (1, 5, 10)
+"""Audio lengths whose attempt timeout is shown with ASR_TIMEOUT_PER_AUDIO_MINUTE."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Card:
+    """One server's memory settings: its budget, its cost model and its count cap."""
+
+    name: str
+    budget: float
+    model: MemoryModel
+    cap: int
+
+    def cost(self, minutes: float) -> float:
+        return self.model.cost(minutes * 60.0)
+
+    def by_memory(self, minutes: float) -> int:
+        """Tasks of this length that fit in the budget together (at least 1: one runs alone)."""
+        cost = self.cost(minutes)
+        if cost <= 0:
+            return self.cap
+        return max(1, math.floor((self.budget + 1e-9) / cost))
+
+    def at_once(self, minutes: float) -> int:
+        return min(self.cap, self.by_memory(minutes))
+
+
+def _gib(value: float) -> str:
+    return f"{round(value, 3):g} GiB"
+
+
+def _cards(settings: Settings) -> list[_Card]:
+    return [
+        _Card(name, budget, MemoryModel(base, per_minute), cap)
+        for name, budget, (base, per_minute), cap in zip(
+            settings.upstream_names,
+            settings.memory_budgets,
+            settings.task_memory,
+            settings.limits,
+            strict=True,
+        )
+        if budget is not None
+    ]
+
+
+def describe_memory(settings: Settings) -> tuple[list[str], list[str]]:
+    """Admission by memory in operator words: each card's budget and figures and what they mean
+    in tasks at once, the backfill bound, the adaptive mode's part; then the warnings (a long
+    file bigger than the card). Nothing when admission is by count."""
+    if not settings.by_memory:
+        return [], []
+    cards = _cards(settings)
+    lines = [
+        "Admission by GPU memory (ASR_GPU_MEMORY_GIB): a task starts on a card only when its "
+        "estimated peak fits beside the card's running tasks; ASR_MAX_CONCURRENT still caps "
+        "the count:"
+    ]
+    width = max(len(card.name) for card in cards)
+    for card in cards:
+        lines += [
+            f"  {card.name:<{width}}  {_gib(card.budget)} for tasks; a task "
+            f"{_gib(card.model.base_gib)} + {_gib(card.model.per_minute_gib)} per audio minute "
+            "(ASR_TASK_MEMORY_GIB, ASR_TASK_MEMORY_PER_MINUTE_GIB)",
+            f"  {'':<{width}}  at once: "
+            + ", ".join(_at_once_words(card, m) for m in _SHOWN_MINUTES),
+        ]
+    unknown = UNKNOWN_AUDIO_SECONDS / 60.0
+    lines.append(
+        f"  a file whose length cannot be read is costed as {unknown:g} min of audio "
+        f"({', '.join(f'{_gib(c.cost(unknown))} on {c.name}' for c in cards)})"
+    )
+    lines += _backfill_lines(settings)
+    if settings.adaptive:
+        lines.append(
+            "  ASR_ADAPTIVE=true by memory: the count does not adapt (ASR_MAX_CONCURRENT only "
+            "caps); each card's memory figures are learned from its OOMs and successes, "
+            "starting from the settings above (shown in /stats)"
+        )
+    notes = [f"NOTE: {note}" for card in cards if (note := _cap_note(card))]
+    warnings = [f"WARNING: {warning}" for card in cards if (warning := _long_warning(card))]
+    return lines + notes, warnings
+
+
+def _at_once_words(card: _Card, minutes: float) -> str:
+    n, fits = card.at_once(minutes), card.by_memory(minutes)
+    text = f"{minutes:g} min {n}"
+    cost = card.cost(minutes)
+    if cost > card.budget:
+        return f"{text} (alone: {_gib(cost)} > {_gib(card.budget)})"
+    if fits > card.cap:
+        return f"{text} (the count cap; memory fits {fits})"
+    return text
+
+
+def _cap_note(card: _Card) -> str | None:
+    """The count cap holds short files back: memory admission adds little for them."""
+    fits = card.by_memory(_SHORT_MINUTES)
+    if fits <= card.cap:
+        return None
+    return (
+        f"{card.name}: ASR_MAX_CONCURRENT={card.cap} is what limits {_SHORT_MINUTES}-minute "
+        f"files ({card.cap} at once where memory fits {fits}): admission by memory adds little "
+        f"for short files; raise ASR_MAX_CONCURRENT (to {fits} for {_SHORT_MINUTES}-minute files) "
+        "to let memory decide"
+    )
+
+
+def _long_warning(card: _Card) -> str | None:
+    cost = card.cost(_LONG_MINUTES)
+    if cost <= card.budget:
+        return None
+    return (
+        f"{card.name}: a {_LONG_MINUTES}-minute file alone is estimated at {_gib(cost)}, more "
+        f"than the card's {_gib(card.budget)}: such files run alone, and may still run out of "
+        "memory; check ASR_GPU_MEMORY_GIB and the task figures (`gatekeeper tune "
+        "--durations 60,300` measures them)"
+    )
+
+
+def _backfill_lines(settings: Settings) -> list[str]:
+    queue = f"ASR_QUEUE_TIMEOUT={_num(settings.queue_timeout)} s"
+    if settings.backfill_seconds <= 0:
+        return [
+            "  ASR_BACKFILL_SECONDS=0: strictly first-in first-out; a task that fits never "
+            "starts before an earlier one that does not"
+        ]
+    return [
+        "  backfill: a task that fits may start before an earlier one that does not, but the "
+        f"head of the queue is passed for at most ASR_BACKFILL_SECONDS="
+        f"{_num(settings.backfill_seconds)} s; then it is served next (nothing passes it). A "
+        "long file at the head may so wait that long, plus until the tasks that passed it end, "
+        f"more than in strict order; its queue wait is still bounded by {queue} (after that it "
+        "is refused queue_timeout), so the worst case below is unchanged"
+    ]
+
+
+def describe_timeouts(settings: Settings) -> list[str]:
+    """With ASR_TIMEOUT_PER_AUDIO_MINUTE: each attempt's timeout for a few lengths, and why the
+    worst case still counts ASR_REQUEST_TIMEOUT. Nothing without it."""
+    per_minute = settings.timeout_per_audio_minute
+    if per_minute is None:
+        return []
+    config = ProxyConfig.from_settings(settings)
+    request = _num(settings.request_timeout)
+    shown = ", ".join(
+        f"{m:g} min {_num(config.attempt_timeout(m * 60.0))} s" for m in _TIMEOUT_MINUTES
+    )
+    return [
+        f"Attempt timeout by audio length (ASR_TIMEOUT_PER_AUDIO_MINUTE={_num(per_minute)} s per "
+        f"minute, at least {_num(MIN_ATTEMPT_TIMEOUT)} s, at most ASR_REQUEST_TIMEOUT="
+        f"{request} s): {shown}; a file whose length cannot be read gets {request} s. The worst "
+        f"case below counts every attempt at ASR_REQUEST_TIMEOUT={request} s: it is the cap, and "
+        "what files of unknown length get."
+    ]
+
+
 # -- the flags -----------------------------------------------------------------------------------
 
 
@@ -392,6 +562,11 @@ def run_check_config(args: argparse.Namespace) -> int:
 def _print_worst_case(worst: _WorstCase) -> None:
     for line in describe_servers(worst.settings) + pool_notes(worst.settings):
         print(line)
+    memory, warnings = describe_memory(worst.settings)
+    for line in memory + describe_timeouts(worst.settings):
+        print(line)
+    for line in warnings:
+        print(line, file=sys.stderr)
     for line in describe_budget(worst.budget, worst.settings) + _pool_budget_lines(worst.settings):
         print(line)
     which = "with" if worst.with_retry_after else "without"
