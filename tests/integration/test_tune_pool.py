@@ -170,6 +170,14 @@ async def test_each_card_is_measured_alone_and_the_pool_gets_one_value_per_card(
         "max_concurrent": [3, 2, 1],
         "asr_upstream_url": ",".join(urls),
         "asr_max_concurrent": "3,2,1",
+        "memory": {  # one length: 5-minute files costed at what fitted, nothing per minute
+            "gpu_memory_gib": [18.0, 12.0, 9.0],
+            "task_memory_gib": [6.0, 6.0, 9.0],
+            "task_memory_per_minute_gib": [0.0, 0.0, 0.0],
+            "max_concurrent": [3, 2, 1],
+            "settings": "ASR_GPU_MEMORY_GIB=18,12,9 ASR_TASK_MEMORY_GIB=6,6,9 "
+            "ASR_TASK_MEMORY_PER_MINUTE_GIB=0 ASR_MAX_CONCURRENT=3,2,1",
+        },
     }
     assert [line for line in markdown.splitlines() if line.startswith("## ")] == [
         *(f"## {name} (`{url}`)" for name, url in zip(names, urls, strict=True)),

@@ -12,10 +12,16 @@ alone: every card gets its own table and recommendation, then the pool's setting
 (`ASR_MAX_CONCURRENT=3,3,1`, one value per card in order). Every card is checked (reachable,
 idle) before any is loaded.
 
+Beside the count it recommends admission by memory (#16): ASR_GPU_MEMORY_GIB (the card's free
+memory: --gpu-memory-gib, else the simulator's /sim/state, else the operator must give it),
+ASR_TASK_MEMORY_GIB and ASR_TASK_MEMORY_PER_MINUTE_GIB. With one audio length they come from the
+climb itself (per minute 0); with several (`--durations 60,300`) each length is then climbed
+alone until it runs out of memory, and the figures are a line through what fitted (`memory`).
+
 The parts: `args` (the flags and the `TuneConfig` built from them), `decide` (pure: when to
-stop, what to recommend), `run` (the load, on one aiohttp `ClientSession`), `report` (progress,
-table, JSON, Markdown). This module is the command: `add_tune_arguments` and `run_tune` for the
-main CLI, and `tune` for one run.
+stop, what to recommend), `memory` (pure: the memory figures), `run` (the load, on one aiohttp
+`ClientSession`), `report` (progress, table, JSON, Markdown). This module is the command:
+`add_tune_arguments` and `run_tune` for the main CLI, and `tune` for one run.
 """
 
 import argparse
@@ -28,18 +34,37 @@ from typing import Final, TextIO
 import aiohttp
 
 from gatekeeper.commands.flags import print_error
-from gatekeeper.commands.tune.args import TuneConfig, add_tune_arguments, config_from_args
-from gatekeeper.commands.tune.decide import Recommendation, TaskSample, recommend
+from gatekeeper.commands.tune.args import (
+    AudioItem,
+    TuneConfig,
+    add_tune_arguments,
+    config_from_args,
+)
+from gatekeeper.commands.tune.decide import LevelResult, Recommendation, TaskSample, recommend
+from gatekeeper.commands.tune.memory import (
+    DurationBound,
+    MemoryRecommendation,
+    bound_from_levels,
+    recommend_memory,
+)
 from gatekeeper.commands.tune.report import (
     PoolReport,
     Progress,
     TuneReport,
     format_table,
+    memory_lines,
     pool_lines,
     recommendation_lines,
     write_results,
 )
-from gatekeeper.commands.tune.run import Load, busy_reason, climb, send
+from gatekeeper.commands.tune.run import (
+    Load,
+    busy_reason,
+    climb,
+    memory_climb,
+    send,
+    sim_memory_gib,
+)
 from gatekeeper.policy.outcomes import AttemptOutcome
 from gatekeeper.settings import server_name
 
@@ -160,7 +185,39 @@ async def _measure_card(load: Load, stderr: TextIO) -> TuneReport | None:
         return None
     levels, stopped = await climb(load, progress)
     recommendation = recommend(levels, max_level=load.config.max_level)
-    return TuneReport(load.config, load.url, started_at, tuple(levels), stopped, recommendation)
+    memory = await _memory(load, levels, stopped, progress)
+    return TuneReport(
+        load.config, load.url, started_at, tuple(levels), stopped, recommendation, memory
+    )
+
+
+async def _memory(
+    load: Load, levels: list[LevelResult], stopped: str, progress: Progress
+) -> MemoryRecommendation:
+    """The memory figures for the card: from the climb itself with one audio length; with
+    several, from each length climbed alone until it runs out of memory. The card's free memory
+    comes from --gpu-memory-gib, else the simulator's /sim/state, else it is unknown."""
+    config = load.config
+    budget, source = config.gpu_memory_for(load.url), "--gpu-memory-gib"
+    if budget is None:
+        budget, source = await sim_memory_gib(load.session, load.url), "/sim/state"
+    lengths = list({item.seconds: item for item in config.audio}.values())
+    if len(lengths) == 1:
+        bounds = [bound_from_levels(lengths[0].seconds, levels, stopped)]
+    else:
+        bounds = [await _climb_alone(load, item, progress) for item in lengths]
+    return recommend_memory(
+        bounds, budget, source if budget is not None else None, max_level=config.max_level
+    )
+
+
+async def _climb_alone(load: Load, item: AudioItem, progress: Progress) -> DurationBound:
+    """One length alone, after the pause between levels: how many fitted, when it ran out."""
+    if load.config.pause > 0:
+        await asyncio.sleep(load.config.pause)
+    progress.line(f"memory: {item.seconds:g} s files alone, climbing until they run out of memory")
+    levels, stopped = await memory_climb(load, item, progress)
+    return bound_from_levels(item.seconds, levels, stopped)
 
 
 def _failed_card(config: TuneConfig, url: str) -> TuneReport:
@@ -176,7 +233,10 @@ def _print_card(card: TuneReport, stdout: TextIO, *, heading: bool) -> None:
     if card.levels:
         print(format_table(card), file=stdout)
         print("", file=stdout)
-    for line in recommendation_lines(card.recommendation, card=card.name if heading else None):
+    name = card.name if heading else None
+    for line in recommendation_lines(card.recommendation, card=name):
+        print(line, file=stdout)
+    for line in memory_lines(card.memory, card=name):
         print(line, file=stdout)
     if heading:
         print("", file=stdout)

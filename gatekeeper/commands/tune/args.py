@@ -62,11 +62,21 @@ class TuneConfig:
     model: str = "whisper-1"
     out_dir: Path | None = None
     yes: bool = False
+    gpu_memory_gib: tuple[float, ...] | None = None
+    """--gpu-memory-gib: each card's free memory for tasks (one value for all, or one per card);
+    None: asked of the simulator's /sim/state, else unknown."""
 
     @property
     def pool(self) -> bool:
         """Several cards: the output has one section per card and the combined settings."""
         return len(self.urls) > 1
+
+    def gpu_memory_for(self, url: str) -> float | None:
+        """The memory given for this card with --gpu-memory-gib, if any."""
+        given = self.gpu_memory_gib
+        if given is None:
+            return None
+        return given[0] if len(given) == 1 else given[self.urls.index(url)]
 
 
 # -- the flags -----------------------------------------------------------------------------------
@@ -77,6 +87,17 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     _add_server_arguments(parser)
     _add_audio_arguments(parser)
     _add_load_arguments(parser)
+    parser.add_argument(
+        "--gpu-memory-gib",
+        metavar="GIB[,GIB…]",
+        help="GPU memory free for tasks on the card, in GiB (its total minus what the idle "
+        "server holds, model loaded: nvidia-smi's total − used), one value or one per card; "
+        "with it tune recommends ASR_GPU_MEMORY_GIB, ASR_TASK_MEMORY_GIB and "
+        "ASR_TASK_MEMORY_PER_MINUTE_GIB for admission by memory (default: asked of the "
+        "simulator's /sim/state; a real server cannot tell, and the figures are then given "
+        "per GiB of it). With several --durations each length is also climbed alone until it "
+        "runs out of memory, to tell the base from the per-minute part",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -186,6 +207,7 @@ def config_from_args(args: argparse.Namespace) -> TuneConfig:
         model=args.model,
         out_dir=args.out,
         yes=args.yes,
+        gpu_memory_gib=_gpu_memory(args.gpu_memory_gib, len(urls)),
     )
 
 
@@ -213,6 +235,26 @@ def _split_urls(values: list[str]) -> tuple[str, ...]:
     return tuple(
         part.strip().rstrip("/") for value in values for part in value.split(",") if part.strip()
     )
+
+
+def _gpu_memory(text: str | None, cards: int) -> tuple[float, ...] | None:
+    """--gpu-memory-gib: positive GiB, one value for every card or one per card in order."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(
+            f"--gpu-memory-gib must be GiB separated by commas, got {text!r}"
+        ) from None
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"--gpu-memory-gib must be more than 0 GiB, got {text!r}")
+    if len(values) not in (1, cards):
+        raise ValueError(
+            f"--gpu-memory-gib has {len(values)} values for {cards} card(s): give one for all, "
+            "or one per card in the same order"
+        )
+    return values
 
 
 def _check_numbers(args: argparse.Namespace) -> None:

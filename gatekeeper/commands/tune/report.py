@@ -18,6 +18,7 @@ from gatekeeper.commands.tune.decide import (
     pool_setting,
     stop_reason,
 )
+from gatekeeper.commands.tune.memory import MemoryRecommendation, pool_memory_settings
 from gatekeeper.policy.outcomes import AttemptOutcome
 from gatekeeper.settings import server_name
 
@@ -27,6 +28,7 @@ __all__ = [
     "TuneReport",
     "format_table",
     "markdown_report",
+    "memory_lines",
     "pool_lines",
     "recommendation_lines",
     "write_results",
@@ -45,6 +47,8 @@ class TuneReport:
     levels: tuple[LevelResult, ...]
     stopped: str | None
     recommendation: Recommendation
+    memory: MemoryRecommendation | None = None
+    """Admission by memory: the figures for this card (None when nothing was measured)."""
 
     @property
     def name(self) -> str:
@@ -68,6 +72,11 @@ class PoolReport:
         """ASR_MAX_CONCURRENT's value for the pool (`3,3,1`); None when a card has none."""
         return pool_setting([card.recommendation for card in self.cards])
 
+    @property
+    def memory_setting(self) -> str | None:
+        """The memory settings' line for the pool; None when a card has no figures."""
+        return pool_memory_settings([card.memory for card in self.cards])
+
     def to_json(self) -> dict[str, object]:
         return {
             **_run_json(self.config, self.started_at),
@@ -77,8 +86,23 @@ class PoolReport:
                 "max_concurrent": [card.recommendation.max_concurrent for card in self.cards],
                 "asr_upstream_url": ",".join(card.url for card in self.cards),
                 "asr_max_concurrent": self.setting,
+                "memory": _pool_memory_json(self),
             },
         }
+
+
+def _pool_memory_json(report: PoolReport) -> dict[str, object]:
+    """Each card's memory figures in order, and the pool's line (None when a card has none)."""
+    memories = [card.memory for card in report.cards]
+    return {
+        "gpu_memory_gib": [m.budget_gib if m else None for m in memories],
+        "task_memory_gib": [m.figures.base_gib if m and m.figures else None for m in memories],
+        "task_memory_per_minute_gib": [
+            m.figures.per_minute_gib if m and m.figures else None for m in memories
+        ],
+        "max_concurrent": [m.max_concurrent if m else None for m in memories],
+        "settings": report.memory_setting,
+    }
 
 
 def _run_json(c: TuneConfig, started_at: str) -> dict[str, object]:
@@ -105,8 +129,16 @@ def _card_json(card: TuneReport) -> dict[str, object]:
         "recommendation": {
             "max_concurrent": card.recommendation.max_concurrent,
             "reason": card.recommendation.reason,
+            "memory": _memory_json(card.memory),
         },
     }
+
+
+def _memory_json(memory: MemoryRecommendation | None) -> dict[str, object] | None:
+    """The memory figures; with several lengths each length's own climb, level by level."""
+    if memory is None:
+        return None
+    return memory.to_json(_level_json if len(memory.bounds) > 1 else None)
 
 
 def _level_json(r: LevelResult) -> dict[str, object]:
@@ -221,6 +253,43 @@ def recommendation_lines(recommendation: Recommendation, *, card: str | None = N
     return [setting, f"  why: {recommendation.reason}"]
 
 
+def memory_lines(memory: MemoryRecommendation | None, *, card: str | None = None) -> list[str]:
+    """Admission by memory, beside the count: the settings' line to copy (or, for one `card` of
+    a pool, its values in the pool's line), then why. Nothing when nothing was measured."""
+    if memory is None:
+        return []
+    figures, per_budget = memory.figures, memory.per_budget
+    why = f"  why: {memory.reason}"
+    if per_budget is None:
+        return [f"No memory figures{f' for {card}' if card else ''}.", why]
+    if figures is None or memory.budget_gib is None:
+        return [
+            f"Admission by memory{f' on {card}' if card else ''}: the card's free memory is "
+            "unknown; give --gpu-memory-gib (its total minus what the idle server holds, "
+            "nvidia-smi's total − used). Per GiB of it a task costs "
+            f"{per_budget.base_gib:.4g} GiB + {per_budget.per_minute_gib:.4g} GiB per audio "
+            f"minute (ASR_TASK_MEMORY_GIB = {per_budget.base_gib:.4g} × it, "
+            f"ASR_TASK_MEMORY_PER_MINUTE_GIB = {per_budget.per_minute_gib:.4g} × it), "
+            f"at most {memory.max_concurrent} at once.",
+            why,
+        ]
+    source = f" (from {memory.budget_from})" if memory.budget_from else ""
+    if card is not None:
+        return [
+            f"{card} by memory: {memory.budget_gib:g} GiB free{source}; a task "
+            f"{figures.base_gib:g} GiB + {figures.per_minute_gib:g} GiB per audio minute, at "
+            f"most {memory.max_concurrent} at once (its values in the pool's memory line below)",
+            why,
+        ]
+    return [
+        f"Or admit by GPU memory instead of a count ({memory.budget_gib:g} GiB free"
+        f"{f', from {memory.budget_from}' if memory.budget_from else ''}; "
+        "ASR_MAX_CONCURRENT then only caps):",
+        str(memory.settings),
+        why,
+    ]
+
+
 def pool_lines(report: PoolReport) -> list[str]:
     """The pool's settings, one value per card in order (or why there are none)."""
     urls = ",".join(card.url for card in report.cards)
@@ -241,6 +310,20 @@ def pool_lines(report: PoolReport) -> list[str]:
         f"ASR_MAX_CONCURRENT={report.setting}",
         "  each card was measured alone, the others idle: two servers sharing one GPU must "
         "share its limit",
+        *_pool_memory_lines(report),
+    ]
+
+
+def _pool_memory_lines(report: PoolReport) -> list[str]:
+    if report.memory_setting is not None:
+        return [
+            "Or admit by GPU memory instead of a count (ASR_MAX_CONCURRENT then only caps):",
+            report.memory_setting,
+        ]
+    missing = [card.name for card in report.cards if card.memory is None or not card.memory.figures]
+    return [
+        f"  no memory settings for the pool: no figures for {', '.join(missing)} (give "
+        "--gpu-memory-gib, one value per card, when a card's free memory is unknown)"
     ]
 
 
@@ -294,7 +377,40 @@ def _markdown_recommendation(report: TuneReport, *, pool: bool = False) -> list[
         lines += [f"{rec.max_concurrent} at a time on this card.", ""]
     elif rec.max_concurrent is not None:
         lines += ["```sh", f"ASR_MAX_CONCURRENT={rec.max_concurrent}", "```", ""]
-    return [*lines, rec.reason[:1].upper() + rec.reason[1:] + ".", ""]
+    lines += [rec.reason[:1].upper() + rec.reason[1:] + ".", ""]
+    return lines + _markdown_memory(report.memory, pool=pool)
+
+
+def _markdown_memory(memory: MemoryRecommendation | None, *, pool: bool) -> list[str]:
+    """Admission by memory: the settings (or this card's values), why, each length's bounds."""
+    if memory is None:
+        return []
+    lines = ["#### By GPU memory" if pool else "### By GPU memory", ""]
+    figures = memory.figures
+    if memory.settings is not None and figures is not None and not pool:
+        lines += ["```sh", memory.settings, "```", ""]
+    elif figures is not None and memory.budget_gib is not None:
+        lines += [
+            f"{memory.budget_gib:g} GiB free, a task {figures.base_gib:g} GiB + "
+            f"{figures.per_minute_gib:g} GiB per audio minute, at most "
+            f"{memory.max_concurrent} at once.",
+            "",
+        ]
+    else:
+        lines += [line.strip() for line in memory_lines(memory)[:1]] + [""]
+    lines += [memory.reason[:1].upper() + memory.reason[1:] + ".", ""]
+    if memory.bounds:
+        lines += [
+            "| audio | fitted at once | first OOM | climb stopped |",
+            "|---:|---:|---:|---|",
+            *(
+                f"| {b.audio_seconds:g} s | {b.fitted} | {b.oom_at or '-'} | "
+                f"{_STOP_WORDS.get(b.stopped or '', b.stopped or '-')} |"
+                for b in memory.bounds
+            ),
+            "",
+        ]
+    return lines
 
 
 def _markdown_pool(report: PoolReport) -> list[str]:
@@ -302,6 +418,12 @@ def _markdown_pool(report: PoolReport) -> list[str]:
     if report.setting is None:
         return [*lines, *(line.strip() for line in pool_lines(report)[1:]), ""]
     urls = ",".join(card.url for card in report.cards)
+    setting = report.memory_setting
+    memory = (
+        ["By GPU memory instead (ASR_MAX_CONCURRENT then only caps):", "", "```sh", setting]
+        if setting is not None
+        else [line.strip() for line in _pool_memory_lines(report)]
+    )
     return [
         *lines,
         "```sh",
@@ -311,6 +433,9 @@ def _markdown_pool(report: PoolReport) -> list[str]:
         "",
         "Each card was measured alone, the others idle: two servers sharing one GPU must share "
         "its limit.",
+        "",
+        *memory,
+        *(["```"] if setting is not None else []),
         "",
     ]
 

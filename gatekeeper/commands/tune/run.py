@@ -5,11 +5,12 @@ classify it, and each level's samples are folded by `decide.summarize`.
 """
 
 import asyncio
+import dataclasses
 import io
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Final, TextIO
+from typing import Any, Final, TextIO, TypeGuard
 
 import aiohttp
 
@@ -19,7 +20,16 @@ from gatekeeper.commands.tune.report import Progress
 from gatekeeper.policy.classify import CLASSIFY_BODY_LIMIT, OomMatcher, classify
 from gatekeeper.policy.outcomes import AttemptOutcome
 
-__all__ = ["BUSY_PROBE_SECONDS", "Load", "busy_reason", "climb", "run_level", "send"]
+__all__ = [
+    "BUSY_PROBE_SECONDS",
+    "Load",
+    "busy_reason",
+    "climb",
+    "memory_climb",
+    "run_level",
+    "send",
+    "sim_memory_gib",
+]
 
 BUSY_PROBE_SECONDS: Final = 2.0
 """A server that takes longer than this to answer `GET /` is busy transcribing (whisper-asr-
@@ -98,22 +108,52 @@ async def _slow_root(session: aiohttp.ClientSession, url: str) -> str | None:
     return None
 
 
+async def sim_memory_gib(session: aiohttp.ClientSession, url: str) -> float | None:
+    """The memory a simulated card leaves to tasks (`/sim/state`: total − reserved), or None
+    when the server is not the simulator (a real one cannot tell)."""
+    document = await _json_document(session, url + "/sim/state")
+    if document is None:
+        return None
+    total, reserved = document.get("memory_total_gib"), document.get("memory_reserved_gib")
+    if not (_number(total) and _number(reserved)):
+        return None
+    free = float(total) - float(reserved)
+    return free if math.isfinite(free) and free > 0 else None
+
+
+def _number(value: object) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 # -- the levels ----------------------------------------------------------------------------------
 
 
-async def climb(load: Load, progress: Progress) -> tuple[list[LevelResult], str]:
+async def climb(
+    load: Load, progress: Progress, *, past_no_gain: bool = False
+) -> tuple[list[LevelResult], str]:
     """Levels 1, 2, 3, … until `stop_reason` says stop or --max-level is done; the results
-    and why climbing stopped."""
+    and why climbing stopped. `past_no_gain`: only a failure stops it (the memory line is
+    what is sought, not the best goodput)."""
     levels: list[LevelResult] = []
     for level in range(1, load.config.max_level + 1):
         if levels and load.config.pause > 0:
             await asyncio.sleep(load.config.pause)
         levels.append(await run_level(load, level, progress))
-        stopped = stop_reason(levels[-2] if len(levels) > 1 else None, levels[-1])
+        previous = levels[-2] if len(levels) > 1 and not past_no_gain else None
+        stopped = stop_reason(previous, levels[-1])
         progress.level_done(levels[-1], stopped)
         if stopped is not None:
             return levels, stopped
     return levels, "max_level"
+
+
+async def memory_climb(
+    load: Load, audio: AudioItem, progress: Progress
+) -> tuple[list[LevelResult], str]:
+    """Tasks of one length only, climbing until one runs out of memory (or another failure, or
+    --max-level): "c of these fitted at once, c + 1 did not"."""
+    config = dataclasses.replace(load.config, audio=(audio,))
+    return await climb(dataclasses.replace(load, config=config), progress, past_no_gain=True)
 
 
 async def run_level(load: Load, level: int, progress: Progress) -> LevelResult:
