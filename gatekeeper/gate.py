@@ -98,6 +98,7 @@ class Ticket:
         "audio",
         "charged",
         "last_server",
+        "passed_at",
         "server",
     )
 
@@ -108,6 +109,8 @@ class Ticket:
         """Seconds of audio in the task's upload (None: unknown), for admission by memory."""
         self.charged = 0.0
         """GiB the ticket's slot holds of its server's memory budget (admission by memory)."""
+        self.passed_at: float | None = None
+        """When a later task first started ahead of this one while it was the head (memory)."""
         self._granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._left = False
         self._paused = False
@@ -289,8 +292,6 @@ class Gate:
         # Admission by memory: a task that fits may pass the head of the queue (which does
         # not), but only for `backfill_seconds` after the head was first passed.
         self.backfill_seconds = backfill_seconds
-        self._head: Ticket | None = None
-        self._head_passed_at: float | None = None
 
     @property
     def _limit(self) -> int:
@@ -316,6 +317,10 @@ class Gate:
         """Slots taken as admission counts them: the sum of the limits less the free slots,
         server by server (a server over a lowered limit does not eat another's room), on the
         servers a task may go to (a server found down has no room to offer)."""
+        if (self._waiters or self._retry_waiters) and any(
+            s.budget is not None for s in self._servers
+        ):
+            return self._limit  # by memory, slots free while tasks wait are no room to offer
         free = sum(max(0, self._servers[i].limit - self._servers[i].active) for i in self._usable())
         return self._limit - free
 
@@ -425,11 +430,18 @@ class Gate:
         self, server: int, *, budget: float | None, model: MemoryModel | None = None
     ) -> None:
         """Admission by memory on one server: its budget in GiB (None: by count only) and the
-        figures a task is costed by. Running tasks keep what they were charged."""
+        figures a task is costed by. The running tasks are costed again by the new figures
+        (the best estimate of what they hold now: right after an OOM raised the figures, the
+        same set must not look as if it fitted)."""
         slots = self._servers[server]
         slots.budget = budget
         if model is not None:
             slots.model = model
+        slots.used = 0.0
+        for holder in self._holders:
+            if holder.server == server:
+                holder.charged = slots.cost(holder)
+                slots.used += holder.charged
         self._hand_over()
 
     def memory_model(self, server: int) -> MemoryModel:
@@ -568,7 +580,7 @@ class Gate:
             self._retry_waiters.remove(ticket)
         self._paused -= 1
         assert self._paused >= 0, "paused ticket left twice"
-        self._check_idle()
+        self._hand_over()  # by memory, the ticket behind it may fit where it did not
 
     def _hand_over(self) -> None:
         # Retries first (they are older than every queued task), then first-in first-out: the
@@ -578,18 +590,16 @@ class Gate:
             head = self._first()
             if head is None:
                 break
-            if head is not self._head:
-                self._head, self._head_passed_at = head, None
             server = self._pick(avoid=head.last_server, ticket=head)
             if server is not None:
                 self._start(head, server)
                 continue
-            passer = self._backfill()
+            passer = self._backfill(head)
             if passer is None:
                 break
             ticket, server = passer
-            if self._head_passed_at is None:
-                self._head_passed_at = self._clock.monotonic()
+            if head.passed_at is None:
+                head.passed_at = self._clock.monotonic()
             self._start(ticket, server)
         self._check_idle()
 
@@ -601,16 +611,18 @@ class Gate:
             self._waiters.popleft()
         return self._waiters[0] if self._waiters else None
 
-    def _backfill(self) -> tuple[Ticket, int] | None:
+    def _backfill(self, head: Ticket) -> tuple[Ticket, int] | None:
         """A later ticket that fits now while the head does not (admission by memory only),
-        unless the head has been passed for `backfill_seconds` already."""
+        unless the head has been passed for `backfill_seconds` already (counted from its first
+        pass, on the ticket: a retry that is head for a moment does not reset it)."""
         if all(s.budget is None for s in self._servers):
             return None  # by count, a later task fits exactly when the head does
-        since = self._head_passed_at
-        if since is not None and self._clock.monotonic() - since >= self.backfill_seconds:
+        now = self._clock.monotonic()
+        since = now if head.passed_at is None else head.passed_at
+        if now - since >= self.backfill_seconds:
             return None
         for ticket in itertools.chain(self._retry_waiters, self._waiters):
-            if ticket is self._head or ticket._granted.done():
+            if ticket is head or ticket._granted.done():
                 continue
             server = self._pick(avoid=ticket.last_server, ticket=ticket)
             if server is not None:
@@ -628,7 +640,7 @@ class Gate:
     def _drop_waiter(self, ticket: Ticket) -> None:
         with contextlib.suppress(ValueError):  # already handed a slot or refused
             self._waiters.remove(ticket)
-        self._check_idle()
+        self._hand_over()  # by memory, the ticket behind it may fit where it did not
 
     def _check_idle(self) -> None:
         if self._active == 0 and not self._waiters and self._paused == 0 and not self._uploading:

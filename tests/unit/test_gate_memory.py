@@ -138,15 +138,8 @@ async def test_without_a_budget_the_count_alone_decides() -> None:
     assert gate.counts().servers[0].memory_budget is None
 
 
-# Found by this file: the arrival check before the upload counts free slots, not memory. With
-# the memory full and the queue at ASR_MAX_QUEUE, `arrival_refusal()` says None and
-# `begin_upload()` accepts; the task is refused queue_full only after its whole upload.
-# Minimal reproduction: Gate(limit=8, max_queue=1), set_memory(0, budget=18, model=(2, 0.8));
-# three arrivals of 300 s run (18 GiB), a fourth queues; `arrival_refusal()` is None.
-@pytest.mark.xfail(
-    strict=True,
-    reason="arrival_refusal counts slots, not memory: an upload is let in, then refused",
-)
+# Found by this file (fixed): the arrival check before the upload counted free slots, not
+# memory, so with the memory full and the queue at ASR_MAX_QUEUE an upload was let in.
 async def test_an_arrival_is_refused_before_its_upload_when_the_queue_is_full_by_memory() -> None:
     gate, _ = _gate(max_queue=1)
     for _ in range(3):
@@ -285,12 +278,11 @@ async def test_backfill_needs_a_memory_budget() -> None:
     assert not later.granted
 
 
-# Found by this file: with backfill_seconds=0 one task still passes the head. `_backfill` only
+# Found by this file (fixed): with backfill_seconds=0 one task still passes the head. `_backfill` only
 # refuses once `_head_passed_at` is set, and it is set by the first pass itself.
 # Minimal reproduction: Gate(limit=8, max_queue=10, backfill_seconds=0), set_memory(0,
 # budget=18, model=(2, 0.8)); arrivals of 300 s, 300 s (run), 600 s (waits), 60 s → the 60 s
 # task starts ahead of the 600 s one; a second 60 s arrival waits.
-@pytest.mark.xfail(strict=True, reason="backfill_seconds=0 still lets one task pass the head")
 async def test_backfill_seconds_0_is_strict_first_in_first_out() -> None:
     gate, _ = _gate(backfill=0.0)
     _arrive(gate, 300)
@@ -301,13 +293,12 @@ async def test_backfill_seconds_0_is_strict_first_in_first_out() -> None:
     assert not short.granted, "ASR_BACKFILL_SECONDS=0: strict first-in first-out"
 
 
-# Found by this file: the bound is kept for "the head" as the hand-over last saw it, so a retry
+# Found by this file (fixed): the bound is kept for "the head" as the hand-over last saw it, so a retry
 # taking its slot back (retries go ahead of the queue, so it is the head for a moment) resets
 # the queue head's bound: it can be passed for another `backfill_seconds`, again at every retry.
 # Minimal reproduction: backfill 60; r = 60 s, a = b = 300 s run (14.8); meeting = 600 s waits;
 # s1 = 10 s passes at t0; at t0 + 60 s a 10 s arrival waits (right); r.pause(), r.resume()
 # (r starts again); a.leave() → the waiting 10 s task passes the meeting at t0 + 60 s.
-@pytest.mark.xfail(strict=True, reason="a retry resets the bound of the queue's head")
 async def test_a_retry_does_not_reset_the_bound_of_the_head() -> None:
     gate, clock = _gate(backfill=60.0)
     retried, a, _b = _arrive(gate, 60), _arrive(gate, 300), _arrive(gate, 300)  # 14.8
@@ -325,14 +316,13 @@ async def test_a_retry_does_not_reset_the_bound_of_the_head() -> None:
     assert not late.granted, "the meeting has been passed for 60 s"
 
 
-# Found by this file: when the head of the queue leaves without a slot (its client hangs up, or
+# Found by this file (fixed): when the head of the queue leaves without a slot (its client hangs up, or
 # its queue timeout), the queue does not move: a task behind it that fits keeps waiting until
 # some other task ends. `Ticket.leave()` → `_drop_waiter` (and a queue timeout) only take the
 # ticket out; nothing calls `_hand_over`. (By count alone this cannot happen: behind a head that
 # does not fit, nothing fits.) Minimal reproduction: backfill 60; a = b = 300 s run (12);
 # meeting = 600 s waits; s1 = 60 s passes; after 60 s s2 = 60 s waits (right);
 # meeting.leave() → s2 (2.8 beside 14.8) still waits.
-@pytest.mark.xfail(strict=True, reason="a head leaving the queue does not move the queue")
 async def test_when_the_head_leaves_the_next_one_that_fits_starts() -> None:
     gate, clock = _gate(backfill=60.0)
     _arrive(gate, 300)
@@ -346,7 +336,6 @@ async def test_when_the_head_leaves_the_next_one_that_fits_starts() -> None:
     assert waiting.granted, "2.8 GiB beside 14.8 fits, and nobody is ahead any more"
 
 
-@pytest.mark.xfail(strict=True, reason="a head leaving the queue does not move the queue")
 async def test_when_the_head_times_out_the_next_one_that_fits_starts() -> None:
     gate, clock = _gate(backfill=60.0)
     _arrive(gate, 300)
@@ -446,38 +435,46 @@ async def test_used_returns_to_zero_when_every_ticket_left() -> None:
     assert gate.counts().active == 0
 
 
-async def test_the_charge_survives_a_model_change() -> None:
-    """`set_memory` with new figures while tasks run: they keep what they were charged, new
-    tasks are charged by the new figures, and `used` comes back to 0 at the end."""
+async def test_a_model_change_costs_the_running_tasks_again() -> None:
+    """`set_memory` with new figures while tasks run: the running tasks are costed again by
+    them (the best estimate of what they hold now: right after an OOM raised the figures the
+    same set must not look as if it fitted), new tasks too, and `used` comes back to exactly 0
+    at the end."""
     gate, _ = _gate(limit=8)
     old = [_arrive(gate, 300), _arrive(gate, 60)]
     assert [t.charged for t in old] == pytest.approx([6.0, 2.8])
     gate.set_memory(0, budget=BUDGET, model=MemoryModel(4.0, 1.0))
     assert gate.memory_model(0) == MemoryModel(4.0, 1.0)
-    assert [t.charged for t in old] == pytest.approx([6.0, 2.8]), "running tasks keep theirs"
-    assert _used(gate) == pytest.approx(8.8)
+    assert [t.charged for t in old] == pytest.approx([9.0, 5.0])
+    assert _used(gate) == pytest.approx(14.0)
     new = _arrive(gate, 60)
-    assert new.charged == pytest.approx(5.0)
-    assert _used(gate) == pytest.approx(13.8)
-    old[0].leave()  # gives back the 6 it was charged, not the 9 it would cost now
-    assert _used(gate) == pytest.approx(7.8)
+    assert not new.granted, "5 more beside 14 does not fit in 18"
+    old[0].leave()
+    assert new.granted
+    assert _used(gate) == pytest.approx(10.0)
     gate.set_memory(0, budget=BUDGET, model=MemoryModel(1.0, 0.1))
+    assert _used(gate) == pytest.approx(2 * 1.1)
     for ticket in [old[1], new]:
         ticket.leave()
     assert _used(gate) == 0.0
 
 
 async def test_a_model_change_lets_waiters_in() -> None:
-    """Lower figures start the tasks that now fit; a new budget too."""
+    """Lower figures start the tasks that now fit (the running ones are costed again by them);
+    a new budget too."""
     gate, _ = _gate()
     for _ in range(3):
         _arrive(gate, 300)
     waiting = _arrive(gate, 300)
-    gate.set_memory(0, budget=BUDGET, model=MemoryModel(1.0, 0.0))
-    assert not waiting.granted, "the running tasks still hold 18"
+    gate.set_memory(0, budget=BUDGET, model=MemoryModel(7.0, 0.0))
+    assert not waiting.granted, "the running tasks now hold 21"
+    gate.set_memory(0, budget=BUDGET, model=MemoryModel(4.0, 0.0))
+    assert waiting.granted, "4 beside 12 fits"
+    assert waiting.charged == pytest.approx(4.0)
+    late = _arrive(gate, 300)
+    assert not late.granted
     gate.set_memory(0, budget=20.0)
-    assert waiting.granted, "1 GiB fits in the 2 more of the new budget"
-    assert waiting.charged == pytest.approx(1.0)
+    assert late.granted, "4 beside 16 fits the new budget"
 
 
 async def test_used_comes_back_to_exactly_zero() -> None:
@@ -537,10 +534,11 @@ async def test_a_pause_gives_the_memory_back_and_a_resume_charges_again() -> Non
     assert ticket.server is None
     assert _used(gate) == pytest.approx(2.8)
     gate.set_memory(0, budget=BUDGET, model=MemoryModel(4.0, 1.0))
+    assert _used(gate) == pytest.approx(5.0), "the running one costed by the new figures"
     resumer = await _start_resume(ticket)
     await asyncio.wait_for(resumer, 5)
     assert ticket.charged == pytest.approx(9.0), "charged by the figures of now"
-    assert _used(gate) == pytest.approx(11.8)
+    assert _used(gate) == pytest.approx(14.0)
     ticket.leave()
     other.leave()
     assert _used(gate) == 0.0
@@ -640,11 +638,9 @@ class MemoryGateMachine(RuleBasedStateMachine):
     """Drives a real two-card gate with memory budgets through arrivals, finishes,
     cancellations, retries, moves, new figures and time, watching every grant.
 
-    `Gate._start` and `Gate._grant_again` are wrapped to read the books at each grant;
-    `Gate._hand_over` to follow the head as the gate sees it. The bound is followed the way
-    the gate keeps it (it restarts whenever another ticket was the head: see the strict xfail
-    above for a retry); cancelling the head is left out (the xfail above: the queue would not
-    move)."""
+    `Gate._start` and `Gate._grant_again` are wrapped to read the books at each grant. The
+    bound is kept per ticket, from the first time a later task passed it while it was the
+    head."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -661,7 +657,7 @@ class MemoryGateMachine(RuleBasedStateMachine):
         self.resumers: dict[Ticket, asyncio.Task[None]] = {}
         self.left: list[Ticket] = []
         self.refused = 0
-        self.passed: tuple[Ticket, float] | None = None  # the head and its first pass
+        self.first_passed: dict[Ticket, float] = {}  # a head, and when it was first passed
         self.ever_passed: set[Ticket] = set()
         self.violations: list[str] = []
 
@@ -703,26 +699,15 @@ class MemoryGateMachine(RuleBasedStateMachine):
             self.violations.append(f"server {server} over its budget: {used} + {ticket.charged}")
 
     def _watch(self, gate: Gate) -> None:
-        start, grant_again, hand_over = gate._start, gate._grant_again, gate._hand_over
-
-        def follow_head() -> None:
-            head = gate._first()
-            if self.passed is not None and self.passed[0] is not head:
-                self.passed = None
-
-        def watched_hand_over() -> None:
-            follow_head()
-            hand_over()
+        start, grant_again = gate._start, gate._grant_again
 
         def watched_start(ticket: Ticket, server: int) -> None:
-            follow_head()
             head = gate._first()
             if ticket is not head and head is not None:  # a pass
                 now = self.clock.now
-                if self.passed is None:
-                    self.passed = (head, now)
-                elif now - self.passed[1] >= self.backfill:
-                    self.violations.append(f"passed a head passed {now - self.passed[1]} s ago")
+                since = self.first_passed.setdefault(head, now)
+                if now - since >= self.backfill:
+                    self.violations.append(f"passed a head first passed {now - since} s ago")
                 self.ever_passed.add(head)
             slots = gate.counts().servers[server]
             before = (slots.active, slots.memory_used)
@@ -735,7 +720,6 @@ class MemoryGateMachine(RuleBasedStateMachine):
             grant_again(ticket, server)
             self._check_grant(ticket, server, before)
 
-        gate._hand_over = watched_hand_over  # type: ignore[method-assign]
         gate._start = watched_start  # type: ignore[method-assign]
         gate._grant_again = watched_grant_again  # type: ignore[method-assign]
 
@@ -808,12 +792,11 @@ class MemoryGateMachine(RuleBasedStateMachine):
         self.left.append(ticket)
         self._settle()
 
-    @precondition(lambda self: len(self.queue) > 1)
+    @precondition(lambda self: bool(self.queue))
     @rule(pick=st.integers(min_value=0, max_value=63))
     def cancel(self, pick: int) -> None:
-        """The client of a queued task (not the head: see the xfail above) hangs up."""
-        queued = [t for t in self.queue if t is not self._head()]
-        ticket = queued[pick % len(queued)]
+        """The client of a queued task (the head too) hangs up."""
+        ticket = self.queue[pick % len(self.queue)]
         self.queue.remove(ticket)
         ticket.leave()
         self.left.append(ticket)
@@ -836,11 +819,11 @@ class MemoryGateMachine(RuleBasedStateMachine):
         self.retrying.append(ticket)
         self._settle()
 
-    @precondition(lambda self: bool(self.paused) or len(self.retrying) > 1)
+    @precondition(lambda self: bool(self.paused) or bool(self.retrying))
     @rule(pick=st.integers(min_value=0, max_value=63))
     def leave_between_attempts(self, pick: int) -> None:
-        """The client of a task in its retry delay, or waiting to retry (not the head), leaves."""
-        between = [*self.paused, *self.retrying[1:]]
+        """The client of a task in its retry delay, or waiting to retry, leaves."""
+        between = [*self.paused, *self.retrying]
         ticket = between[pick % len(between)]
         resumer = self.resumers.pop(ticket, None)
         if resumer is not None and not resumer.done():
