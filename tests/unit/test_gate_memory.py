@@ -278,7 +278,7 @@ async def test_backfill_needs_a_memory_budget() -> None:
     assert not later.granted
 
 
-# Found by this file (fixed): with backfill_seconds=0 one task still passes the head. `_backfill` only
+# Fixed, found by this file: backfill_seconds=0 let one task pass the head. `_backfill` only
 # refuses once `_head_passed_at` is set, and it is set by the first pass itself.
 # Minimal reproduction: Gate(limit=8, max_queue=10, backfill_seconds=0), set_memory(0,
 # budget=18, model=(2, 0.8)); arrivals of 300 s, 300 s (run), 600 s (waits), 60 s → the 60 s
@@ -293,7 +293,7 @@ async def test_backfill_seconds_0_is_strict_first_in_first_out() -> None:
     assert not short.granted, "ASR_BACKFILL_SECONDS=0: strict first-in first-out"
 
 
-# Found by this file (fixed): the bound is kept for "the head" as the hand-over last saw it, so a retry
+# Fixed, found by this file: the bound was kept for "the head" the hand-over last saw, so a retry
 # taking its slot back (retries go ahead of the queue, so it is the head for a moment) resets
 # the queue head's bound: it can be passed for another `backfill_seconds`, again at every retry.
 # Minimal reproduction: backfill 60; r = 60 s, a = b = 300 s run (14.8); meeting = 600 s waits;
@@ -316,7 +316,7 @@ async def test_a_retry_does_not_reset_the_bound_of_the_head() -> None:
     assert not late.granted, "the meeting has been passed for 60 s"
 
 
-# Found by this file (fixed): when the head of the queue leaves without a slot (its client hangs up, or
+# Fixed, found by this file: when the head of the queue left without a slot (its client hangs up, or
 # its queue timeout), the queue does not move: a task behind it that fits keeps waiting until
 # some other task ends. `Ticket.leave()` → `_drop_waiter` (and a queue timeout) only take the
 # ticket out; nothing calls `_hand_over`. (By count alone this cannot happen: behind a head that
