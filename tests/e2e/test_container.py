@@ -58,6 +58,8 @@ EXAMPLE_LINES = {
     "ASR_ADMIN_TOKEN",
     "ASR_SPOOL_DIR",
     "ASR_INITIAL_CONCURRENT",
+    "ASR_GPU_MEMORY_GIB",
+    "ASR_TIMEOUT_PER_AUDIO_MINUTE",
 }
 MONITORING = {"prometheus", "grafana"}
 WHISPER_IMAGE = "onerahmet/openai-whisper-asr-webservice:"
