@@ -175,10 +175,11 @@ def simulate(
     """Run `arrivals` through the simulator's GPU model with a scheduler that knows every
     task's true memory need, so nothing ever runs out of memory.
 
-    Queue first-in first-out; whenever a task arrives or finishes, the head starts if it fits,
-    else the first later task that fits starts instead (for at most `backfill` seconds after the
-    head was first passed; None: forever — the clairvoyant first fit). `queue_timeout`: a task
-    waiting that long leaves; `max_queue`: an arrival finding that many waiting is refused.
+    Queue first-in first-out; whenever a task arrives, finishes or leaves, the head starts if it
+    fits, else the first later task that fits starts instead (for at most `backfill` seconds
+    after the head was first passed, 0: never; None: forever — the clairvoyant first fit).
+    `queue_timeout`: a task waiting that long leaves; `max_queue`: an arrival finding that
+    many waiting is refused.
     """
     memory = GpuMemory(
         total_gib=sim.total_gib,
@@ -190,8 +191,7 @@ def simulate(
     tasks = [_Task(a.index, a.audio_seconds, a.at) for a in arrivals]
     queue: list[int] = []
     running: set[str] = set()
-    head: int | None = None
-    passed_at: float | None = None
+    passed_at: dict[int, float] = {}  # when a later task first started ahead of the head
     now = 0.0
     following = 0  # the next arrival
 
@@ -212,21 +212,18 @@ def simulate(
         return not running or memory.fits(need(k))
 
     def hand_over() -> None:
-        nonlocal head, passed_at
+        # As the gate does it: the bound is kept on the head from its first pass.
         while queue:
             first = queue[0]
-            if first != head:
-                head, passed_at = first, None
             if fits(first):
                 start(first)
                 continue
-            if backfill is not None and passed_at is not None and now - passed_at >= backfill:
+            if backfill is not None and now - passed_at.get(first, now) >= backfill:
                 return
             passer = next((k for k in queue[1:] if fits(k)), None)
             if passer is None:
                 return
-            if passed_at is None:
-                passed_at = now
+            passed_at.setdefault(first, now)
             start(passer)
 
     while True:
