@@ -17,6 +17,7 @@ from gatekeeper.settings import server_name
 from gatekeeper.sim.audio import silent_wav
 from tests.conftest import GatekeeperFactory, StartSim
 from tests.fakes import FakeUpstream
+from tests.waiting import until
 
 # The simulator's default card: 24 GiB, 6 reserved, a task needs 2 + 0.8 GiB per audio minute.
 TRUE = {"gpu_memory_gib": 18, "task_memory_gib": 2, "task_memory_per_minute_gib": 0.8}
@@ -170,3 +171,37 @@ async def test_an_attempts_timeout_scales_with_its_audio(
             assert await asyncio.wait_for(call, 5) == 504, deadline
     assert app[PROXY].config.attempt_timeout(3600) == 240  # never above the worst case
     upstream.release("never")
+
+
+async def test_retry_after_comes_from_the_audio_queued_ahead(
+    upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory
+) -> None:
+    """Once a slot-second per second of audio is measured (a 60-s file held its slot 30 s:
+    0.5), a refusal's Retry-After is the audio queued ahead at that rate: 100 s queued →
+    50 s, where the mean service time alone (30 s) would have said 30."""
+    clock = FakeClock()
+    base, app = await start_gatekeeper(upstream.url, clock=clock, max_concurrent=1, max_queue=1)
+    async with aiohttp.ClientSession() as session:
+
+        async def post(seconds: float, hold: str) -> tuple[int, dict[str, str]]:
+            headers = {"X-Fake-Hold": hold}
+            async with session.post(
+                f"{base}/asr", data=_form(seconds), headers=headers
+            ) as response:
+                await response.read()
+                return response.status, dict(response.headers)
+
+        first = asyncio.create_task(post(60, "first"))
+        await upstream.wait_active(1)
+        clock.advance(30)
+        upstream.release("first")
+        assert (await first)[0] == 200
+        running = asyncio.create_task(post(600, "second"))
+        await upstream.wait_active(1)
+        queued = asyncio.create_task(post(100, "second"))
+        await until(lambda: app[STATE].snapshot().gate.queued == 1)
+        status, headers = await post(10, "second")
+        assert status == 503
+        assert headers["Retry-After"] == "50"
+        upstream.release("second")
+        assert [(await running)[0], (await queued)[0]] == [200, 200]
