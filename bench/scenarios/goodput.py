@@ -20,14 +20,22 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bench.httpclient import HttpError, fetch
+from bench.httpclient import HttpError, Response, fetch
 from bench.procs import Proc
 from bench.scenarios.common import CONTENT_TYPE, Ctx, JsonDict, multipart_parts
 from bench.workload import Arrival, mean_audio_seconds, schedule
 from gatekeeper.policy.adaptive import AdaptiveParams
 from gatekeeper.policy.quantiles import percentile
 
-__all__ = ["CARDS", "Setup", "adaptive_settings", "run", "story_settings"]
+__all__ = [
+    "CARDS",
+    "Setup",
+    "adaptive_settings",
+    "answer_kind",
+    "attempts_of",
+    "run",
+    "story_settings",
+]
 
 _QUEUE_TIMEOUT = 600.0  # seconds, the seed's and the SPEC's defaults, in simulated time
 _REQUEST_TIMEOUT = 300.0
@@ -144,18 +152,27 @@ async def _replay(ctx: Ctx, port: int, arrivals: list[Arrival], scale: float) ->
             return
         outcome.done = time.monotonic() - start
         outcome.status = response.status
-        outcome.attempts = int(response.headers.get("x-gatekeeper-attempts", "1") or 1)
-        if response.status == 200:
-            outcome.kind = "ok"
-        elif response.status == 503:
-            outcome.kind = "refused"
-        elif b"out of memory" in response.body.lower():
-            outcome.kind = "oom"
-        else:
-            outcome.kind = "failed"
+        outcome.attempts = attempts_of(response)
+        outcome.kind = answer_kind(response)
 
     await asyncio.gather(*(one(a, o) for a, o in zip(arrivals, outcomes, strict=True)))
     return outcomes
+
+
+def attempts_of(response: Response) -> int:
+    """The gatekeeper's X-Gatekeeper-Attempts (1 for a direct answer or HAProxy's)."""
+    return int(response.headers.get("x-gatekeeper-attempts", "1") or 1)
+
+
+def answer_kind(response: Response) -> str:
+    """ok, refused (503), oom (the server's OOM answer passed on), or failed."""
+    if response.status == 200:
+        return "ok"
+    if response.status == 503:
+        return "refused"
+    if b"out of memory" in response.body.lower():
+        return "oom"
+    return "failed"
 
 
 _GK_WAIT = re.compile(r"task_id=(bench-\d+)\b.*?\bqueue_wait=([0-9.]+)")

@@ -422,15 +422,8 @@ async def _replay(ctx: Ctx, port: int, arrivals: list[Arrival]) -> list[_Sent]:
             return
         outcome.done = time.monotonic() - began
         outcome.status = response.status
-        outcome.attempts = int(response.headers.get("x-gatekeeper-attempts", "1") or 1)
-        if response.status == 200:
-            outcome.kind = "ok"
-        elif response.status == 503:
-            outcome.kind = "refused"
-        elif b"out of memory" in response.body.lower():
-            outcome.kind = "oom"
-        else:
-            outcome.kind = "failed"
+        outcome.attempts = goodput.attempts_of(response)
+        outcome.kind = goodput.answer_kind(response)
 
     await asyncio.gather(*(one(a, o) for a, o in zip(arrivals, outcomes, strict=True)))
     return outcomes
