@@ -135,16 +135,24 @@ class Limiter:
         )
         self._memory(settings)
 
+    def start_evidence(self, server: int) -> tuple[list[float | None], bool] | None:
+        """What an attempt starting on `server` now tells its memory learner, if it has one:
+        the audio of the card's tasks (this one included), and whether memory was the limit
+        (tasks wait while the card has free slots). None when the card learns nothing, so the
+        attempts of a card admitted by count pay nothing for it."""
+        if self._learners[server] is None:
+            return None
+        counts = self.gate.counts()
+        slots = counts.servers[server]
+        waiting = counts.queued + counts.retry_waiting > 0
+        return self.gate.running_audio(server), waiting and slots.active < slots.limit
+
     def observe_start(
-        self,
-        server: int,
-        *,
-        oom: bool,
-        audio_seconds: list[float | None],
-        memory_was_limit: bool,
+        self, server: int, evidence: tuple[list[float | None], bool], *, oom: bool
     ) -> None:
-        """An attempt that started on `server` beside the tasks of `audio_seconds` (itself
-        included) ran out of memory (`oom`) or went well: evidence for that card's figures."""
+        """An attempt that started on `server` with `evidence` (`start_evidence`) ran out of
+        memory (`oom`) or went well: evidence for that card's figures."""
+        audio_seconds, memory_was_limit = evidence
         learner = self._learners[server]
         if learner is None:
             return

@@ -180,11 +180,7 @@ class Runner:
         record, cfg, server = task.record, self._config(), _server(task)
         record.attempts += 1
         record.upstreams.append(cfg.upstream_names[server])
-        gate = self._limiter.gate
-        beside = gate.running_audio(server)  # the card's tasks as this one starts, itself too
-        counts = gate.counts()
-        waiting = counts.queued + counts.retry_waiting > 0
-        memory_was_limit = waiting and counts.servers[server].active < counts.servers[server].limit
+        evidence = self._limiter.start_evidence(server)  # None unless this card learns
         began = self._clock.monotonic()
         deadline = self._clock.monotonic() + cfg.attempt_timeout(record.audio)
         # The GPU is busy with this attempt from the request until its answer is fully read.
@@ -201,13 +197,8 @@ class Runner:
                 clock=self._clock,
             )
             outcome = _classify(result, cfg)
-            if outcome in (AttemptOutcome.OK, AttemptOutcome.OOM):
-                self._limiter.observe_start(
-                    server,
-                    oom=outcome is AttemptOutcome.OOM,
-                    audio_seconds=beside,
-                    memory_was_limit=memory_was_limit,
-                )
+            if evidence is not None and outcome in (AttemptOutcome.OK, AttemptOutcome.OOM):
+                self._limiter.observe_start(server, evidence, oom=outcome is AttemptOutcome.OOM)
             delay = cfg.retry.next_delay(
                 outcome,
                 record.attempts,
