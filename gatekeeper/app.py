@@ -10,6 +10,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gatekeeper.clock import Clock, SystemClock
+from gatekeeper.cluster.coordinator import Coordinator
+from gatekeeper.cluster.leases import LeaseConfig
 from gatekeeper.control import Controller
 from gatekeeper.endpoints import OwnEndpoints
 from gatekeeper.health import HealthProbe, HealthProbes
@@ -22,6 +24,7 @@ from gatekeeper.upstream import create_session
 
 __all__ = [
     "CONTROL",
+    "COORDINATOR",
     "HEALTH",
     "PROXY",
     "REGISTRY",
@@ -36,6 +39,7 @@ HEALTH = web.AppKey("health", HealthProbes)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 CONTROL = web.AppKey("control", Controller)
+COORDINATOR = web.AppKey("coordinator", Coordinator)  # only with ASR_REDIS_URL
 
 _ADAPTIVE_TICK = 5.0
 
@@ -62,8 +66,15 @@ def build_app(
     app[STATE] = proxy.state
     app[CONTROL] = Controller(settings, on_change=proxy.reconfigure)
     app[HEALTH] = _probes(settings, proxy, clock)
-    app[REGISTRY] = create_registry(proxy.state.snapshot)
-    app.cleanup_ctx.extend([_session_ctx(settings), _health_ctx, _adaptive_ctx, _upstream_work_ctx])
+    coordinator = _coordinator(settings, proxy, clock, rng)
+    app[REGISTRY] = create_registry(
+        proxy.state.snapshot, cluster=None if coordinator is None else coordinator.snapshot
+    )
+    lifetimes = [_session_ctx(settings), _health_ctx, _adaptive_ctx]
+    if coordinator is not None:
+        app[COORDINATOR] = coordinator
+        lifetimes.append(_cluster_ctx)  # closed after the work upstream ended (its releases)
+    app.cleanup_ctx.extend([*lifetimes, _upstream_work_ctx])
     own = OwnEndpoints(
         settings,
         state=proxy.state,
@@ -71,6 +82,7 @@ def build_app(
         control=app[CONTROL],
         probe=app[HEALTH],
         registry=app[REGISTRY],
+        coordinator=coordinator,
     )
     own.add_routes(app.router)
 
@@ -99,7 +111,30 @@ def _probes(settings: Settings, proxy: Proxy, clock: Clock) -> HealthProbes:
     return HealthProbes([probe(i, url) for i, url in enumerate(settings.upstream_urls)])
 
 
+def _coordinator(
+    settings: Settings, proxy: Proxy, clock: Clock, rng: random.Random | None
+) -> Coordinator | None:
+    """With ASR_REDIS_URL: the permits of every slot come from leases the cluster shares."""
+    if settings.redis_url is None:
+        return None
+    config = LeaseConfig(
+        settings.redis_url.get_secret_value(),
+        cluster=settings.cluster,
+        lease_seconds=settings.redis_lease,
+        timeout_seconds=settings.redis_timeout,
+        poll_seconds=min(1.0, settings.redis_lease / 3),
+    )
+    return Coordinator(config, proxy.gate, settings.upstream_names, clock=clock, rng=rng)
+
+
 Lifetime = Callable[[web.Application], AsyncIterator[None]]
+
+
+async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
+    coordinator = app[COORDINATOR]
+    await coordinator.start()
+    yield
+    await coordinator.aclose()
 
 
 def _session_ctx(settings: Settings) -> Lifetime:

@@ -17,6 +17,7 @@ from pydantic import SecretStr
 from gatekeeper import __version__
 from gatekeeper.answers import json_answer, own_path_elsewhere
 from gatekeeper.clock import local_iso
+from gatekeeper.cluster.coordinator import Coordinator
 from gatekeeper.control import RELOADABLE, Controller
 from gatekeeper.gate import Gate
 from gatekeeper.health import HealthProbes
@@ -43,7 +44,9 @@ class OwnEndpoints:
         control: Controller,
         probe: HealthProbes,
         registry: CollectorRegistry,
+        coordinator: Coordinator | None = None,
     ) -> None:
+        self._coordinator = coordinator
         self._settings = settings
         self._state = state
         self._gate = gate
@@ -91,6 +94,8 @@ class OwnEndpoints:
             "version": __version__,
             "settings": self._control.settings.public_dict(),
         }
+        coordinator = self._coordinator
+        extras["cluster"] = None if coordinator is None else await coordinator.stats()
         return json_answer(200, stats_document(self._state.snapshot(), extras=extras))
 
     async def health(self, request: web.Request) -> web.StreamResponse:
@@ -116,7 +121,7 @@ class OwnEndpoints:
                 }
             )
         up = any(entry["reachable"] is True for entry in upstreams)
-        ok = up and not counts.shutting_down
+        ok = up and not counts.shutting_down and self._gate.coordinated
         doc: dict[str, object] = {"status": "ok" if ok else "degraded"}
         if len(upstreams) == 1:  # the single-server shape, kept as it was
             doc["upstream"] = {k: v for k, v in upstreams[0].items() if k != "name"}
@@ -129,6 +134,13 @@ class OwnEndpoints:
                 "queued_tasks": counts.queued,
             }
         )
+        coordinator = self._coordinator
+        if coordinator is not None:  # replicas: whether the cluster's slots can be proven
+            doc["cluster"] = {
+                "name": coordinator.config.cluster,
+                "replica": coordinator.config.replica,
+                "redis": "up" if self._gate.coordinated else "down",
+            }
         return json_answer(200 if ok else 503, doc)
 
     async def admin_get(self, request: web.Request) -> web.StreamResponse:

@@ -21,13 +21,22 @@ the usable server with the most room; a server not cooling down after an OOM com
 server the health probe found down is not usable, unless no server is up at all (then all are
 tried: the probe may be wrong, and the retry rules handle a dead server). A retry prefers
 another server than the one it failed on.
+
+Replicas (`permits=True`, SPEC "Replicas"): a slot on a server also needs a *permit*, a lease
+on one of the server's slots shared by every gatekeeper of the cluster (gatekeeper/cluster/).
+The gate stays synchronous: a coordinator acquires a permit for the head of the queue (`wants`,
+`add_permit`), the hand-over starts the head with it, and a freed slot gives its permit back
+(`release_permit`) rather than to the next local waiter, so the replicas' heads compete for it
+on equal terms. A permit nobody here can use is given back at once. While the coordinator
+cannot reach Redis (`set_coordinated(False)`) no free slot can be proven: nothing new starts,
+and arrivals beyond the queue's room are refused `coordination_unavailable`.
 """
 
 import asyncio
 import contextlib
 import itertools
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from gatekeeper.clock import Clock, SystemClock
@@ -99,6 +108,7 @@ class Ticket:
         "charged",
         "last_server",
         "passed_at",
+        "permit",
         "server",
     )
 
@@ -118,6 +128,8 @@ class Ticket:
         """The server whose slot the ticket holds (its index), None while it holds none."""
         self.last_server: int | None = None
         """The server of the last slot held: a retry prefers another one."""
+        self.permit: object | None = None
+        """Replicas: the cluster's lease that proves the slot (None without one)."""
 
     @property
     def granted(self) -> bool:
@@ -239,9 +251,10 @@ class Upload:
 class _Server:
     """One Whisper server's slots (mutable books; `ServerCounts` is the reading)."""
 
-    __slots__ = ("active", "budget", "limit", "model", "usable", "used")
+    __slots__ = ("active", "budget", "limit", "model", "spare", "usable", "used")
 
     def __init__(self, limit: int) -> None:
+        self.spare: list[object] = []  # replicas: permits acquired for a waiter, not yet used
         self.limit = limit
         self.active = 0
         self.usable = True
@@ -271,6 +284,7 @@ class Gate:
         clock: Clock | None = None,
         cooling: Callable[[int], bool] | None = None,
         backfill_seconds: float = 0.0,
+        permits: bool = False,
     ) -> None:
         limits = (limit,) if isinstance(limit, int) else tuple(limit)
         if not limits or min(limits) < 1:
@@ -292,6 +306,13 @@ class Gate:
         # Admission by memory: a task that fits may pass the head of the queue (which does
         # not), but only for `backfill_seconds` after the head was first passed.
         self.backfill_seconds = backfill_seconds
+        # Replicas: a slot also needs a permit (see the module's docstring).
+        self._permits = permits
+        self._coordinated = True  # False while the permits cannot be proven (Redis down)
+        self.release_permit: Callable[[object], None] = lambda permit: None
+        self._unproven: dict[Ticket, object] = {}  # holders whose permit was lost
+        self.generation = 0
+        self._changed = asyncio.Event()
 
     @property
     def _limit(self) -> int:
@@ -317,6 +338,8 @@ class Gate:
         """Slots taken as admission counts them: the sum of the limits less the free slots,
         server by server (a server over a lowered limit does not eat another's room), on the
         servers a task may go to (a server found down has no room to offer)."""
+        if not self._coordinated:
+            return self._limit  # replicas: no free slot can be proven without Redis
         if (self._waiters or self._retry_waiters) and any(
             s.budget is not None for s in self._servers
         ):
@@ -339,6 +362,90 @@ class Gate:
         """The first server in the list that is usable (for requests that are not tasks)."""
         return next((i for i, s in enumerate(self._servers) if s.usable), 0)
 
+    # -- replicas: permits ------------------------------------------------------------------------
+
+    def wants(self) -> tuple[Ticket, list[int]] | None:
+        """The waiter a permit should be acquired for, and the servers to try in order (where
+        it would start with one: usable, room, fits); None when no waiter could use one."""
+        head = self._first()
+        if head is None:
+            return None
+        servers = self._ranked(head)
+        if servers:
+            return head, servers
+        for ticket in self._passers(head):
+            servers = self._ranked(ticket)
+            if servers:
+                return ticket, servers
+        return None
+
+    def _ranked(self, ticket: Ticket) -> list[int]:
+        room = sorted(self._room(ticket, proven=False), key=self._preference, reverse=True)
+        avoid = ticket.last_server
+        if avoid in room and len(room) > 1:
+            room.remove(avoid)
+            room.append(avoid)
+        return room
+
+    def permit_cost(self, ticket: Ticket, server: int) -> tuple[float, float | None]:
+        """What a permit for `ticket` on `server` must hold: its GiB estimate and the card's
+        budget (None: admission by count)."""
+        slots = self._servers[server]
+        return slots.cost(ticket), slots.budget
+
+    def add_permit(self, server: int, permit: object) -> bool:
+        """A permit acquired on `server`: the hand-over starts a waiter with it (True), or
+        gives it back when none can use it any longer (False)."""
+        self._servers[server].spare.append(permit)
+        self._hand_over()
+        return any(t.permit is permit for t in self._holders)
+
+    def permit_lost(self, permit: object) -> None:
+        """The cluster no longer counts `permit` (it expired unrenewed). A spare one is dropped;
+        a holder keeps running (the GPU is on its task) and is listed by `unproven` until the
+        coordinator puts it back on the cluster's books (`replace_permit`)."""
+        for slots in self._servers:
+            if permit in slots.spare:
+                slots.spare.remove(permit)
+                return
+        for ticket in self._holders:
+            if ticket.permit is permit:
+                self._unproven[ticket] = permit
+                self._bump()
+                return
+
+    def unproven(self) -> list[tuple[Ticket, int]]:
+        """Holders whose permit was lost, and their servers."""
+        return [(t, t.server) for t in self._unproven if t.server is not None]
+
+    def replace_permit(self, ticket: Ticket, permit: object) -> bool:
+        """Give an unproven holder a new permit; False (the caller releases it) when the
+        ticket no longer holds its slot."""
+        if self._unproven.pop(ticket, None) is None or ticket.server is None:
+            return False
+        ticket.permit = permit
+        return True
+
+    @property
+    def coordinated(self) -> bool:
+        """False while the cluster's permits cannot be proven (Redis unreachable)."""
+        return self._coordinated
+
+    def set_coordinated(self, up: bool) -> None:
+        if up != self._coordinated:
+            self._coordinated = up
+            self._bump()
+
+    async def changed(self, since: int) -> None:
+        """Return once `generation` has moved past `since` (the books changed)."""
+        while self.generation == since:
+            await self._changed.wait()
+
+    def _bump(self) -> None:
+        self.generation += 1
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+
     def arrival_refusal(self) -> RejectReason | None:
         """Why an arriving task would be refused right now, before its body is read; None: take
         it. Uploads in progress count as queued here (each will need a slot or a queue place),
@@ -348,8 +455,15 @@ class Gate:
             return RejectReason.SHUTTING_DOWN
         taken = self._taken() + len(self._waiters) + self._uploading
         if taken >= self._limit + self._max_queue:
-            return RejectReason.QUEUE_FULL
+            return self._full_reason()
         return None
+
+    def _full_reason(self) -> RejectReason:
+        """queue_full, or (replicas, Redis down) coordination_unavailable: the room a slot
+        would have made cannot be proven."""
+        if self._coordinated:
+            return RejectReason.QUEUE_FULL
+        return RejectReason.COORDINATION_UNAVAILABLE
 
     def begin_upload(self) -> Upload:
         """Let one arriving task receive its body, or raise Refused (see `arrival_refusal`)."""
@@ -385,7 +499,7 @@ class Gate:
         if admission.decision is Decision.REJECT and not (reserved and full):
             assert admission.reason is not None
             self._check_idle()
-            raise Refused(admission.reason, admission)
+            raise Refused(self._full_reason() if full else admission.reason, admission)
         ticket = Ticket(self, admission, audio)
         self._idle.clear()
         # Into the queue, then the queue moves: the ticket starts at once when it is first and
@@ -396,7 +510,7 @@ class Gate:
             # Room by count but not by memory, and no queue place (ASR_MAX_QUEUE=0).
             self._waiters.remove(ticket)
             self._check_idle()
-            raise Refused(RejectReason.QUEUE_FULL, admission)
+            raise Refused(self._full_reason(), admission)
         return ticket
 
     def set_limits(
@@ -489,29 +603,38 @@ class Gate:
 
         `avoid` (the server a retry failed on) is taken only when no other one has room.
         """
-        servers = self._servers
-        usable = self._usable()
-        if ticket is None:
-            room = [i for i in usable if servers[i].active < servers[i].limit]
-        else:
-            room = [i for i in usable if servers[i].fits(ticket)]
+        room = self._room(ticket, proven=True)
         if not room:
             return None
         if avoid is not None and len(room) > 1:
             room = [i for i in room if i != avoid]
         if len(room) == 1:
             return room[0]
+        return max(room, key=self._preference)
 
-        def preference(i: int) -> tuple[bool, float, int, int]:
-            s = servers[i]
-            free = 0.0 if s.budget is None else s.budget - s.used
-            return (not self._cooling(i), free, s.limit - s.active, -i)
+    def _room(self, ticket: Ticket | None, *, proven: bool) -> list[int]:
+        """The usable servers with room (for `ticket`, by memory); `proven`: with replicas,
+        only those holding a spare permit."""
+        servers = self._servers
+        usable = self._usable()
+        if ticket is None:
+            room = [i for i in usable if servers[i].active < servers[i].limit]
+        else:
+            room = [i for i in usable if servers[i].fits(ticket)]
+        if proven and self._permits:
+            room = [i for i in room if servers[i].spare]
+        return room
 
-        return max(room, key=preference)
+    def _preference(self, i: int) -> tuple[bool, float, int, int]:
+        s = self._servers[i]
+        free = 0.0 if s.budget is None else s.budget - s.used
+        return (not self._cooling(i), free, s.limit - s.active, -i)
 
     def _take(self, ticket: Ticket, server: int) -> None:
         if ticket._grant(server):
             slots = self._servers[server]
+            if self._permits:
+                ticket.permit = slots.spare.pop()
             slots.active += 1
             ticket.charged = slots.cost(ticket)
             slots.used += ticket.charged
@@ -535,6 +658,11 @@ class Gate:
         ticket.charged = 0.0
         self._active -= 1
         assert self._servers[server].active >= 0, "slot released twice"
+        permit = ticket.permit
+        if permit is not None:
+            ticket.permit = None
+            self._unproven.pop(ticket, None)
+            self.release_permit(permit)
 
     def _release(self, ticket: Ticket) -> None:
         self._free(ticket)
@@ -565,6 +693,8 @@ class Gate:
     def _grant_again(self, ticket: Ticket, server: int) -> None:
         slots = self._servers[server]
         ticket.server = ticket.last_server = server
+        if self._permits:
+            ticket.permit = slots.spare.pop()
         slots.active += 1
         ticket.charged = slots.cost(ticket)
         slots.used += ticket.charged
@@ -602,6 +732,11 @@ class Gate:
                 head.passed_at = self._clock.monotonic()
             self._start(ticket, server)
         self._check_idle()
+        if self._permits:
+            for slots in self._servers:  # permits nobody here can use now go back at once
+                while slots.spare:
+                    self.release_permit(slots.spare.pop())
+            self._bump()
 
     def _first(self) -> Ticket | None:
         """The head: the oldest retry waiting for a slot, else the first in the queue."""
@@ -615,19 +750,23 @@ class Gate:
         """A later ticket that fits now while the head does not (admission by memory only),
         unless the head has been passed for `backfill_seconds` already (counted from its first
         pass, on the ticket: a retry that is head for a moment does not reset it)."""
-        if all(s.budget is None for s in self._servers):
-            return None  # by count, a later task fits exactly when the head does
-        now = self._clock.monotonic()
-        since = now if head.passed_at is None else head.passed_at
-        if now - since >= self.backfill_seconds:
-            return None
-        for ticket in itertools.chain(self._retry_waiters, self._waiters):
-            if ticket is head or ticket._granted.done():
-                continue
+        for ticket in self._passers(head):
             server = self._pick(avoid=ticket.last_server, ticket=ticket)
             if server is not None:
                 return ticket, server
         return None
+
+    def _passers(self, head: Ticket) -> Iterator[Ticket]:
+        """The tickets that may pass `head` now, in order (see `_backfill`)."""
+        if all(s.budget is None for s in self._servers):
+            return  # by count, a later task fits exactly when the head does
+        now = self._clock.monotonic()
+        since = now if head.passed_at is None else head.passed_at
+        if now - since >= self.backfill_seconds:
+            return
+        for ticket in itertools.chain(self._retry_waiters, self._waiters):
+            if ticket is not head and not ticket._granted.done():
+                yield ticket
 
     def _start(self, ticket: Ticket, server: int) -> None:
         if ticket._paused:

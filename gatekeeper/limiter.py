@@ -55,6 +55,7 @@ class Limiter:
             max_queue=settings.queue_limit,
             clock=clock,
             cooling=cooling,
+            permits=settings.redis_url is not None,
         )
         self._adaptive: list[AdaptiveLimit | None] = []
         for start, maximum in zip(settings.start_limits, settings.limits, strict=True):

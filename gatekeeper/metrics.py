@@ -16,11 +16,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from gatekeeper.cluster.coordinator import ClusterSnapshot
 from gatekeeper.policy.adaptive import LimitChangeKind
 from gatekeeper.policy.outcomes import AttemptOutcome, HoldEnd, RejectReason, TaskOutcome
 from gatekeeper.state import HistogramData, Snapshot
 
-__all__ = ["PREFIX", "SnapshotCollector", "create_registry"]
+__all__ = ["PREFIX", "ClusterCollector", "SnapshotCollector", "create_registry"]
 
 PREFIX = "asr_gatekeeper_"
 GIB = 2**30
@@ -215,8 +216,63 @@ def _per_server(snap: Snapshot) -> Iterator[Metric]:
         yield from memory.values()
 
 
-def create_registry(snapshot: Callable[[], Snapshot]) -> CollectorRegistry:
-    """A registry of this app's own, holding only the snapshot collector."""
+class ClusterCollector(Collector):
+    """Replicas (ASR_REDIS_URL): this replica's leases and how Redis answers."""
+
+    def __init__(self, snapshot: Callable[[], ClusterSnapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        counters = snap.counters
+        yield _gauge(
+            "cluster_redis_up",
+            "1 while Redis answers this replica (its last call succeeded), else 0: no new task "
+            "starts here and tasks beyond the queue are refused coordination_unavailable.",
+            1 if snap.redis_up is not False else 0,
+        )
+        renewals = CounterMetricFamily(
+            PREFIX + "cluster_lease_renewals",
+            "Renewal rounds of this replica's leases (and heartbeat) that Redis answered.",
+        )
+        renewals.add_metric([], counters.renewals)
+        yield renewals
+        yield _counter(
+            "cluster_leases_lost",
+            "Leases this replica held and lost without releasing them: expired (it was paused, "
+            "or Redis lost them, longer than ASR_REDIS_LEASE) or unconfirmed (Redis unreachable "
+            "that long). Another replica may have used the slot meanwhile.",
+            "reason",
+            snap.lost,
+        )
+        errors = CounterMetricFamily(
+            PREFIX + "cluster_redis_errors",
+            "Redis calls of this replica that failed or took longer than ASR_REDIS_TIMEOUT.",
+        )
+        errors.add_metric([], counters.redis_errors)
+        yield errors
+        held = GaugeMetricFamily(
+            PREFIX + "cluster_leases_held",
+            "Leases (slots shared with the other replicas) this replica holds, per server.",
+            labels=["upstream"],
+        )
+        for server, n in snap.held.items():
+            held.add_metric([server], n)
+        yield held
+        yield _histogram(
+            "cluster_acquire_seconds",
+            "Round trip of one lease acquisition at Redis: the coordination a task pays.",
+            snap.acquire,
+        )
+
+
+def create_registry(
+    snapshot: Callable[[], Snapshot], *, cluster: Callable[[], ClusterSnapshot] | None = None
+) -> CollectorRegistry:
+    """A registry of this app's own, holding the snapshot collector (and, with replicas, the
+    cluster's)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(snapshot))
+    if cluster is not None:
+        registry.register(ClusterCollector(cluster))
     return registry

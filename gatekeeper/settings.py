@@ -296,6 +296,32 @@ class Settings(BaseSettings):
     health_timeout: float = Field(
         2.0, gt=0, description="Extra: seconds one health check may take."
     )
+    redis_url: SecretStr | None = Field(
+        None,
+        description="Replicas: the Redis every gatekeeper of a cluster shares each Whisper "
+        "server's limit through (e.g. redis://redis:6379/0); unset: no coordination, this "
+        "gatekeeper alone keeps the limits.",
+    )
+    cluster: str = Field(
+        "asr-gatekeeper",
+        min_length=1,
+        pattern=r"^[^{}]+$",
+        description="Replicas: the cluster's name; gatekeepers with the same ASR_REDIS_URL and "
+        "ASR_CLUSTER share limits (no braces).",
+    )
+    redis_lease: float = Field(
+        15.0,
+        ge=1.0,
+        description="Replicas: seconds a slot's lease lives unrenewed: a replica that dies or "
+        "is stopped frees its slots after this long, and no sooner (the GPU may still be on its "
+        "tasks). Renewed every third of it.",
+    )
+    redis_timeout: float = Field(
+        0.5,
+        gt=0,
+        description="Extra: seconds one Redis call may take before the replica counts Redis as "
+        "unreachable (and refuses what it cannot prove); under a third of ASR_REDIS_LEASE.",
+    )
     stats_token: SecretStr | None = Field(
         None, description="When set, /stats needs 'Authorization: Bearer <token>'."
     )
@@ -376,10 +402,22 @@ class Settings(BaseSettings):
             raise ValueError(f"must be an existing directory, got {str(value)!r}")
         return value
 
-    @field_validator("stats_token", "admin_token", mode="before")
+    @field_validator("stats_token", "admin_token", "redis_url", mode="before")
     @classmethod
     def _empty_token_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            url = URL(value.get_secret_value())
+            where = url.path if url.scheme == "unix" else url.host
+            if url.scheme not in ("redis", "rediss", "unix") or not where:
+                raise ValueError(
+                    "must be a redis:// (or rediss://, unix://) URL, e.g. redis://redis:6379/0"
+                )
+        return value
 
     @field_validator("health_path")
     @classmethod
@@ -450,6 +488,12 @@ class Settings(BaseSettings):
                     f"{servers} server(s) in ASR_UPSTREAM_URL: give one value for all, or one "
                     "per server in the same order"
                 )
+        if not self.redis_timeout < self.redis_lease / 3:
+            raise ValueError(
+                f"ASR_REDIS_TIMEOUT={self.redis_timeout:g} must be under a third of "
+                f"ASR_REDIS_LEASE={self.redis_lease:g} (the renewal interval), or a slow Redis "
+                "would lose leases that are still renewed"
+            )
         if self.adaptive:
             start = self.initial_concurrent or self.min_concurrent
             if not self.min_concurrent <= start <= max(self.limits):

@@ -92,8 +92,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: the server's leases, the servers seen, the tombstones
-# ARGV: lease id, limit, lease ms, server
+# KEYS: the server's leases, the servers seen, the tombstones, the leases' weights (GiB)
+# ARGV: lease id, limit, lease ms, server, force ('1': add even if full), weight, budget ('' none)
 # -> {1, count} granted, {0, count} full, {-1, 0} given up on by its caller already
 _ACQUIRE = (
     _NOW
@@ -108,11 +108,32 @@ local count = redis.call('ZCARD', KEYS[1])
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   return {1, count}  -- a retry of an acquisition that went through (a reset connection)
 end
-if count >= tonumber(ARGV[2]) then
-  return {0, count}
+-- The memory the live leases hold; a weight whose lease is gone is dropped on the way.
+local used = 0
+local weights = redis.call('HGETALL', KEYS[4])
+for i = 1, #weights, 2 do
+  if redis.call('ZSCORE', KEYS[1], weights[i]) then
+    used = used + tonumber(weights[i + 1])
+  else
+    redis.call('HDEL', KEYS[4], weights[i])
+  end
+end
+local weight = tonumber(ARGV[6])
+if ARGV[5] ~= '1' then
+  if count >= tonumber(ARGV[2]) then
+    return {0, count}
+  end
+  -- By memory: fits beside the others, or alone (a task bigger than the card runs alone).
+  if ARGV[7] ~= '' and count > 0 and used + weight > tonumber(ARGV[7]) + 1e-9 then
+    return {0, count}
+  end
 end
 redis.call('ZADD', KEYS[1], now + ms, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], 3 * ms)
+if weight > 0 then
+  redis.call('HSET', KEYS[4], ARGV[1], ARGV[6])
+  redis.call('PEXPIRE', KEYS[4], 3 * ms)
+end
 redis.call('SADD', KEYS[2], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], 3 * ms)
 return {1, count + 1}
@@ -236,6 +257,10 @@ class Keys:
     def leases(self, server: str) -> str:
         """Sorted set: the live leases on `server`, scored by deadline (ms, Redis's clock)."""
         return f"{self._prefix}:leases:{server}"
+
+    def weights(self, server: str) -> str:
+        """Hash: lease id -> GiB of `server`'s memory budget it holds (admission by memory)."""
+        return f"{self._prefix}:weights:{server}"
 
     @property
     def servers(self) -> str:
@@ -376,8 +401,10 @@ class Leases:
         clock: Clock | None = None,
         rng: random.Random | None = None,
         on_lost: Callable[[LostLease], None] | None = None,
+        on_redis: Callable[[bool], None] | None = None,
     ) -> None:
         self.config = config
+        self._on_redis = on_redis  # told when Redis stops or starts answering
         self.keys = Keys(config.cluster)
         self._clock: Clock = clock or SystemClock()
         self._rng = rng or random.Random()
@@ -453,16 +480,28 @@ class Leases:
 
     # -- slots ----------------------------------------------------------------------------------
 
-    async def acquire(self, server: str, limit: int) -> Lease | None:
+    async def acquire(
+        self,
+        server: str,
+        limit: int,
+        *,
+        weight: float = 0.0,
+        budget: float | None = None,
+        force: bool = False,
+    ) -> Lease | None:
         """A lease on one of `server`'s `limit` slots, or None when all are taken. Never waits
         for a slot; raises CoordinationUnavailable when Redis cannot say.
+
+        By memory, the lease also holds `weight` GiB of the card's `budget`: it is granted only
+        if it fits beside the live leases' weights (or alone). `force`: grant it whatever the
+        count (a task that runs already and lost its lease is put back on the books).
 
         Shielded: if the caller is cancelled, the acquisition still finishes and whatever it
         granted is released at once (the caller holds nothing).
         """
         self._check_open()
         lease = Lease(f"{self.replica}/{next(self._ids)}", server)
-        attempt = self._spawn(self._acquire(lease, limit))
+        attempt = self._spawn(self._acquire(lease, limit, weight, budget, force))
         try:
             return await asyncio.shield(attempt)
         except asyncio.CancelledError:
@@ -572,17 +611,42 @@ class Leases:
             self._errors += 1
             if self._redis_up is not False:
                 _log.warning("Redis unreachable, slots cannot be shared: %s: %s", operation, error)
-            self._redis_up = False
+                self._redis_status(up=False)
             raise CoordinationUnavailable(operation, error) from error
-        if self._redis_up is False:
-            _log.warning("Redis reachable again")
-        self._redis_up = True
+        if self._redis_up is not True:
+            if self._redis_up is False:
+                _log.warning("Redis reachable again")
+            self._redis_status(up=True)
         return result
 
-    async def _acquire(self, lease: Lease, limit: int) -> Lease | None:
+    def _redis_status(self, *, up: bool) -> None:
+        self._redis_up = up
+        if self._on_redis is not None:
+            try:
+                self._on_redis(up)
+            except Exception:
+                _log.exception("on_redis failed")
+
+    async def _acquire(
+        self, lease: Lease, limit: int, weight: float, budget: float | None, force: bool
+    ) -> Lease | None:
         sent = self._clock.monotonic()
-        keys = [self.keys.leases(lease.server), self.keys.servers, self.keys.revoked]
-        args: list[str | int] = [lease.id, limit, self._lease_ms, lease.server]
+        server = lease.server
+        keys = [
+            self.keys.leases(server),
+            self.keys.servers,
+            self.keys.revoked,
+            self.keys.weights(server),
+        ]
+        args: list[str | int] = [
+            lease.id,
+            limit,
+            self._lease_ms,
+            server,
+            "1" if force else "0",
+            repr(max(0.0, weight)),
+            "" if budget is None else repr(budget),
+        ]
         try:
             granted, _ = await self._call(
                 "acquire", lambda: self._acquire_script(keys=keys, args=args)

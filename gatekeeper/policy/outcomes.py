@@ -60,3 +60,6 @@ class RejectReason(StrEnum):
     QUEUE_FULL = "queue_full"
     QUEUE_TIMEOUT = "queue_timeout"
     SHUTTING_DOWN = "shutting_down"
+    # Replicas (SPEC "Replicas"): Redis cannot be reached, so no free slot can be proven, and
+    # the queue has no room either.
+    COORDINATION_UNAVAILABLE = "coordination_unavailable"

@@ -136,6 +136,10 @@ BAD_VALUES: dict[str, list[object]] = {
     "log_format": ["xml"],
     "log_level": ["LOUD"],
     "event_loop": ["trio", ""],
+    "redis_url": ["http://redis:6379", "redis:6379", "redis://"],
+    "cluster": ["", "a{b}"],
+    "redis_lease": [0, 0.5, "x"],
+    "redis_timeout": [0, -1, "x"],
 }
 # Every value is accepted for these: any token string is a valid secret.
 ANY_VALUE = {"stats_token", "admin_token"}
@@ -158,6 +162,19 @@ def test_every_bad_value_is_refused_with_its_name(field: str, value: object) -> 
     line = info.value.lines[0]
     assert line.startswith(f"ASR_{field.upper()}")
     assert "is invalid" in line
+
+
+@pytest.mark.parametrize(("lease", "timeout"), [(1.2, 0.5), (15, 5)])
+def test_the_redis_timeout_must_be_under_a_third_of_the_lease(lease: float, timeout: float) -> None:
+    """A Redis call may not take as long as the renewal interval: one line names both."""
+    with pytest.raises(SettingsError) as info:
+        load_settings(
+            {"upstream_url": "http://w:9000", "redis_lease": lease, "redis_timeout": timeout},
+            env_file=None,
+        )
+    assert len(info.value.lines) == 1
+    assert "ASR_REDIS_TIMEOUT" in info.value.lines[0]
+    assert "ASR_REDIS_LEASE" in info.value.lines[0]
 
 
 @pytest.mark.parametrize(
