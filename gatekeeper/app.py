@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from gatekeeper.clock import Clock, SystemClock
 from gatekeeper.cluster.coordinator import Coordinator
 from gatekeeper.cluster.leases import LeaseConfig
+from gatekeeper.cluster.sharing import share_learning
 from gatekeeper.control import Controller
 from gatekeeper.endpoints import OwnEndpoints
 from gatekeeper.health import HealthProbe, HealthProbes
@@ -72,6 +73,7 @@ def build_app(
     )
     lifetimes = [_session_ctx(settings), _health_ctx, _adaptive_ctx]
     if coordinator is not None:
+        share_learning(coordinator, proxy.limiter, proxy.state, clock)
         app[COORDINATOR] = coordinator
         lifetimes.append(_cluster_ctx)  # closed after the work upstream ended (its releases)
     app.cleanup_ctx.extend([*lifetimes, _upstream_work_ctx])

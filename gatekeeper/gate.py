@@ -38,13 +38,26 @@ import itertools
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from gatekeeper.clock import Clock, SystemClock
 from gatekeeper.policy.admission import Admission, Decision, decide
 from gatekeeper.policy.memory import MemoryModel, fits
 from gatekeeper.policy.outcomes import RejectReason
 
-__all__ = ["Gate", "GateCounts", "Refused", "ServerCounts", "Ticket", "Upload"]
+__all__ = ["Gate", "GateCounts", "Permit", "Refused", "ServerCounts", "Ticket", "Upload"]
+
+
+class Permit(Protocol):
+    """Replicas: the proof a slot is free in the cluster (gatekeeper/cluster/leases.Lease)."""
+
+    @property
+    def count(self) -> int:
+        """The server's slots taken by all replicas once this one was granted (it included)."""
+
+    @property
+    def audio(self) -> tuple[float | None, ...]:
+        """The audio seconds of those tasks (None: unknown)."""
 
 
 class Refused(Exception):
@@ -128,7 +141,7 @@ class Ticket:
         """The server whose slot the ticket holds (its index), None while it holds none."""
         self.last_server: int | None = None
         """The server of the last slot held: a retry prefers another one."""
-        self.permit: object | None = None
+        self.permit: Permit | None = None
         """Replicas: the cluster's lease that proves the slot (None without one)."""
 
     @property
@@ -254,7 +267,7 @@ class _Server:
     __slots__ = ("active", "budget", "limit", "model", "spare", "usable", "used")
 
     def __init__(self, limit: int) -> None:
-        self.spare: list[object] = []  # replicas: permits acquired for a waiter, not yet used
+        self.spare: list[Permit] = []  # replicas: permits acquired for a waiter, not yet used
         self.limit = limit
         self.active = 0
         self.usable = True
@@ -309,8 +322,8 @@ class Gate:
         # Replicas: a slot also needs a permit (see the module's docstring).
         self._permits = permits
         self._coordinated = True  # False while the permits cannot be proven (Redis down)
-        self.release_permit: Callable[[object], None] = lambda permit: None
-        self._unproven: dict[Ticket, object] = {}  # holders whose permit was lost
+        self.release_permit: Callable[[Permit], None] = lambda permit: None
+        self._unproven: dict[Ticket, Permit] = {}  # holders whose permit was lost
         self.generation = 0
         self._changed = asyncio.Event()
 
@@ -393,14 +406,14 @@ class Gate:
         slots = self._servers[server]
         return slots.cost(ticket), slots.budget
 
-    def add_permit(self, server: int, permit: object) -> bool:
+    def add_permit(self, server: int, permit: Permit) -> bool:
         """A permit acquired on `server`: the hand-over starts a waiter with it (True), or
         gives it back when none can use it any longer (False)."""
         self._servers[server].spare.append(permit)
         self._hand_over()
         return any(t.permit is permit for t in self._holders)
 
-    def permit_lost(self, permit: object) -> None:
+    def permit_lost(self, permit: Permit) -> None:
         """The cluster no longer counts `permit` (it expired unrenewed). A spare one is dropped;
         a holder keeps running (the GPU is on its task) and is listed by `unproven` until the
         coordinator puts it back on the cluster's books (`replace_permit`)."""
@@ -418,7 +431,7 @@ class Gate:
         """Holders whose permit was lost, and their servers."""
         return [(t, t.server) for t in self._unproven if t.server is not None]
 
-    def replace_permit(self, ticket: Ticket, permit: object) -> bool:
+    def replace_permit(self, ticket: Ticket, permit: Permit) -> bool:
         """Give an unproven holder a new permit; False (the caller releases it) when the
         ticket no longer holds its slot."""
         if self._unproven.pop(ticket, None) is None or ticket.server is None:

@@ -9,7 +9,7 @@ task's cost will meet the room left.
 """
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from gatekeeper.clock import Clock
 from gatekeeper.gate import Gate
@@ -63,6 +63,10 @@ class Limiter:
             limit = None if params is None else AdaptiveLimit(params, initial=start, now=self._now)
             self._adaptive.append(limit)
         self._queue_follows = settings.queue_follows_limit
+        # Replicas: what this gatekeeper learns is shared with the cluster (gatekeeper/cluster/).
+        self.share_oom: Callable[[int], None] = lambda server: None
+        self.share_limit: Callable[[int, int], None] = lambda server, limit: None
+        self.share_model: Callable[[int, MemoryModel], None] = lambda server, model: None
         self._learners: list[MemoryLearner | None] = [None] * len(self._names)
         self._memory(settings)
 
@@ -136,7 +140,9 @@ class Limiter:
         )
         self._memory(settings)
 
-    def start_evidence(self, server: int) -> tuple[list[float | None], bool] | None:
+    def start_evidence(
+        self, server: int, cluster_audio: Sequence[float | None] | None = None
+    ) -> tuple[list[float | None], bool] | None:
         """What an attempt starting on `server` now tells its memory learner, if it has one:
         the audio of the card's tasks (this one included), and whether memory was the limit
         (tasks wait while the card has free slots). None when the card learns nothing, so the
@@ -146,7 +152,9 @@ class Limiter:
         counts = self.gate.counts()
         slots = counts.servers[server]
         waiting = counts.queued + counts.retry_waiting > 0
-        return self.gate.running_audio(server), waiting and slots.active < slots.limit
+        # Replicas: the card's tasks of every replica (`cluster_audio`, told by the lease).
+        audio = self.gate.running_audio(server) if cluster_audio is None else list(cluster_audio)
+        return audio, waiting and slots.active < slots.limit
 
     def observe_start(
         self, server: int, evidence: tuple[list[float | None], bool], *, oom: bool
@@ -162,6 +170,7 @@ class Limiter:
         )
         if model is not None:
             self._new_model(server, model, "oom" if oom else "stable")
+            self.share_model(server, model)
 
     def memory_view(self, server: int) -> dict[str, object] | None:
         """A server's memory admission for /stats (None: admission by count)."""
@@ -196,6 +205,8 @@ class Limiter:
     ) -> None:
         """One attempt on `server` ended (`in_flight`: attempts on that server, this one
         included)."""
+        if outcome is AttemptOutcome.OOM:
+            self.share_oom(server)
         adaptive = self._adaptive[server]
         if adaptive is not None:
             change = adaptive.on_attempt(
@@ -205,17 +216,35 @@ class Limiter:
                 first_attempt=first_attempt,
             )
             self._apply(server, change)
+            if change is not None:
+                self.share_limit(server, change.new)
+
+    def adopt_limit(self, server: int, limit: int) -> None:
+        """Replicas: the cluster's limit for `server`, decided by another gatekeeper."""
+        adaptive = self._adaptive[server]
+        if adaptive is not None:
+            self._apply(server, adaptive.adopt(limit))
+
+    def adopt_model(self, server: int, model: MemoryModel) -> None:
+        """Replicas: memory figures for `server` another gatekeeper learned."""
+        learner = self._learners[server]
+        if learner is not None and learner.adopt(model) is not None:
+            self._new_model(server, model, "shared")
 
     def tick(self) -> None:
         """Let time act on the adaptive limits (a faded ceiling, a stretch that became stable)."""
         for server, adaptive in enumerate(self._adaptive):
             if adaptive is not None:
-                self._apply(server, adaptive.tick())
+                change = adaptive.tick()
+                self._apply(server, change)
+                if change is not None:
+                    self.share_limit(server, change.new)
         for server, learner in enumerate(self._learners):
             if learner is not None:
                 model = learner.tick()
                 if model is not None:
                     self._new_model(server, model, "faded")
+                    self.share_model(server, model)
 
     def adaptive_view(self, server: int, *, wall_now: float) -> dict[str, object] | None:
         """A server's adaptive limit's state for /stats, or None when its limit is fixed."""

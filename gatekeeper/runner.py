@@ -180,7 +180,9 @@ class Runner:
         record, cfg, server = task.record, self._config(), _server(task)
         record.attempts += 1
         record.upstreams.append(cfg.upstream_names[server])
-        evidence = self._limiter.start_evidence(server)  # None unless this card learns
+        permit = task.ticket.permit  # replicas: what the cluster ran when this slot was granted
+        # None unless this card learns.
+        evidence = self._limiter.start_evidence(server, None if permit is None else permit.audio)
         began = self._clock.monotonic()
         deadline = self._clock.monotonic() + cfg.attempt_timeout(record.audio)
         # The GPU is busy with this attempt from the request until its answer is fully read.
@@ -292,12 +294,14 @@ class Runner:
             monotonic=self._clock.monotonic(),
         )
         self._log_attempt(task, outcome, result)
-        # This attempt still counts as upstream: the concurrency it ran (and ended) at.
+        # This attempt still counts as upstream: the concurrency it ran (and ended) at; with
+        # replicas, at least what all of them ran when its slot was granted.
+        in_flight = self._state.servers[server].in_flight
+        permit = task.ticket.permit
+        if permit is not None:
+            in_flight = max(in_flight, permit.count)
         self._limiter.observe(
-            outcome,
-            server=server,
-            in_flight=self._state.servers[server].in_flight,
-            first_attempt=record.attempts == 1,
+            outcome, server=server, in_flight=in_flight, first_attempt=record.attempts == 1
         )
         if outcome is AttemptOutcome.CRASH:
             self._suspect(server)

@@ -288,6 +288,15 @@ class LiveState:
         self.upstream_in_flight += 1
         self.servers[server].in_flight += 1
 
+    def oom_elsewhere(self, server: int, *, wall: float, monotonic: float) -> None:
+        """Replicas: another gatekeeper's task ran out of memory on `server` (at these times):
+        the card's last OOM (its cool-down) moves; this replica's counts do not."""
+        book = self.servers[server]
+        if book.last_oom_monotonic is None or monotonic > book.last_oom_monotonic:
+            book.last_oom_monotonic, book.last_oom_wall = monotonic, wall
+        if self.last_oom_monotonic is None or monotonic > self.last_oom_monotonic:
+            self.last_oom_monotonic, self.last_oom_wall = monotonic, wall
+
     def limit_changed(self, kind: LimitChangeKind, server: int) -> None:
         """A server's adaptive limit moved, for this kind of reason."""
         self.limit_changes[kind] += 1

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +39,7 @@ from gatekeeper.cluster.leases import (
     Leases,
     LostLease,
 )
-from gatekeeper.gate import Gate
+from gatekeeper.gate import Gate, Permit
 from gatekeeper.logs import Event, log_event
 from gatekeeper.state import HistogramData
 
@@ -82,8 +82,15 @@ class Coordinator:
         self._clock: Clock = clock or SystemClock()
         self._rng = rng or random.Random()
         self.leases = Leases(
-            config, clock=self._clock, rng=self._rng, on_lost=self._lost, on_redis=self._redis
+            config,
+            clock=self._clock,
+            rng=self._rng,
+            on_lost=self._lost,
+            on_redis=self._redis,
+            on_shared=self._heard,
         )
+        # Told each record another replica shared: (field, value, age in seconds).
+        self.on_shared: Callable[[str, str, float], None] = lambda name, value, age: None
         gate.release_permit = self._release
         self._releases: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.Task[None] | None = None
@@ -108,9 +115,28 @@ class Coordinator:
 
     # -- what the gate and the leases tell -------------------------------------------------------
 
-    def _release(self, permit: object) -> None:
+    @property
+    def servers(self) -> tuple[str, ...]:
+        return self._names
+
+    def share(self, name: str, value: str) -> None:
+        """Tell the other replicas (in the background; lost when Redis cannot take it, which
+        the Redis error counters show)."""
+        self._background(self._share(name, value))
+
+    async def _share(self, name: str, value: str) -> None:
+        with contextlib.suppress(CoordinationUnavailable):
+            await self.leases.share(name, value)
+
+    def _heard(self, name: str, value: str, age: float) -> None:
+        self.on_shared(name, value, age)
+
+    def _release(self, permit: Permit) -> None:
         assert isinstance(permit, Lease)
-        task = asyncio.ensure_future(self.leases.release(permit))
+        self._background(self.leases.release(permit))
+
+    def _background(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(work)
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
 
@@ -153,7 +179,7 @@ class Coordinator:
         for ticket, server in self._gate.unproven():
             weight, budget = self._gate.permit_cost(ticket, server)
             lease = await self.leases.acquire(
-                self._names[server], 1, weight=weight, budget=budget, force=True
+                self._names[server], 1, weight=weight, budget=budget, force=True, audio=ticket.audio
             )
             if lease is not None and not self._gate.replace_permit(ticket, lease):
                 await self.leases.release(lease)
@@ -166,7 +192,11 @@ class Coordinator:
             weight, budget = self._gate.permit_cost(ticket, server)
             began = self._clock.monotonic()
             lease = await self.leases.acquire(
-                self._names[server], limits[server].limit, weight=weight, budget=budget
+                self._names[server],
+                limits[server].limit,
+                weight=weight,
+                budget=budget,
+                audio=ticket.audio,
             )
             self._acquire = self._acquire.observe(self._clock.monotonic() - began)
             if lease is not None:

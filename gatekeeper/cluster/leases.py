@@ -92,9 +92,11 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: the server's leases, the servers seen, the tombstones, the leases' weights (GiB)
-# ARGV: lease id, limit, lease ms, server, force ('1': add even if full), weight, budget ('' none)
-# -> {1, count} granted, {0, count} full, {-1, 0} given up on by its caller already
+# KEYS: the server's leases, the servers seen, the tombstones, the leases' facts
+# ARGV: lease id, limit, lease ms, server, force ('1': add even if full), weight (GiB), budget
+#   ('' none), audio seconds ('-' unknown)
+# -> {1, count, audio of every live lease} granted, {0, count} full, {-1, 0} given up on by its
+#   caller already
 _ACQUIRE = (
     _NOW
     + """
@@ -108,14 +110,18 @@ local count = redis.call('ZCARD', KEYS[1])
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   return {1, count}  -- a retry of an acquisition that went through (a reset connection)
 end
--- The memory the live leases hold; a weight whose lease is gone is dropped on the way.
+-- The memory the live leases hold and their audio ("weight,audio" per lease); the facts of a
+-- lease that is gone are dropped on the way.
 local used = 0
-local weights = redis.call('HGETALL', KEYS[4])
-for i = 1, #weights, 2 do
-  if redis.call('ZSCORE', KEYS[1], weights[i]) then
-    used = used + tonumber(weights[i + 1])
+local audio = {}
+local facts = redis.call('HGETALL', KEYS[4])
+for i = 1, #facts, 2 do
+  if redis.call('ZSCORE', KEYS[1], facts[i]) then
+    local w, a = string.match(facts[i + 1], '^([^,]*),(.*)$')
+    used = used + tonumber(w)
+    audio[#audio + 1] = a
   else
-    redis.call('HDEL', KEYS[4], weights[i])
+    redis.call('HDEL', KEYS[4], facts[i])
   end
 end
 local weight = tonumber(ARGV[6])
@@ -130,19 +136,19 @@ if ARGV[5] ~= '1' then
 end
 redis.call('ZADD', KEYS[1], now + ms, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], 3 * ms)
-if weight > 0 then
-  redis.call('HSET', KEYS[4], ARGV[1], ARGV[6])
-  redis.call('PEXPIRE', KEYS[4], 3 * ms)
-end
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[6] .. ',' .. ARGV[8])
+redis.call('PEXPIRE', KEYS[4], 3 * ms)
+audio[#audio + 1] = ARGV[8]
 redis.call('SADD', KEYS[2], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], 3 * ms)
-return {1, count + 1}
+return {1, count + 1, audio}
 """
 )
 
-# KEYS: the replicas' heartbeats, the servers seen, then the leases of each server renewed
+# KEYS: the replicas' heartbeats, the servers seen, the shared records, then the leases of each
+#   server renewed
 # ARGV: lease ms, replica, then (index into KEYS, lease id) pairs
-# -> the ids of the leases that were gone (expired, or removed)
+# -> {the ids of the leases that were gone (expired, or removed), the shared records, now}
 _RENEW = (
     _NOW
     + """
@@ -165,7 +171,7 @@ for i = 3, #ARGV, 2 do
     lost[#lost + 1] = ARGV[i + 1]
   end
 end
-return lost
+return {lost, redis.call('HGETALL', KEYS[3]), now}
 """
 )
 
@@ -186,6 +192,20 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 redis.call('ZADD', KEYS[2], now + 3 * ms, ARGV[1])
 redis.call('PEXPIRE', KEYS[2], 3 * ms)
 return 0
+"""
+)
+
+# KEYS: the shared records
+# ARGV: field, value, channel, time to keep (ms)
+# -> now; the record is kept as "value@now" and announced as "field=value@now"
+_SHARE = (
+    _NOW
+    + """
+local record = ARGV[2] .. '@' .. now
+redis.call('HSET', KEYS[1], ARGV[1], record)
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
+redis.call('PUBLISH', ARGV[3], ARGV[1] .. '=' .. record)
+return now
 """
 )
 
@@ -259,8 +279,20 @@ class Keys:
         return f"{self._prefix}:leases:{server}"
 
     def weights(self, server: str) -> str:
-        """Hash: lease id -> GiB of `server`'s memory budget it holds (admission by memory)."""
+        """Hash: lease id -> "GiB,audio seconds": the memory budget of `server` it holds
+        (admission by memory; 0 by count) and its task's audio ('-' unknown)."""
         return f"{self._prefix}:weights:{server}"
+
+    @property
+    def shared(self) -> str:
+        """Hash: what replicas share besides slots (an OOM's time, a limit, memory figures):
+        field -> "value@ms" (Redis's clock)."""
+        return f"{self._prefix}:shared"
+
+    @property
+    def shared_channel(self) -> str:
+        """Pub/sub channel: a shared record, "field=value@ms", as it is written."""
+        return f"{self._prefix}:shared-records"
 
     @property
     def servers(self) -> str:
@@ -289,6 +321,11 @@ class Lease:
 
     id: str
     server: str
+    count: int = field(default=0, compare=False)
+    """Leases live on the server once this one was granted (itself included): what the GPU
+    ran at the start, all replicas together."""
+    audio: tuple[float | None, ...] = field(default=(), compare=False)
+    """The audio seconds of those leases' tasks (None: unknown), this one's last."""
 
     @property
     def replica(self) -> str:
@@ -402,9 +439,13 @@ class Leases:
         rng: random.Random | None = None,
         on_lost: Callable[[LostLease], None] | None = None,
         on_redis: Callable[[bool], None] | None = None,
+        on_shared: Callable[[str, str, float], None] | None = None,
     ) -> None:
         self.config = config
         self._on_redis = on_redis  # told when Redis stops or starts answering
+        # Told each shared record another replica wrote: field, value, age in seconds.
+        self._on_shared = on_shared
+        self._shared_seen: dict[str, str] = {}
         self.keys = Keys(config.cluster)
         self._clock: Clock = clock or SystemClock()
         self._rng = rng or random.Random()
@@ -424,6 +465,7 @@ class Leases:
         self._renew_script = self._redis.register_script(_RENEW)
         self._release_script = self._redis.register_script(_RELEASE)
         self._view_script = self._redis.register_script(_VIEW)
+        self._share_script = self._redis.register_script(_SHARE)
         self._ids = itertools.count(1)
         self._held: dict[str, _Held] = {}
         # Leases Redis may hold though nobody here does (an acquisition with an unknown outcome,
@@ -488,20 +530,23 @@ class Leases:
         weight: float = 0.0,
         budget: float | None = None,
         force: bool = False,
+        audio: float | None = None,
     ) -> Lease | None:
         """A lease on one of `server`'s `limit` slots, or None when all are taken. Never waits
         for a slot; raises CoordinationUnavailable when Redis cannot say.
 
         By memory, the lease also holds `weight` GiB of the card's `budget`: it is granted only
         if it fits beside the live leases' weights (or alone). `force`: grant it whatever the
-        count (a task that runs already and lost its lease is put back on the books).
+        count (a task that runs already and lost its lease is put back on the books). `audio`:
+        the task's audio seconds, kept with the lease (a granted lease tells every live lease's
+        audio, for the memory learner).
 
         Shielded: if the caller is cancelled, the acquisition still finishes and whatever it
         granted is released at once (the caller holds nothing).
         """
         self._check_open()
         lease = Lease(f"{self.replica}/{next(self._ids)}", server)
-        attempt = self._spawn(self._acquire(lease, limit, weight, budget, force))
+        attempt = self._spawn(self._acquire(lease, limit, weight, budget, force, audio))
         try:
             return await asyncio.shield(attempt)
         except asyncio.CancelledError:
@@ -520,6 +565,31 @@ class Leases:
             return False
         await asyncio.shield(self._spawn(self._release(lease)))
         return True
+
+    async def share(self, name: str, value: str, *, keep_seconds: float = 86400.0) -> None:
+        """Write a record every replica reads (`on_shared`): announced at once, and read again
+        by every renewal round (so a replica that missed the message, or started later, gets
+        it). Raises CoordinationUnavailable when Redis cannot take it."""
+        record = f"{self.replica}|{value}"
+        keys = [self.keys.shared]
+        args: list[str | int] = [name, record, self.keys.shared_channel, round(keep_seconds * 1000)]
+        now_ms = await self._call("share", lambda: self._share_script(keys=keys, args=args))
+        self._shared_seen[name] = f"{record}@{now_ms}"  # its own: never told back
+
+    def _heard(self, name: str, record: str, *, now_ms: int | None) -> None:
+        """A shared record: tell `on_shared` once per version, unless this replica wrote it."""
+        if self._shared_seen.get(name) == record:
+            return
+        self._shared_seen[name] = record
+        body, _, at = record.rpartition("@")
+        writer, _, value = body.partition("|")
+        if writer == self.replica or self._on_shared is None or not at.isdigit():
+            return
+        age = 0.0 if now_ms is None else max(0.0, (now_ms - int(at)) / 1000)
+        try:
+            self._on_shared(name, value, age)
+        except Exception:
+            _log.exception("on_shared failed for %s", name)
 
     def held(self) -> tuple[Lease, ...]:
         """The leases this replica holds, as far as it knows (each renewed or not yet due)."""
@@ -628,7 +698,13 @@ class Leases:
                 _log.exception("on_redis failed")
 
     async def _acquire(
-        self, lease: Lease, limit: int, weight: float, budget: float | None, force: bool
+        self,
+        lease: Lease,
+        limit: int,
+        weight: float,
+        budget: float | None,
+        force: bool,
+        audio: float | None,
     ) -> Lease | None:
         sent = self._clock.monotonic()
         server = lease.server
@@ -646,9 +722,10 @@ class Leases:
             "1" if force else "0",
             repr(max(0.0, weight)),
             "" if budget is None else repr(budget),
+            "-" if audio is None else repr(float(audio)),
         ]
         try:
-            granted, _ = await self._call(
+            granted, count, *facts = await self._call(
                 "acquire", lambda: self._acquire_script(keys=keys, args=args)
             )
         except (CoordinationUnavailable, asyncio.CancelledError):
@@ -659,6 +736,8 @@ class Leases:
             self._refused += 1
             return None
         self._acquired += 1
+        running = tuple(None if a == "-" else float(a) for a in (facts[0] if facts else ()))
+        lease = Lease(lease.id, lease.server, int(count), running)
         self._held[lease.id] = _Held(lease, sent + self.config.lease_seconds)
         return lease
 
@@ -707,14 +786,21 @@ class Leases:
         """Renew every held lease and the heartbeat in one call; report the lost ones."""
         held = list(self._held.values())
         servers = sorted({h.lease.server for h in held})
-        keys = [self.keys.replicas, self.keys.servers, *map(self.keys.leases, servers)]
-        index = {server: i + 3 for i, server in enumerate(servers)}  # Lua's KEYS count from 1
+        keys = [
+            self.keys.replicas,
+            self.keys.servers,
+            self.keys.shared,
+            *map(self.keys.leases, servers),
+        ]
+        index = {server: i + 4 for i, server in enumerate(servers)}  # Lua's KEYS count from 1
         args: list[str | int] = [self._lease_ms, self.replica]
         for h in held:
             args += [index[h.lease.server], h.lease.id]
         sent = self._clock.monotonic()
         try:
-            gone = set(await self._call("renew", lambda: self._renew_script(keys=keys, args=args)))
+            lost_ids, shared, now_ms = await self._call(
+                "renew", lambda: self._renew_script(keys=keys, args=args)
+            )
         except CoordinationUnavailable:
             now = self._clock.monotonic()
             for h in held:
@@ -724,6 +810,9 @@ class Leases:
                     self._report(LostLease(h.lease, "unconfirmed"))
             return
         self._renewals += 1
+        gone = set(lost_ids)
+        for name, record in zip(shared[::2], shared[1::2], strict=True):
+            self._heard(name, record, now_ms=int(now_ms))
         for h in held:
             if self._held.get(h.lease.id) is not h:
                 continue  # released during the round
@@ -759,16 +848,22 @@ class Leases:
 
         A (re)subscription wakes the waiters too: a release may have gone unheard meanwhile.
         """
+        shared = self.keys.shared_channel
         while not self._closed:
             pubsub = self._redis.pubsub()
             errors = self._errors
             try:
                 async with asyncio.timeout(self.config.timeout_seconds):
-                    await pubsub.subscribe(self.keys.channel)
+                    await pubsub.subscribe(self.keys.channel, self.keys.shared_channel)
                 # Another call failing means this connection may be half-dead too.
                 while self._errors == errors:
                     message = await pubsub.get_message(timeout=self.config.poll_seconds)
-                    if message is not None and message["type"] in ("message", "subscribe"):
+                    if message is None or message["type"] not in ("message", "subscribe"):
+                        continue
+                    if message["type"] == "message" and message["channel"] == shared:
+                        name, _, record = str(message["data"]).partition("=")
+                        self._heard(name, record, now_ms=None)
+                    else:
                         self._wake()
             except (RedisError, OSError, TimeoutError) as error:
                 _reraise_cancellation(error)

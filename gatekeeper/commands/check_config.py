@@ -2,7 +2,8 @@
 
 It loads the settings exactly as `gatekeeper serve` does (same flags, environment, env file),
 prints the Whisper servers with their limits, the total and the queue (one queue for all
-servers; notes on a pool that may surprise), then the worst case of one task part by part
+servers; notes on a pool that may surprise; with ASR_REDIS_URL, the cluster the replicas share
+and its lease), then the worst case of one task part by part
 (`budget.TaskBudget`; the same for one server or several), and compares it with a
 proxy timeout given as `--proxy-timeout` or read from an nginx config (`--nginx-conf`: the
 `proxy_read_timeout` and `proxy_send_timeout` in force in each location that proxies to the
@@ -13,11 +14,15 @@ gatekeeper), 2 bad settings or input.
 
 import argparse
 import math
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+from urllib.parse import urlsplit
+
+from redis.connection import parse_url
 
 from gatekeeper.commands.flags import (
     add_settings_arguments,
@@ -39,10 +44,12 @@ from gatekeeper.settings import QUEUE_PER_SLOT, Settings, SettingsError
 __all__ = [
     "add_check_config_arguments",
     "describe_budget",
+    "describe_cluster",
     "describe_memory",
     "describe_servers",
     "describe_timeouts",
     "main",
+    "masked_url",
     "pool_notes",
     "run_check_config",
     "suggested_timeout",
@@ -286,6 +293,97 @@ def _pool_budget_lines(settings: Settings) -> list[str]:
         "is each server's own (an OOM on one card delays only tasks starting on it) and comes "
         "at most once, before the first attempt."
     ]
+
+
+# -- replicas sharing the limits through Redis ----------------------------------------------------
+
+_SHORT_LEASE: Final = 3.0
+"""A lease shorter than this is lost to a stall an event loop or a GC pause can take."""
+_LONG_LEASE: Final = 60.0
+"""A lease longer than this (or than ASR_REQUEST_TIMEOUT) outlives many whole tasks."""
+_RENEWALS_PER_LEASE: Final = 3
+"""A replica renews its leases every third of ASR_REDIS_LEASE (gatekeeper/cluster/leases.py)."""
+_MASK: Final = "***"
+_QUERY_PASSWORD: Final = re.compile(r"((?:^|&)password=)[^&]*")
+
+
+def masked_url(url: str) -> str:
+    """`url` with its password, in the user part or as a `password=` query, shown as ***."""
+    parts, masked = urlsplit(url), url
+    if parts.password is not None:
+        user, _, host = parts.netloc.rpartition("@")
+        masked = masked.replace(parts.netloc, f"{user.partition(':')[0]}:{_MASK}@{host}", 1)
+    if parts.query:
+        query = _QUERY_PASSWORD.sub(rf"\g<1>{_MASK}", parts.query)
+        masked = masked.replace(f"?{parts.query}", f"?{query}", 1)
+    return masked
+
+
+def describe_cluster(settings: Settings) -> tuple[list[str], list[str]]:
+    """With ASR_REDIS_URL: the cluster the replicas share, the lease and what it means, then the
+    warnings (a lease a stall can lose, or one that keeps a dead replica's slots too long).
+    Nothing without it. Raises ValueError when redis-py would refuse the URL."""
+    if settings.redis_url is None:
+        return [], []
+    url = settings.redis_url.get_secret_value()
+    # The check redis-py makes when the gatekeeper connects (unannotated in redis-py).
+    parse_url(url)  # type: ignore[no-untyped-call]
+    lease, timeout = settings.redis_lease, settings.redis_timeout
+    renewal = lease / _RENEWALS_PER_LEASE
+    lines = [
+        "Replicas (ASR_REDIS_URL): every gatekeeper with this Redis and this cluster name shares "
+        "each Whisper server's slots; the limits above hold at the server for all of them "
+        "together:",
+        f"  cluster: {settings.cluster} (ASR_CLUSTER)",
+        f"  Redis: {masked_url(url)}",
+        f"  lease: {_num(lease)} s (ASR_REDIS_LEASE), renewed every {round(renewal, 2):g} s; "
+        f"a Redis call slower than {_num(timeout)} s counts as Redis unreachable "
+        "(ASR_REDIS_TIMEOUT)",
+        f"  a replica that dies frees its slots within {_num(lease)} s: one lease after it last "
+        "renewed them, never sooner (the GPU may still be on its tasks); a replica stalled "
+        f"longer than {_num(lease)} s loses its leases",
+        "  the queue above is each replica's own (ASR_MAX_QUEUE counts per replica): two "
+        "replicas queue twice as many tasks",
+        "  while Redis cannot be reached: no new task starts, tasks wait in the queue, arrivals "
+        "beyond it are refused 503 coordination_unavailable, /health says degraded; it recovers "
+        "by itself",
+        "  give every replica the same ASR_UPSTREAM_URL (a server is known by its host:port) and "
+        "the same limits and ASR_REDIS_LEASE: the same .env",
+    ]
+    warnings = [
+        f"WARNING: {warning}"
+        for warning in (_short_lease(settings), _long_lease(settings))
+        if warning
+    ]
+    return lines, warnings
+
+
+def _short_lease(settings: Settings) -> str | None:
+    lease = settings.redis_lease
+    if lease >= _SHORT_LEASE:
+        return None
+    return (
+        f"ASR_REDIS_LEASE={_num(lease)} s: a replica that stalls that long (an event-loop stall, "
+        "a GC pause, a busy host or a paused VM) loses its leases, and another replica may start "
+        f"tasks on those slots while the GPU still runs them; use {_num(_SHORT_LEASE)} s or more "
+        "(the default is 15)"
+    )
+
+
+def _long_lease(settings: Settings) -> str | None:
+    lease, request = settings.redis_lease, settings.request_timeout
+    if lease <= min(_LONG_LEASE, request):
+        return None
+    than = (
+        f"ASR_REQUEST_TIMEOUT={_num(request)} s, the longest one attempt may run"
+        if request < _LONG_LEASE
+        else f"{_num(_LONG_LEASE)} s, longer than many whole tasks"
+    )
+    return (
+        f"ASR_REDIS_LEASE={_num(lease)} s is longer than {than}: a replica that dies (killed, "
+        f"out of memory, its host lost) keeps its slots taken for {_num(lease)} s, and the card "
+        "idles on them; the default 15 s frees them sooner"
+    )
 
 
 # -- admission by memory and timeouts scaled by the audio -----------------------------------------
@@ -550,8 +648,12 @@ def run_check_config(args: argparse.Namespace) -> int:
         checks = _checks(args)
     except (OSError, ValueError) as exc:
         return print_error(_PROG, exc)
+    try:
+        cluster = describe_cluster(settings)
+    except ValueError as exc:
+        return print_error(_PROG, f"ASR_REDIS_URL: {exc}")
     worst = _WorstCase(from_settings(settings), not args.without_retry_after, settings)
-    _print_worst_case(worst)
+    _print_worst_case(worst, cluster)
     verdicts = [_print_check(check, worst) for check in checks]
     if any(short for short, _ in verdicts):
         _warn_too_short(worst)
@@ -559,9 +661,11 @@ def run_check_config(args: argparse.Namespace) -> int:
     return 1 if any(small for _, small in verdicts) else 0
 
 
-def _print_worst_case(worst: _WorstCase) -> None:
-    for line in describe_servers(worst.settings) + pool_notes(worst.settings):
+def _print_worst_case(worst: _WorstCase, cluster: tuple[list[str], list[str]]) -> None:
+    for line in describe_servers(worst.settings) + pool_notes(worst.settings) + cluster[0]:
         print(line)
+    for line in cluster[1]:
+        print(line, file=sys.stderr)
     memory, warnings = describe_memory(worst.settings)
     for line in memory + describe_timeouts(worst.settings):
         print(line)

@@ -54,6 +54,7 @@ class LimitChangeKind(StrEnum):
     CRASH = "crash"
     STABLE = "stable"
     CEILING_FADED = "ceiling_faded"
+    SHARED = "shared"  # replicas: another gatekeeper of the cluster moved the shared limit
 
     def reason(self, level: int | None = None) -> str:
         """The change's reason text: the kind, with the level it was measured at if any."""
@@ -281,6 +282,12 @@ class AdaptiveLimit:
                 return self._maybe_rise(now)
             case _:
                 return None
+
+    def adopt(self, limit: int) -> LimitChange | None:
+        """Take the limit another replica of the cluster decided (moved into the bounds): the
+        replicas share one limit per server, the last decision wins."""
+        p = self._params
+        return self._set(min(max(limit, p.minimum), p.maximum), LimitChangeKind.SHARED, self._now())
 
     def tick(self) -> LimitChange | None:
         """Let time act: a stable stretch that waited only for its minimum duration, or for the

@@ -212,6 +212,17 @@ class MemoryLearner:
         self._fits.append(new)
         return True
 
+    def adopt(self, model: MemoryModel) -> MemoryModel | None:
+        """Take the figures another replica of the cluster learned (the last word wins): the
+        descent goes on from them, and this replica's own evidence still holds the floor."""
+        self._probe = model
+        self._stable = 0
+        if model == self.model:
+            return None
+        self.model = model
+        self.changes += 1
+        return model
+
     def tick(self) -> MemoryModel | None:
         """Let evidence older than `fade_seconds` go; the new model when that changed it."""
         horizon = self._now() - self.params.fade_seconds
