@@ -17,6 +17,7 @@ from ruamel.yaml import YAML
 
 from tests.conftest import GatekeeperFactory
 from tests.e2e.tools import (
+    CLUSTER_METRICS,
     EXPORTED_METRICS,
     HISTOGRAMS,
     METRIC_NAME,
@@ -34,7 +35,8 @@ ALERTS_TEST = PROMETHEUS_DIR / "alerts_test.yml"
 CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 
 # The alerts the operator guide asks for ("监控告警", "第4步：调优") and the issues name
-# (#15: one Whisper server of several down, and all of them down).
+# (#15: one Whisper server of several down, and all of them down; #17: a replica lost a lease,
+# a replica cannot reach Redis).
 REQUIRED_ALERTS = {
     "AsrOomFrequent",
     "AsrQueueOftenFull",
@@ -42,9 +44,13 @@ REQUIRED_ALERTS = {
     "AsrUpstreamDown",
     "AsrUpstreamServerDown",
     "AsrQueueNearlyFull",
+    "AsrLeaseLost",
+    "AsrRedisUnreachable",
 }
 # Alerts about one Whisper server of a pool: they carry its label upstream="host:port".
 PER_SERVER_ALERTS = {"AsrOomFrequent", "AsrUpstreamFailing", "AsrUpstreamServerDown"}
+# Alerts about one replica of several sharing Redis: they name its instance, not the others.
+PER_REPLICA_ALERTS = {"AsrLeaseLost", "AsrRedisUnreachable"}
 
 
 def alert_names(text: str) -> list[str]:
@@ -127,7 +133,7 @@ def test_prometheus_scrapes_the_gatekeeper_job(promtool: str) -> None:
 
 
 def test_every_alert_the_guide_asks_for_exists() -> None:
-    """alerts.yml defines the five alerts named in the issue, each exactly once."""
+    """alerts.yml defines the alerts the guide and the issues name, each exactly once."""
     names = alert_names(ALERTS.read_text(encoding="utf-8"))
     assert len(names) == len(set(names)), f"duplicate alert names: {names}"
     assert set(names) >= REQUIRED_ALERTS, f"missing: {REQUIRED_ALERTS - set(names)}"
@@ -163,6 +169,23 @@ def test_alert_annotations_keep_the_guides_words() -> None:
     assert "成功率<90%：必须降低并发" in blocks["AsrSuccessRateLow"]
     assert "curl http://whisper-service-url/health" in blocks["AsrUpstreamDown"]
     assert "docker logs" in blocks["AsrUpstreamDown"]
+
+
+def test_replica_alerts_say_what_happened_and_what_to_check() -> None:
+    """The Redis alerts name the consequence the issue describes and where an operator looks."""
+    blocks = alert_blocks(ALERTS.read_text(encoding="utf-8"))
+    lost = blocks["AsrLeaseLost"]
+    for words in ("ASR_REDIS_LEASE", "SIGSTOP", "事件循环", "超过了并发上限", '"lease lost"'):
+        assert words in lost, words
+    unreachable = blocks["AsrRedisUnreachable"]
+    assert re.search(r"severity:\s*critical", unreachable)
+    assert re.search(r"for:\s*1m", unreachable)
+    for words in ("coordination_unavailable", "degraded", "不再开始新任务", "自动恢复", "ping"):
+        assert words in unreachable, words
+    # Refusals for want of Redis are no reason to raise the concurrency.
+    expr = re.search(r"expr:.*?labels:", blocks["AsrQueueOftenFull"], re.S)
+    assert expr is not None
+    assert "coordination_unavailable" not in expr.group(0)
 
 
 def test_every_alert_has_firing_and_quiet_unit_tests() -> None:
@@ -203,6 +226,28 @@ def test_alerts_are_unit_tested_on_a_pool_of_two_servers() -> None:
     ), "AsrUpstreamDown is never shown firing once for a pool whose servers are all down"
 
 
+def test_replica_alerts_are_unit_tested_on_two_replicas() -> None:
+    """Per-replica alerts fire for one named replica of two, not for the cluster as a whole."""
+    tests = YAML(typ="safe", pure=True).load(ALERTS_TEST.read_text(encoding="utf-8"))["tests"]
+    fired: dict[str, list[tuple[int, list[str]]]] = {}
+    for case in tests:
+        replicas = {
+            match.group(1)
+            for series in case["input_series"]
+            if "_cluster_" in series["series"]
+            for match in [re.search(r'instance="([^"]+)"', series["series"])]
+            if match
+        }
+        for check in case.get("alert_rule_test", []):
+            if check["exp_alerts"]:
+                named = [alert["exp_labels"]["instance"] for alert in check["exp_alerts"]]
+                fired.setdefault(check["alertname"], []).append((len(replicas), named))
+    for name in PER_REPLICA_ALERTS:
+        assert any(replicas >= 2 and len(named) == 1 for replicas, named in fired.get(name, [])), (
+            f"{name} is never shown firing for one replica of two"
+        )
+
+
 async def test_the_metric_contract_is_what_a_pool_gatekeeper_exports(
     upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory
 ) -> None:
@@ -210,6 +255,7 @@ async def test_the_metric_contract_is_what_a_pool_gatekeeper_exports(
 
     The alert rules and the dashboard are checked against that contract (tests/e2e/tools.py), so
     this keeps the contract honest: per-server series name both servers, totals carry no upstream.
+    Without ASR_REDIS_URL it exports none of the replicas' metrics, so their alerts stay silent.
     """
     second = FakeUpstream()
     await second.start()
@@ -219,23 +265,38 @@ async def test_the_metric_contract_is_what_a_pool_gatekeeper_exports(
             text = await response.text()
     finally:
         await second.stop()
-    labels: dict[str, set[frozenset[str]]] = defaultdict(set)
-    servers: dict[str, set[str]] = defaultdict(set)
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            name = sample.name
-            if family.type == "histogram":
-                name = re.sub(r"_(bucket|sum|count)$", "", name)
-            labels[name].add(frozenset(sample.labels) - {"le"})
-            if "upstream" in sample.labels:
-                servers[name].add(sample.labels["upstream"])
+    exported = _Exported(text)
     names = {f"127.0.0.1:{upstream.port}", f"127.0.0.1:{second.port}"}
-    for metric, contract in EXPORTED_METRICS.items():
-        assert metric in labels, f"{metric} is not exported"
-        assert labels[metric] == {frozenset(contract)}, f"{metric}: labels {labels[metric]}"
-        if "upstream" in contract:
-            assert servers[metric] == names, f"{metric} does not show each server"
-    assert set(EXPORTED_METRICS) >= HISTOGRAMS
+    exported.assert_contract(EXPORTED_METRICS, names)
+    assert set(EXPORTED_METRICS) | set(CLUSTER_METRICS) >= HISTOGRAMS
+    assert not [name for name in exported.labels if name.startswith("asr_gatekeeper_cluster_")]
+
+
+class _Exported:
+    """One /metrics scrape, read as the contract sees it (a histogram by its base name)."""
+
+    def __init__(self, text: str) -> None:
+        self.labels: dict[str, set[frozenset[str]]] = defaultdict(set)
+        self.servers: dict[str, set[str]] = defaultdict(set)
+        self.values: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(dict)
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                self.values[sample.name][tuple(sorted(sample.labels.items()))] = sample.value
+                name = sample.name
+                if family.type == "histogram":
+                    name = re.sub(r"_(bucket|sum|count)$", "", name)
+                self.labels[name].add(frozenset(sample.labels) - {"le"})
+                if "upstream" in sample.labels:
+                    self.servers[name].add(sample.labels["upstream"])
+
+    def assert_contract(
+        self, contract: dict[str, dict[str, set[str] | None]], servers: set[str]
+    ) -> None:
+        for metric, labels in contract.items():
+            assert metric in self.labels, f"{metric} is not exported"
+            assert self.labels[metric] == {frozenset(labels)}, f"{metric}: {self.labels[metric]}"
+            if "upstream" in labels:
+                assert self.servers[metric] == servers, f"{metric} does not show each server"
 
 
 def test_contract_check_catches_misspelled_metrics_and_labels() -> None:
@@ -254,6 +315,18 @@ def test_contract_check_catches_misspelled_metrics_and_labels() -> None:
         "asr_gatekeeper_tasks_total has no label upstream"
     ]
     assert contract_violations("asr_gatekeeper_upstream_max_concurrency") != []
+    # The replicas' metrics (#17) and their refusal reason are in the contract; typos are not.
+    assert (
+        contract_violations('asr_gatekeeper_rejected_total{reason="coordination_unavailable"}')
+        == []
+    )
+    assert contract_violations('asr_gatekeeper_cluster_leases_held{upstream="gpu0:9000"}') == []
+    assert contract_violations("asr_gatekeeper_cluster_acquire_seconds_bucket") == []
+    assert contract_violations("asr_gatekeeper_cluster_redis_down") != []
+    assert contract_violations('asr_gatekeeper_cluster_leases_lost_total{reason="paused"}') != []
+    assert contract_violations('asr_gatekeeper_cluster_redis_up{upstream="gpu0:9000"}') == [
+        "asr_gatekeeper_cluster_redis_up has no label upstream"
+    ]
 
 
 def test_promtool_check_rejects_a_broken_rule(promtool: str, tmp_path: Path) -> None:

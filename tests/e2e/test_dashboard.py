@@ -2,7 +2,8 @@
 
 Grafana is not needed: the queries are PromQL, and promtool both parses them (as recording
 rules) and runs them against synthetic gatekeeper series (as unit-tested alert rules): a
-gatekeeper in front of two Whisper servers, whose per-server series carry upstream="host:port".
+gatekeeper in front of two Whisper servers, whose per-server series carry upstream="host:port",
+and two such gatekeepers sharing the servers' slots through Redis (replicas, label instance).
 """
 
 import json
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.tools import METRIC_NAME, ROOT, contract_violations, run_promtool
+from tests.e2e.tools import CLUSTER_METRICS, METRIC_NAME, ROOT, contract_violations, run_promtool
 
 pytestmark = pytest.mark.e2e
 
@@ -26,9 +27,10 @@ DATASOURCE_UID = "prometheus"
 
 # The metrics contract (SPEC.md, "Metrics"): name -> {label: allowed values}.
 _TASK_OUTCOMES = {"success", "failed", "client_error", "cancelled", "rejected"}
-_REJECT_REASONS = {"queue_full", "queue_timeout", "shutting_down"}
+_REJECT_REASONS = {"queue_full", "queue_timeout", "shutting_down", "coordination_unavailable"}
 _ATTEMPT_OUTCOMES = {"ok", "client_error", "oom", "crash", "error", "timeout"}
 _RETRY_OUTCOMES = {"oom", "crash", "error", "timeout"}
+_LOST_REASONS = {"expired", "unconfirmed"}
 # The Whisper servers behind the synthetic gatekeeper (ASR_UPSTREAM_URL with two URLs).
 UPSTREAMS = ("gpu0:9000", "gpu1:9000")
 # Totals over every server: no upstream label.
@@ -56,13 +58,29 @@ SERVER_COUNTERS: dict[str, tuple[str, set[str]] | None] = {
     "asr_gatekeeper_upstream_attempts_total": ("outcome", _ATTEMPT_OUTCOMES),
     "asr_gatekeeper_oom_errors_total": None,
 }
+# Replicas (#17), only with ASR_REDIS_URL: each replica (instance) its own.
+CLUSTER_GAUGES = {"asr_gatekeeper_cluster_redis_up": 1}
+CLUSTER_COUNTERS: dict[str, tuple[str, set[str]] | None] = {
+    "asr_gatekeeper_cluster_lease_renewals_total": None,
+    "asr_gatekeeper_cluster_redis_errors_total": None,
+    "asr_gatekeeper_cluster_leases_lost_total": ("reason", _LOST_REASONS),
+}
+CLUSTER_SERVER_GAUGES = {"asr_gatekeeper_cluster_leases_held": 1}
 HISTOGRAMS = {
     "asr_gatekeeper_queue_wait_seconds",
     "asr_gatekeeper_upstream_duration_seconds",
     "asr_gatekeeper_task_duration_seconds",
+    "asr_gatekeeper_cluster_acquire_seconds",
 }
 EXPORTED_METRICS = (
-    set(GAUGES) | set(COUNTERS) | set(SERVER_GAUGES) | set(SERVER_COUNTERS) | HISTOGRAMS
+    set(GAUGES)
+    | set(COUNTERS)
+    | set(SERVER_GAUGES)
+    | set(SERVER_COUNTERS)
+    | set(CLUSTER_GAUGES)
+    | set(CLUSTER_COUNTERS)
+    | set(CLUSTER_SERVER_GAUGES)
+    | HISTOGRAMS
 )
 # The per-server row: title -> the per-server metrics it must show.
 PER_SERVER_PANELS = {
@@ -74,6 +92,21 @@ PER_SERVER_PANELS = {
     "每台服务器：OOM": {"asr_gatekeeper_oom_errors_total"},
     "每台服务器：尝试（按结果）": {"asr_gatekeeper_upstream_attempts_total"},
 }
+# The replicas row: title -> the metrics it must show, one line per replica (instance).
+REPLICA_ROW = "副本（Redis） Replicas (Redis)"
+REPLICA_PANELS = {
+    "副本：Redis 可达": {"asr_gatekeeper_cluster_redis_up"},
+    "副本：持有的租约（每台服务器）": {
+        "asr_gatekeeper_cluster_leases_held",
+        "asr_gatekeeper_upstream_max_concurrent",
+    },
+    "副本：租约续期（每分钟）": {"asr_gatekeeper_cluster_lease_renewals_total"},
+    "副本：丢失的租约 (1h)": {"asr_gatekeeper_cluster_leases_lost_total"},
+    "副本：Redis 错误（每分钟）": {"asr_gatekeeper_cluster_redis_errors_total"},
+    "副本：拒绝 coordination_unavailable（每分钟）": {"asr_gatekeeper_rejected_total"},
+    "副本：获取租约耗时 p50 / p99": {"asr_gatekeeper_cluster_acquire_seconds_bucket"},
+}
+REPLICAS = ("gatekeeper-a:8000", "gatekeeper-b:8000")
 # Panels that add the servers up, as /stats's top-level fields do.
 TOTAL_PANELS = {
     "活跃任务 vs 并发上限（合计）",
@@ -179,30 +212,38 @@ def _counter_series(
     return series
 
 
-def traffic_series() -> list[dict[str, str]]:
-    """Two hours of a busy gatekeeper on two servers: every exported series, counters growing."""
+def traffic_series(
+    instances: tuple[str, ...] = ("gatekeeper:8000",),
+) -> list[dict[str, str]]:
+    """Two hours of busy gatekeepers (replicas with Redis) on two servers: every exported
+    series, counters growing."""
+    series: list[dict[str, str]] = []
+    for instance in instances:
+        series += _instance_series(f'job="asr-gatekeeper", instance="{instance}"')
+    return series
+
+
+def _instance_series(instance: str) -> list[dict[str, str]]:
+    """One gatekeeper's series; `instance` is its job and instance labels."""
     series = [
-        {"series": f"{name}{{{_SERIES_LABELS}}}", "values": f"{value}x120"}
-        for name, value in GAUGES.items()
+        {"series": f"{name}{{{instance}}}", "values": f"{value}x120"}
+        for name, value in (GAUGES | CLUSTER_GAUGES).items()
     ]
-    series += _counter_series(COUNTERS, _SERIES_LABELS)
+    series += _counter_series(COUNTERS | CLUSTER_COUNTERS, instance)
     for upstream in UPSTREAMS:
-        labels = f'{_SERIES_LABELS}, upstream="{upstream}"'
+        labels = f'{instance}, upstream="{upstream}"'
         series += [
             {"series": f"{name}{{{labels}}}", "values": f"{value}x120"}
-            for name, value in SERVER_GAUGES.items()
+            for name, value in (SERVER_GAUGES | CLUSTER_SERVER_GAUGES).items()
         ]
         series += _counter_series(SERVER_COUNTERS, labels)
     for name in sorted(HISTOGRAMS):
         for step, le in enumerate(("0.5", "5", "60", "600", "+Inf"), start=1):
             series.append(
-                {
-                    "series": f'{name}_bucket{{{_SERIES_LABELS}, le="{le}"}}',
-                    "values": f"0+{step}x120",
-                }
+                {"series": f'{name}_bucket{{{instance}, le="{le}"}}', "values": f"0+{step}x120"}
             )
-        series.append({"series": f"{name}_sum{{{_SERIES_LABELS}}}", "values": "0+300x120"})
-        series.append({"series": f"{name}_count{{{_SERIES_LABELS}}}", "values": "0+5x120"})
+        series.append({"series": f"{name}_sum{{{instance}}}", "values": "0+300x120"})
+        series.append({"series": f"{name}_count{{{instance}}}", "values": "0+5x120"})
     return series
 
 
@@ -292,6 +333,8 @@ def test_dashboard_shows_every_exported_metric() -> None:
     }
     shown_bases = {re.sub(r"_(bucket|sum|count)$", "", name) for name in shown}
     assert EXPORTED_METRICS - (shown | shown_bases) == set()
+    # The replicas' metrics as the contract (checked against a live replica) names them.
+    assert set(CLUSTER_METRICS) <= EXPORTED_METRICS
 
 
 def test_dashboard_shows_the_latency_percentiles() -> None:
@@ -510,6 +553,108 @@ def test_the_upstream_variable_lists_the_servers() -> None:
     assert upstream["includeAll"] is True
     assert upstream["multi"] is True
     assert upstream["allValue"] == ".*"
+
+
+def test_the_replicas_row_shows_each_replica(promtool: str, tmp_path: Path) -> None:
+    """Under the replicas row, every panel keeps the replicas (instances) apart."""
+    dashboard = load_dashboard()
+    panels = dashboard["panels"]
+    (row,) = (panel for panel in panels if panel["type"] == "row" and panel["title"] == REPLICA_ROW)
+    below = panels[panels.index(row) + 1 :]
+    rows_below = [panel for panel in below if panel["type"] == "row"]
+    end = below.index(rows_below[0]) if rows_below else len(below)
+    assert {panel["title"] for panel in below[:end]} == set(REPLICA_PANELS)
+    rules: list[dict[str, str]] = []
+    for title, metrics in REPLICA_PANELS.items():
+        exprs = panel_exprs(title)
+        shown = {match.group(1) for expr in exprs for match in METRIC_NAME.finditer(expr)}
+        assert metrics <= shown, f"{title} does not show {metrics - shown}"
+        for expr in exprs:
+            if "by (upstream)" in expr:
+                continue  # the held panel's total and limit: per server, all replicas together
+            rules.append({"alert": f"Replica{len(rules)}", "expr": _groups(expr, "instance", 2)})
+    held, total, limit = panel_exprs("副本：持有的租约（每台服务器）")
+    lost = panel_expr("副本：丢失的租约 (1h)")
+    rules += [
+        {"alert": "HeldByReplicaAndServer", "expr": _groups(held, "instance, upstream", 4)},
+        {"alert": "HeldTotal", "expr": _groups(total, "upstream", 2)},
+        {"alert": "HeldLimit", "expr": _groups(limit, "upstream", 2)},
+        {"alert": "LostByReason", "expr": _groups(lost, "instance, reason", 4)},
+    ]
+    checks = [
+        {"eval_time": "90m", "alertname": rule["alert"], "exp_alerts": [{"exp_labels": {}}]}
+        for rule in rules
+    ]
+    tests = [
+        {"interval": "1m", "input_series": traffic_series(REPLICAS), "alert_rule_test": checks}
+    ]
+    result = run_promtool_unit_test(promtool, tmp_path, rules, tests)
+    legend = "\n".join(f"{rule['alert']}: {rule['expr']}" for rule in rules)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{legend}"
+
+
+def test_the_replicas_row_adds_the_leases_up_against_the_limit(
+    promtool: str, tmp_path: Path
+) -> None:
+    """Leases held add up over the replicas per server beside that server's limit; refusals
+    count coordination_unavailable alone; acquisition latency is p50 and p99 per replica."""
+    _, total, limit = panel_exprs("副本：持有的租约（每台服务器）")
+    refused = panel_expr("副本：拒绝 coordination_unavailable（每分钟）")
+    p50, p99 = panel_exprs("副本：获取租约耗时 p50 / p99")
+    held = "asr_gatekeeper_cluster_leases_held"
+    rejected = "asr_gatekeeper_rejected_total"
+    acquire = "asr_gatekeeper_cluster_acquire_seconds_bucket"
+
+    def series(name: str, instance: str, values: str, **labels: str) -> dict[str, str]:
+        extra = "".join(f', {key}="{value}"' for key, value in labels.items())
+        selector = f'job="asr-gatekeeper", instance="{instance}:8000"{extra}'
+        return {"series": f"{name}{{{selector}}}", "values": values}
+
+    def expect(expr: str, *samples: tuple[str, float]) -> dict[str, Any]:
+        wanted = [{"labels": labels, "value": value} for labels, value in samples]
+        return {"expr": expr, "eval_time": "90m", "exp_samples": wanted}
+
+    limits = [
+        series("asr_gatekeeper_upstream_max_concurrent", replica, "3x120", upstream="gpu0:9000")
+        for replica in ("gatekeeper-a", "gatekeeper-b")
+    ]
+    tests = [
+        {
+            "interval": "1m",
+            "input_series": [
+                series(held, "gatekeeper-a", "2x120", upstream="gpu0:9000"),
+                series(held, "gatekeeper-b", "1x120", upstream="gpu0:9000"),
+                *limits,
+            ],
+            "promql_expr_test": [
+                expect(total, ('{upstream="gpu0:9000"}', 3)),
+                expect(limit, ('{upstream="gpu0:9000"}', 3)),
+            ],
+        },
+        {
+            "interval": "1m",
+            "input_series": [
+                series(rejected, "gatekeeper-a", "0+2x120", reason="coordination_unavailable"),
+                series(rejected, "gatekeeper-a", "0+50x120", reason="queue_full"),
+            ],
+            "promql_expr_test": [expect(refused, ('{instance="gatekeeper-a:8000"}', 2))],
+        },
+        # Half the acquisitions within 10 ms, all within 100 ms.
+        {
+            "interval": "1m",
+            "input_series": [
+                series(acquire, "gatekeeper-a", "0+10x120", le="0.01"),
+                series(acquire, "gatekeeper-a", "0+20x120", le="0.1"),
+                series(acquire, "gatekeeper-a", "0+20x120", le="+Inf"),
+            ],
+            "promql_expr_test": [
+                expect(p50, ('{instance="gatekeeper-a:8000"}', 0.01)),
+                expect(p99, ('{instance="gatekeeper-a:8000"}', 0.01 + 0.09 * 0.98)),
+            ],
+        },
+    ]
+    result = run_promtool_unit_test(promtool, tmp_path, [], tests)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
 
 
 def test_query_checks_reject_broken_and_misspelled_queries(promtool: str, tmp_path: Path) -> None:

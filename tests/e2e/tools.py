@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 __all__ = [
+    "CLUSTER_METRICS",
     "EXPORTED_METRICS",
     "HISTOGRAMS",
     "METRIC_NAME",
@@ -49,10 +50,11 @@ def run_promtool(promtool: str, *args: str | Path) -> subprocess.CompletedProces
 # a metric does not carry is reported, so a per-server selector on a total
 # (asr_gatekeeper_tasks_total{upstream="gpu0:9000"}) is caught.
 _TASK_OUTCOMES = {"success", "failed", "client_error", "cancelled", "rejected"}
-_REJECT_REASONS = {"queue_full", "queue_timeout", "shutting_down"}
+_REJECT_REASONS = {"queue_full", "queue_timeout", "shutting_down", "coordination_unavailable"}
 _ATTEMPT_OUTCOMES = {"ok", "client_error", "oom", "crash", "error", "timeout"}
 _RETRY_OUTCOMES = {"oom", "crash", "error", "timeout"}
 _LIMIT_REASONS = {"oom", "crash", "stable", "ceiling_faded"}
+_LOST_REASONS = {"expired", "unconfirmed"}
 _UPSTREAM: dict[str, set[str] | None] = {"upstream": None}
 EXPORTED_METRICS: dict[str, dict[str, set[str] | None]] = {
     # Totals over every server (unlabelled).
@@ -80,11 +82,22 @@ EXPORTED_METRICS: dict[str, dict[str, set[str] | None]] = {
     "asr_gatekeeper_last_oom_timestamp_seconds": _UPSTREAM,
     "asr_gatekeeper_limit_changes_total": {**_UPSTREAM, "reason": _LIMIT_REASONS},
 }
+# Replicas (#17): only a gatekeeper with ASR_REDIS_URL exports these, one set per replica.
+CLUSTER_METRICS: dict[str, dict[str, set[str] | None]] = {
+    "asr_gatekeeper_cluster_redis_up": {},
+    "asr_gatekeeper_cluster_lease_renewals_total": {},
+    "asr_gatekeeper_cluster_leases_lost_total": {"reason": _LOST_REASONS},
+    "asr_gatekeeper_cluster_redis_errors_total": {},
+    "asr_gatekeeper_cluster_leases_held": _UPSTREAM,
+    "asr_gatekeeper_cluster_acquire_seconds": {},
+}
 HISTOGRAMS = {
     "asr_gatekeeper_queue_wait_seconds",
     "asr_gatekeeper_upstream_duration_seconds",
     "asr_gatekeeper_task_duration_seconds",
+    "asr_gatekeeper_cluster_acquire_seconds",
 }
+_CONTRACT = EXPORTED_METRICS | CLUSTER_METRICS
 # Labels the contract fixes; any other label (job, instance, le) is free.
 _CONTRACT_LABELS = {"outcome", "reason", "upstream"}
 
@@ -99,13 +112,13 @@ def contract_violations(text: str) -> list[str]:
         name, selector = match.group(1), match.group(2) or ""
         base = re.sub(r"_(bucket|sum|count)$", "", name)
         metric = base if base in HISTOGRAMS else name
-        if metric not in EXPORTED_METRICS:
+        if metric not in _CONTRACT:
             problems.append(f"unknown metric {name}")
             continue
         for label, op, value in _MATCHER.findall(selector):
             if label not in _CONTRACT_LABELS:
                 continue
-            labels = EXPORTED_METRICS[metric]
+            labels = _CONTRACT[metric]
             if label not in labels:
                 problems.append(f"{name} has no label {label}")
                 continue
