@@ -123,6 +123,7 @@ class Ticket:
         "passed_at",
         "permit",
         "server",
+        "since",
     )
 
     def __init__(self, gate: "Gate", admission: Admission, audio: float | None = None) -> None:
@@ -141,6 +142,8 @@ class Ticket:
         """The server whose slot the ticket holds (its index), None while it holds none."""
         self.last_server: int | None = None
         """The server of the last slot held: a retry prefers another one."""
+        self.since = gate._clock.monotonic()
+        """When it joined the queue: how long its task has waited (replicas' fairness)."""
         self.permit: Permit | None = None
         """Replicas: the cluster's lease that proves the slot (None without one)."""
 

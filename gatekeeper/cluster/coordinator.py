@@ -97,6 +97,7 @@ class Coordinator:
         self._acquire = HistogramData.empty(ACQUIRE_BUCKETS)
         self._lost_by: dict[str, int] = {"expired": 0, "unconfirmed": 0}
         self._view: ClusterView | None = None
+        self._waiting_on: set[int] = set()  # servers where this replica's head has a place
 
     async def start(self) -> None:
         await self.leases.start()
@@ -185,10 +186,15 @@ class Coordinator:
                 await self.leases.release(lease)
         want = self._gate.wants()
         if want is None:
+            if self._waiting_on:  # the places of a head that left go at once
+                await self.leases.withdraw(self._names[s] for s in sorted(self._waiting_on))
+                self._waiting_on.clear()
             return False
         ticket, servers = want
         limits = self._gate.counts().servers
+        waited = self._clock.monotonic() - ticket.since
         for server in servers:
+            self._waiting_on.add(server)
             weight, budget = self._gate.permit_cost(ticket, server)
             began = self._clock.monotonic()
             lease = await self.leases.acquire(
@@ -197,6 +203,7 @@ class Coordinator:
                 weight=weight,
                 budget=budget,
                 audio=ticket.audio,
+                waited=waited,
             )
             self._acquire = self._acquire.observe(self._clock.monotonic() - began)
             if lease is not None:

@@ -92,9 +92,11 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: the server's leases, the servers seen, the tombstones, the leases' facts
+# KEYS: the server's leases, the servers seen, the tombstones, the leases' facts, the replicas'
+#   waiting heads
 # ARGV: lease id, limit, lease ms, server, force ('1': add even if full), weight (GiB), budget
-#   ('' none), audio seconds ('-' unknown)
+#   ('' none), audio seconds ('-' unknown), replica, how long its head has waited (ms), how long
+#   its head's place is kept without a new attempt (ms)
 # -> {1, count, audio of every live lease} granted, {0, count} full, {-1, 0} given up on by its
 #   caller already
 _ACQUIRE = (
@@ -125,14 +127,30 @@ for i = 1, #facts, 2 do
   end
 end
 local weight = tonumber(ARGV[6])
+local function fits(w)
+  -- By memory: beside the others, or alone (a task bigger than the card runs alone).
+  return ARGV[7] == '' or count == 0 or used + w <= tonumber(ARGV[7]) + 1e-9
+end
 if ARGV[5] ~= '1' then
-  if count >= tonumber(ARGV[2]) then
+  -- Fair across replicas: the heads of other replicas that have waited longer, and would fit,
+  -- go first (a head's place: "since,until,weight"; a place not renewed is dropped).
+  local me, since = ARGV[9], now - tonumber(ARGV[10])
+  local older = 0
+  local heads = redis.call('HGETALL', KEYS[5])
+  for i = 1, #heads, 2 do
+    local s, u, w = string.match(heads[i + 1], '^([^,]*),([^,]*),(.*)$')
+    if tonumber(u) <= now then
+      redis.call('HDEL', KEYS[5], heads[i])
+    elseif heads[i] ~= me and tonumber(s) < since and fits(tonumber(w)) then
+      older = older + 1
+    end
+  end
+  if count + older >= tonumber(ARGV[2]) or not fits(weight) then
+    redis.call('HSET', KEYS[5], me, since .. ',' .. (now + tonumber(ARGV[11])) .. ',' .. ARGV[6])
+    redis.call('PEXPIRE', KEYS[5], 3 * ms)
     return {0, count}
   end
-  -- By memory: fits beside the others, or alone (a task bigger than the card runs alone).
-  if ARGV[7] ~= '' and count > 0 and used + weight > tonumber(ARGV[7]) + 1e-9 then
-    return {0, count}
-  end
+  redis.call('HDEL', KEYS[5], me)
 end
 redis.call('ZADD', KEYS[1], now + ms, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], 3 * ms)
@@ -282,6 +300,11 @@ class Keys:
         """Hash: lease id -> "GiB,audio seconds": the memory budget of `server` it holds
         (admission by memory; 0 by count) and its task's audio ('-' unknown)."""
         return f"{self._prefix}:weights:{server}"
+
+    def heads(self, server: str) -> str:
+        """Hash: replica -> "since,until,GiB": when its head began waiting for `server` (ms,
+        Redis's clock), until when that place is kept, and what the head would hold."""
+        return f"{self._prefix}:heads:{server}"
 
     @property
     def shared(self) -> str:
@@ -531,6 +554,7 @@ class Leases:
         budget: float | None = None,
         force: bool = False,
         audio: float | None = None,
+        waited: float = 0.0,
     ) -> Lease | None:
         """A lease on one of `server`'s `limit` slots, or None when all are taken. Never waits
         for a slot; raises CoordinationUnavailable when Redis cannot say.
@@ -541,12 +565,18 @@ class Leases:
         the task's audio seconds, kept with the lease (a granted lease tells every live lease's
         audio, for the memory learner).
 
+        Fair across replicas: `waited` is how long the caller's head has waited (seconds, on its
+        own clock: a duration, so skew does not matter). A slot goes to the head that has waited
+        longest, in whichever replica: a refused caller keeps its head's place for a few poll
+        intervals (each attempt renews it; `withdraw` gives it up), and a caller whose head is
+        younger than others that would fit is refused while only their slots are free.
+
         Shielded: if the caller is cancelled, the acquisition still finishes and whatever it
         granted is released at once (the caller holds nothing).
         """
         self._check_open()
         lease = Lease(f"{self.replica}/{next(self._ids)}", server)
-        attempt = self._spawn(self._acquire(lease, limit, weight, budget, force, audio))
+        attempt = self._spawn(self._acquire(lease, limit, weight, budget, force, audio, waited))
         try:
             return await asyncio.shield(attempt)
         except asyncio.CancelledError:
@@ -590,6 +620,19 @@ class Leases:
             self._on_shared(name, value, age)
         except Exception:
             _log.exception("on_shared failed for %s", name)
+
+    async def withdraw(self, servers: Iterable[str]) -> None:
+        """This replica has no head waiting for `servers` any more: give up its places (else
+        they lapse after a few poll intervals). Raises CoordinationUnavailable."""
+        keys = [self.keys.heads(server) for server in servers]
+        if keys:
+            await self._call("withdraw", lambda: self._withdraw(keys))
+
+    async def _withdraw(self, keys: list[str]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hdel(key, self.replica)
+            await pipe.execute()
 
     def held(self) -> tuple[Lease, ...]:
         """The leases this replica holds, as far as it knows (each renewed or not yet due)."""
@@ -705,6 +748,7 @@ class Leases:
         budget: float | None,
         force: bool,
         audio: float | None,
+        waited: float,
     ) -> Lease | None:
         sent = self._clock.monotonic()
         server = lease.server
@@ -713,6 +757,7 @@ class Leases:
             self.keys.servers,
             self.keys.revoked,
             self.keys.weights(server),
+            self.keys.heads(server),
         ]
         args: list[str | int] = [
             lease.id,
@@ -723,6 +768,9 @@ class Leases:
             repr(max(0.0, weight)),
             "" if budget is None else repr(budget),
             "-" if audio is None else repr(float(audio)),
+            self.replica,
+            max(0, round(waited * 1000)),
+            round(3 * self.config.poll_seconds * 1000 + 2 * self.config.timeout_seconds * 1000),
         ]
         try:
             granted, count, *facts = await self._call(

@@ -198,3 +198,54 @@ async def test_metrics_only_with_redis(
         _, stats = await _get(session, url + "/stats")
     assert ("asr_gatekeeper_cluster_leases_held" in text) is clustered
     assert (stats["cluster"] is not None) is clustered
+
+
+async def test_the_head_that_waited_longest_goes_first_in_whichever_replica(
+    upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory, redis_server: RedisServer
+) -> None:
+    """FIFO across replicas: when A's task ends, B's head (queued before A's next one) starts
+    first, though A hears of the free slot first (it released it)."""
+    cluster = _cluster()
+    a, b = [
+        (
+            await start_gatekeeper(
+                upstream.url,
+                max_concurrent=1,
+                redis_url=redis_server.url,
+                cluster=cluster,
+                **_LEASE,
+            )
+        )[0]
+        for _ in range(2)
+    ]
+    async with aiohttp.ClientSession() as session:
+        order = []
+
+        async def task(url: str, name: str) -> None:
+            status, _ = await _post(session, url, name)
+            assert status == 200
+            order.append(name)
+
+        tasks = [asyncio.create_task(task(a, "a1"))]
+        await until(lambda: upstream.active == 1)
+        for url, name in ((b, "b1"), (a, "a2"), (b, "b2"), (a, "a3")):
+            tasks.append(asyncio.create_task(task(url, name)))
+            queued = len(tasks) - 1
+            await until(lambda n=queued: _equals(_queued(session, a, b), n), every=0.01)
+        for k, name in enumerate(("a1", "b1", "a2", "b2", "a3")):
+            await until(lambda k=k: len(upstream.seen) > k)
+            started = [s.headers["X-Fake-Hold"] for s in upstream.seen]
+            assert started[k] == name, started
+            upstream.release(name)
+        await asyncio.gather(*tasks)
+    started = [s.headers["X-Fake-Hold"] for s in upstream.seen]
+    assert started == ["a1", "b1", "a2", "b2", "a3"]
+    assert upstream.max_active == 1
+
+
+async def _queued(session: aiohttp.ClientSession, *urls: str) -> int:
+    total = 0
+    for url in urls:
+        _, stats = await _get(session, url + "/stats")
+        total += stats["queued_tasks"]
+    return total
