@@ -64,7 +64,7 @@ class Limiter:
             self._adaptive.append(limit)
         self._queue_follows = settings.queue_follows_limit
         # Replicas: what this gatekeeper learns is shared with the cluster (gatekeeper/cluster/).
-        self.share_oom: Callable[[int], None] = lambda server: None
+        self.share_oom: Callable[[int, int, bool], None] = lambda server, level, first: None
         self.share_limit: Callable[[int, int], None] = lambda server, limit: None
         self.share_model: Callable[[int, MemoryModel], None] = lambda server, model: None
         self._learners: list[MemoryLearner | None] = [None] * len(self._names)
@@ -206,7 +206,7 @@ class Limiter:
         """One attempt on `server` ended (`in_flight`: attempts on that server, this one
         included)."""
         if outcome is AttemptOutcome.OOM:
-            self.share_oom(server)
+            self.share_oom(server, in_flight, first_attempt)
         adaptive = self._adaptive[server]
         if adaptive is not None:
             change = adaptive.on_attempt(
@@ -218,6 +218,12 @@ class Limiter:
             self._apply(server, change)
             if change is not None:
                 self.share_limit(server, change.new)
+
+    def note_oom(self, server: int, in_flight: int, *, first_attempt: bool) -> None:
+        """Replicas: another gatekeeper's attempt on `server` ran out of memory."""
+        adaptive = self._adaptive[server]
+        if adaptive is not None:
+            adaptive.note_oom(in_flight, sample=first_attempt)
 
     def adopt_limit(self, server: int, limit: int) -> None:
         """Replicas: the cluster's limit for `server`, decided by another gatekeeper."""

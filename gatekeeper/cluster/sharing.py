@@ -6,8 +6,9 @@ Slots and the memory budget are shared by the leases themselves (gatekeeper/clus
 a lease holds its task's GiB). The rest is learned by each replica from its own attempts and
 shared as records in Redis, the last word winning:
 
-- `oom:<server>`: an attempt ran out of memory there. Every replica's cool-down and `last_oom`
-  for that card follow it (their OOM counts stay their own: Prometheus sums them).
+- `oom:<server>`: an attempt ran out of memory there, at this many tasks on the card. Every
+  replica's cool-down and `last_oom` for that card follow it, and its adaptive limit remembers
+  the OOM for its ceiling (their OOM counts stay their own: Prometheus sums them).
 - `limit:<server>`: the adaptive limit moved (an OOM's cut, a stable stretch's rise, a faded
   ceiling). The others take it as theirs (`AdaptiveLimit.adopt`, reason `shared`), so every
   replica acquires against the same limit. Each replica learns from the concurrency of the
@@ -40,7 +41,9 @@ def share_learning(
     """Wire the limiter's lessons to the cluster, and the cluster's to the limiter."""
     names = coordinator.servers
     index = {name: i for i, name in enumerate(names)}
-    limiter.share_oom = lambda server: coordinator.share(f"oom:{names[server]}", "1")
+    limiter.share_oom = lambda server, level, first: coordinator.share(
+        f"oom:{names[server]}", f"{level},{int(first)}"
+    )
     limiter.share_limit = lambda server, limit: coordinator.share(
         f"limit:{names[server]}", str(limit)
     )
@@ -55,9 +58,12 @@ def share_learning(
             return  # a server this replica does not front (its list differs): not ours
         try:
             if kind == "oom":
+                level, first = (int(v) for v in value.split(","))
                 state.oom_elsewhere(
                     server, wall=clock.wall() - age, monotonic=clock.monotonic() - age
                 )
+                if age < 1.0:  # heard as it happened (an old record was learned from then)
+                    limiter.note_oom(server, level, first_attempt=bool(first))
             elif kind == "limit":
                 limiter.adopt_limit(server, int(value))
             elif kind == "memory":

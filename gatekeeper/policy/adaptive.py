@@ -283,6 +283,15 @@ class AdaptiveLimit:
             case _:
                 return None
 
+    def note_oom(self, in_flight: int, *, sample: bool) -> None:
+        """Replicas: another gatekeeper's attempt ran out of memory at `in_flight` (the card's
+        tasks, all replicas together). Remembered for the ceiling (and shown in /stats) like
+        an OOM here; the cut itself arrives as the shared limit (`adopt`)."""
+        now = self._now()
+        self._ooms.append((in_flight, now))
+        if sample:
+            self._sample(now, in_flight, oom=True)
+
     def adopt(self, limit: int) -> LimitChange | None:
         """Take the limit another replica of the cluster decided (moved into the bounds): the
         replicas share one limit per server, the last decision wins."""

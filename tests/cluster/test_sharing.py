@@ -66,8 +66,10 @@ async def test_an_oom_cuts_the_limit_of_every_replica(
         await until(b_follows, every=0.01)
         stats = await _stats(session, b)
         assert stats["oom_errors"] == 0  # its own count: the OOM happened on the other one
-        changes = stats["upstreams"][0]["adaptive"]["changes"]
-        assert changes[-1]["reason"] == "shared"
+        adaptive = stats["upstreams"][0]["adaptive"]
+        assert adaptive["changes"][-1]["reason"] == "shared"
+        # Remembered for its ceiling too, at the card's concurrency then.
+        assert [oom["in_flight"] for oom in adaptive["recent_ooms"]] == [1]
         assert stats["max_concurrent"] == cut
 
 
