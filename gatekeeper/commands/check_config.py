@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import urlsplit
 
-from redis.connection import parse_url
-
 from gatekeeper.commands.flags import (
     add_settings_arguments,
     print_error,
@@ -322,12 +320,10 @@ def masked_url(url: str) -> str:
 def describe_cluster(settings: Settings) -> tuple[list[str], list[str]]:
     """With ASR_REDIS_URL: the cluster the replicas share, the lease and what it means, then the
     warnings (a lease a stall can lose, or one that keeps a dead replica's slots too long).
-    Nothing without it. Raises ValueError when redis-py would refuse the URL."""
+    Nothing without it."""
     if settings.redis_url is None:
         return [], []
     url = settings.redis_url.get_secret_value()
-    # The check redis-py makes when the gatekeeper connects (unannotated in redis-py).
-    parse_url(url)  # type: ignore[no-untyped-call]
     lease, timeout = settings.redis_lease, settings.redis_timeout
     renewal = lease / _RENEWALS_PER_LEASE
     lines = [
@@ -350,12 +346,25 @@ def describe_cluster(settings: Settings) -> tuple[list[str], list[str]]:
         "  give every replica the same ASR_UPSTREAM_URL (a server is known by its host:port) and "
         "the same limits and ASR_REDIS_LEASE: the same .env",
     ]
+    lines.append("  shared as well: " + ", ".join(_shared_besides_slots(settings)))
     warnings = [
         f"WARNING: {warning}"
         for warning in (_short_lease(settings), _long_lease(settings))
         if warning
     ]
     return lines, warnings
+
+
+def _shared_besides_slots(settings: Settings) -> list[str]:
+    """What the replicas share besides the count (gatekeeper/cluster/sharing.py)."""
+    shared = ["each card's last OOM (an OOM on a card starts every replica's cool-down there)"]
+    if settings.adaptive:
+        shared.append("its adaptive limit (the last change wins)")
+    if settings.by_memory:
+        shared.append("its memory budget (a lease carries its task's estimate)")
+        if settings.adaptive:
+            shared.append("its learned memory figures")
+    return shared
 
 
 def _short_lease(settings: Settings) -> str | None:
@@ -648,12 +657,8 @@ def run_check_config(args: argparse.Namespace) -> int:
         checks = _checks(args)
     except (OSError, ValueError) as exc:
         return print_error(_PROG, exc)
-    try:
-        cluster = describe_cluster(settings)
-    except ValueError as exc:
-        return print_error(_PROG, f"ASR_REDIS_URL: {exc}")
     worst = _WorstCase(from_settings(settings), not args.without_retry_after, settings)
-    _print_worst_case(worst, cluster)
+    _print_worst_case(worst, describe_cluster(settings))
     verdicts = [_print_check(check, worst) for check in checks]
     if any(short for short, _ in verdicts):
         _warn_too_short(worst)
