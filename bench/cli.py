@@ -17,7 +17,7 @@ from typing import Any
 from bench import report
 from bench.config import FULL, QUICK
 from bench.procs import REPO, Procs, ToolMissing, find_tool
-from bench.scenarios import goodput, memory, overhead, overload, pool, uploads
+from bench.scenarios import goodput, memory, overhead, overload, pool, replicas, uploads
 from bench.scenarios.common import Ctx
 
 __all__ = ["SCENARIOS", "main"]
@@ -29,6 +29,7 @@ SCENARIOS: dict[str, Callable[[Ctx], Awaitable[dict[str, Any]]]] = {
     "goodput": goodput.run,
     "pool": pool.run,
     "memory": memory.run,
+    "replicas": replicas.run,
 }
 
 _DESCRIPTION = """\
@@ -54,11 +55,17 @@ scenarios:
             with the true memory figures and learning them from the seed's, against a
             clairvoyant oracle (computed in-process on the simulator's GPU model), today's
             adaptive count, HAProxy and fixed limits; short files' queue wait, backfill bound
+  replicas  several gatekeepers sharing each server's limit through Redis (#17), behind nginx
+            on the fast upstream: the latency coordination adds per task (p50/p99; each
+            replica's acquire histogram; a Redis PING as floor) and the refusals of a flood at
+            limit 2, queue 20 a replica, for 1 and 3 replicas with and without Redis; the
+            upstream's count in flight checks the shared limit
 
 Writes RESULTS.md (tables, machine description, each target beside its figure) and
 results.json. A run of some scenarios into a directory that already holds results of the
 same mode replaces only those scenarios' results (and their sections); the rest is kept.
-Needs the Debian packages haproxy, nginx and wrk (and py-spy for --profile).
+Needs the Debian packages haproxy, nginx and wrk (and py-spy for --profile); the replicas
+scenario also redis-server (./scripts/setup --test-tools installs them all).
 The full run takes about 40 minutes; --quick (for CI) under 2."""
 
 
@@ -119,9 +126,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_tools(profile: bool) -> list[str]:
+def _check_tools(profile: bool, names: Sequence[str]) -> list[str]:
     missing = []
-    for tool in ("haproxy", "nginx", "wrk", *(("py-spy",) if profile else ())):
+    extra = (*(("py-spy",) if profile else ()), *(("redis-server",) if "replicas" in names else ()))
+    for tool in ("haproxy", "nginx", "wrk", *extra):
         try:
             find_tool(tool)
         except ToolMissing as exc:
@@ -152,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown or not names:
         print(f"bench: unknown scenario(s) {unknown}; pick from {list(SCENARIOS)}", file=sys.stderr)
         return 2
-    missing = _check_tools(args.profile)
+    missing = _check_tools(args.profile, names)
     if missing:
         for line in missing:
             print(f"bench: {line}", file=sys.stderr)

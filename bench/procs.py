@@ -35,13 +35,20 @@ __all__ = [
     "free_port",
     "group_members",
     "peak_rss_mib",
+    "redis_url",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
 _STARTUP = 30.0
 _STOP_WITHIN = 5.0  # seconds a process gets to end on its stop signal before SIGKILL
 _GROUP_GONE_WITHIN = 5.0  # seconds the group's last members get to die after SIGKILL
-_DEBIAN_PACKAGES = {"haproxy": "haproxy", "nginx": "nginx", "wrk": "wrk", "py-spy": "py-spy"}
+_DEBIAN_PACKAGES = {
+    "haproxy": "haproxy",
+    "nginx": "nginx",
+    "wrk": "wrk",
+    "py-spy": "py-spy",
+    "redis-server": "redis-server",
+}
 
 
 class ToolMissing(RuntimeError):
@@ -52,7 +59,8 @@ class ToolMissing(RuntimeError):
         how = (
             f"pip install {package}"
             if tool == "py-spy"
-            else f"apt-get install {package} (Debian package {package})"
+            else f"apt-get install {package} (Debian package {package}; "
+            "./scripts/setup --test-tools installs it)"
         )
         super().__init__(f"{tool} is not installed: {how}")
         self.tool = tool
@@ -405,12 +413,19 @@ backend whisper
         Request bodies are buffered to a temporary file before they go upstream (nginx's default
         `proxy_request_buffering on`), store-and-forward like the gatekeeper's spool.
         """
+        return await self.nginx_pool([upstream_port])
+
+    async def nginx_pool(self, upstream_ports: Sequence[int]) -> Proc:
+        """nginx as `nginx()`, balancing over several servers round robin (its default), as a
+        team runs two or more gatekeepers behind it. A 503 is passed to the client, never
+        retried on another server (`proxy_next_upstream` is left at `error timeout`)."""
         port = free_port()
         prefix = self.workdir / f"nginx-{port}"
         self.workdir.chmod(0o711)  # nginx workers (nobody) must reach their temp directories
         for sub in ("", "body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (prefix / sub).mkdir(parents=True, exist_ok=True)
             (prefix / sub).chmod(0o777)  # workers run as nobody when the master is root
+        servers = "".join(f"        server 127.0.0.1:{p};\n" for p in upstream_ports)
         config = f"""\
 worker_processes 1;
 daemon off;
@@ -426,8 +441,7 @@ http {{
     uwsgi_temp_path {prefix}/uwsgi;
     scgi_temp_path {prefix}/scgi;
     upstream whisper {{
-        server 127.0.0.1:{upstream_port};
-        keepalive 64;
+{servers}        keepalive 64;
     }}
     server {{
         listen 127.0.0.1:{port};
@@ -446,3 +460,26 @@ http {{
         # SIGTERM is nginx's fast shutdown: the master ends its workers, then itself. Killed
         # outright, the master would leave its worker running (tests/e2e/nginx_harness.py too).
         return await self._spawn("nginx", argv, port, stop_signal=signal.SIGTERM)
+
+    async def redis_server(self) -> Proc:
+        """redis-server (Debian's) on a free loopback port: no persistence, logs to its file.
+
+        The replicas' coordination; `redis_url(proc)` is what ASR_REDIS_URL gets."""
+        port = free_port()
+        workdir = self.workdir / f"redis-{port}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            find_tool("redis-server"),
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(workdir),
+            "--logfile", "",
+        ]  # fmt: skip
+        return await self._spawn("redis", argv, port)
+
+
+def redis_url(proc: Proc, db: int = 0) -> str:
+    """ASR_REDIS_URL of a redis-server started by `Procs.redis_server`."""
+    return f"redis://127.0.0.1:{proc.port}/{db}"

@@ -231,6 +231,9 @@ def judge(scenarios: JsonDict) -> list[Target]:
     memory = _get(scenarios, "memory")
     if memory and memory.get("rows"):
         targets += _memory_targets(memory)
+    replicas = _get(scenarios, "replicas")
+    if replicas and replicas.get("flood"):
+        targets += _replicas_targets(replicas)
     return targets
 
 
@@ -559,6 +562,85 @@ def _goodput_targets(rows: list[JsonDict]) -> list[Target]:
     return targets
 
 
+def _pm(value: float | None, digits: int = 2) -> str:
+    """A signed difference in ms: "+0.42", "-0.05", "—"."""
+    return "—" if value is None else f"{value:+.{digits}f}"
+
+
+def _replicas_targets(data: JsonDict) -> list[Target]:
+    """The issue's benchmark (#17): the coordination's latency per task and the refusals of a
+    flood, one replica against three (figures the issue asks for, without a bound), and the
+    correctness of the shared limit."""
+    lat, flood = data["latency"], data["flood"]
+    ping = _get(data, "setup", "redis_ping") or {}
+    cost = []
+    for key, label in (("single_redis", "1 replica"), ("three_redis", "3 replicas")):
+        row = lat.get(key)
+        if row is None:
+            continue
+        acquire = row.get("acquire") or {}
+        cost.append(
+            f"{label}: p50 {_pm(row.get('coordination_p50_ms'))} ms, p99 "
+            f"{_pm(row.get('coordination_p99_ms'))} ms (acquire p50/p99 "
+            f"{_fmt(acquire.get('p50_ms'), 2)}/{_fmt(acquire.get('p99_ms'), 2)} ms, mean "
+            f"{_fmt(acquire.get('mean_ms'), 2)} ms)"
+        )
+    targets = [
+        Target(
+            "replicas_coordination_latency",
+            "7. replicas",
+            "the latency coordination adds per task, one replica vs three (p50/p99 against the "
+            "same replicas without Redis; no bound set)",
+            "; ".join(cost) + f"; Redis PING from the bench p50/p99 {_fmt(ping.get('p50_ms'), 2)}/"
+            f"{_fmt(ping.get('p99_ms'), 2)} ms",
+            None,
+            LIMITS["replicas_coordination_latency"],
+        )
+    ]
+    rates = [
+        f"{_REPLICA_NAMES.get(key, key)}: {_fmt(row.get('refusal_rate_pct'), 1)} % refused "
+        f"({row.get('admitted')} admitted, {row.get('max_in_flight_at_upstream')} at the "
+        "upstream)"
+        for key, row in flood.items()
+    ]
+    targets.append(
+        Target(
+            "replicas_refusal_rate",
+            "7. replicas",
+            "refusal rate under a flood, one replica vs three (no bound set)",
+            "; ".join(rates),
+            None,
+            LIMITS["replicas_refusal_rate"],
+        )
+    )
+    shared = {key: row for key, row in flood.items() if row.get("redis")}
+    checks = [
+        f"{_REPLICA_NAMES.get(key, key)}: at most {row.get('max_in_flight_at_upstream')} of "
+        f"{row.get('limit')} in flight, {row.get('admitted')}/{row.get('expected_admitted')} "
+        f"admitted, {_fmt(row.get('leases_left_after_drain'))} leases left"
+        for key, row in shared.items()
+    ]
+    targets.append(
+        Target(
+            "replicas_limit_held",
+            "7. replicas",
+            "replicas sharing through Redis: never more than the limit in flight at the "
+            "upstream during the flood, limit + replicas × queue admitted (a queue each), "
+            "every lease back after the drain (correctness)",
+            "; ".join(checks),
+            bool(shared)
+            and all(
+                row.get("limit_held")
+                and row.get("admitted_as_expected")
+                and row.get("leases_left_after_drain") == 0
+                for row in shared.values()
+            ),
+            LIMITS["replicas_limit_held"],
+        )
+    )
+    return targets
+
+
 LIMITS: dict[str, str] = {
     "overhead_added_p50": (
         "CPython: the minimal aiohttp proxy row alone adds about half a millisecond (aiohttp's "
@@ -672,6 +754,24 @@ LIMITS: dict[str, str] = {
         "the passed head's clock, and while learning 5 of 1,314 passed tasks went 100–197 s "
         "past the bound (this check, on fd9f7b4): the same 9.3-minute file in every learning "
         "run, the head while OOM'd tasks were retried ahead of it."
+    ),
+    "replicas_coordination_latency": (
+        "More than one round trip a task: the head waits while the replica's coordinator task "
+        "(woken by the gate) runs the acquire script on Redis (the acquire histogram), the "
+        "hand-over then starts it; after the answer the lease is released in the background "
+        "(a script and a PUBLISH that every replica of the cluster, this one too, receives and "
+        "wakes for). On 2 shared cores, where client, nginx, gatekeepers, Redis and upstream "
+        "run side by side, each of those wake-ups costs CPU the next task waits for."
+    ),
+    "replicas_refusal_rate": (
+        "ASR_MAX_QUEUE is per replica: three replicas keep three queues, so a flood far above "
+        "them is refused at nearly the same rate. A refusal never asks Redis (a full queue is "
+        "known locally), so its latency and rate follow the processes that refuse and the "
+        "nginx hop, not the coordination."
+    ),
+    "replicas_limit_held": (
+        "Correctness: the upstream's count in flight is exact while it holds. Without Redis, "
+        "three replicas put three limits on it (the failure #17 fixes)."
     ),
     "pool_vs_ceiling": (
         "Judged on the gatekeeper's best pool row against each card's best single-card row; "
@@ -1390,6 +1490,152 @@ def _memory(data: JsonDict) -> list[str]:
     return lines
 
 
+_REPLICA_NAMES = {
+    "single": "1 gatekeeper, no Redis",
+    "three": "3 gatekeepers, no Redis",
+    "single_redis": "1 gatekeeper + Redis",
+    "three_redis": "3 gatekeepers + Redis",
+}
+
+
+def _replicas_latency_row(key: str, r: JsonDict) -> list[str]:
+    acquire = r.get("acquire") or {}
+    floor = "replicas" not in r
+    name = r["label"] if floor else _REPLICA_NAMES.get(key, key)
+    return [
+        f"**{name}**" if r.get("redis") else name,
+        "—" if floor else str(r["replicas"]),
+        "—" if floor else ("yes" if r["redis"] else "no"),
+        _fmt(r["latency_p50_ms"], 3),
+        _fmt(r["latency_p99_ms"], 3),
+        "—" if floor else f"{_pm(r['added_p50_ms'], 3)} / {_pm(r['added_p99_ms'], 3)}",
+        f"{_pm(r.get('coordination_p50_ms'), 3)} / {_pm(r.get('coordination_p99_ms'), 3)}"
+        if r.get("redis")
+        else "",
+        f"{_fmt(acquire.get('p50_ms'), 2)} / {_fmt(acquire.get('p99_ms'), 2)}" if acquire else "",
+        _fmt(acquire.get("mean_ms"), 3) if acquire else "",
+        f"{acquire.get('acquisitions')} / {r['requests_timed']}" if acquire else "",
+        str(r["bad_answers"] + r.get("redis_errors", 0) + r.get("leases_lost", 0)),
+    ]
+
+
+def _replicas_flood_row(key: str, r: JsonDict) -> list[str]:
+    name = _REPLICA_NAMES.get(key, key)
+    lat = r["refusal_latency"]
+    left = r.get("leases_left_after_drain")
+    return [
+        f"**{name}**" if r["redis"] else name,
+        str(r["replicas"]),
+        "yes" if r["redis"] else "no",
+        str(r["connections"]),
+        f"{r['admitted']} / {r['expected_admitted']} {_mark(r['admitted_as_expected'])}",
+        str(r["refused"]),
+        f"{r['refusal_rate_pct']:.1f} %",
+        f"{r['max_in_flight_at_upstream']} / {r['limit']} {_mark(r['limit_held'])}",
+        "—" if left is None else str(left),
+        _fmt(lat["p50_ms"], 2),
+        _fmt(lat["p99_ms"], 2) + _each(r.get("refusal_p99_per_burst_ms")),
+        _fmt(r["refusals_per_s"], 0),
+    ]
+
+
+def _replicas(data: JsonDict) -> list[str]:
+    s = data["setup"]
+    run = data.get("run")
+    ping = s["redis_ping"]
+    lines = ["## 7. Replicas — several gatekeepers sharing one limit through Redis", ""]
+    if run:
+        lines += [
+            f"`{run['command']}` — {run['mode']} run on its own, {run['started_at']}, "
+            f"{run['seconds']:.0f} s, gatekeeper {run['gatekeeper_commit']}"
+            + (f" (from {run['gatekeeper_path']})" if run.get("gatekeeper_path") else "")
+            + f", load average {run['loadavg'][0]} → {run['loadavg'][1]}.",
+            "",
+        ]
+    lines += [
+        f"{s['path']} on the fast upstream (~{s['upstream_handler_ms']:g} ms); every gatekeeper "
+        f"at limit {s['limit']}, queue {s['queue_per_replica']} (ASR_MAX_QUEUE is per replica). "
+        f"Front: {s['front']}. Redis {s['redis_version']}: {s['redis']}.",
+        "",
+        f"### Coordination latency — light load ({s['latency_concurrency']} connection, far "
+        "under the limit)",
+        "",
+        f"{s['latency_requests_per_round']} requests × {s['latency_rounds']} rotating rounds per "
+        "setup, timed one by one. Added: against 1 gatekeeper without Redis. Coordination: "
+        "against the same number of replicas without Redis (the same nginx hop), the cost of "
+        "sharing the limit. Acquire: the replicas' own "
+        "`asr_gatekeeper_cluster_acquire_seconds` over the timed requests, summed over the "
+        "replicas, p50/p99 estimated from its buckets as `histogram_quantile` does (the bucket "
+        "it falls in is its resolution) and the exact mean (sum ÷ count). Errors: failed "
+        "requests, Redis errors and lost leases. The floor: a PING from the bench to the same "
+        f"Redis, p50 {_fmt(ping['p50_ms'], 3)} ms, p99 {_fmt(ping['p99_ms'], 3)} ms "
+        f"({ping['n']} round trips).",
+        "",
+        *_table(
+            [
+                "setup",
+                "replicas",
+                "Redis",
+                "p50 ms",
+                "p99 ms",
+                "added p50 / p99 ms",
+                "coordination p50 / p99 ms",
+                "acquire p50 / p99 ms",
+                "acquire mean ms",
+                "acquire calls / requests",
+                "errors",
+            ],
+            [_replicas_latency_row(key, r) for key, r in data["latency"].items()],
+        ),
+        "",
+    ]
+    acquires = {
+        key: (r["acquire"].get("p50_bucket"), r["acquire"].get("p99_bucket"))
+        for key, r in data["latency"].items()
+        if r.get("acquire")
+    }
+    lines += [
+        "- acquire buckets (resolution of the estimates): "
+        + "; ".join(
+            f"{_REPLICA_NAMES.get(key, key)}: p50 in {p50 or '—'}, p99 in {p99 or '—'}"
+            for key, (p50, p99) in acquires.items()
+        ),
+        "",
+        f"### Refusal under a flood — {s['burst_tasks']} tasks, limit {s['limit']}, queue "
+        f"{s['queue_per_replica']} a replica",
+        "",
+        "As section 3, through each setup's nginx: the upstream holds every task it receives "
+        "until the flood is over, so its count of held tasks (read every 10 ms) is exactly "
+        "what is in flight there. Expected admitted: with Redis one limit and a queue per "
+        "replica (limit + replicas × queue); without, a limit and a queue per replica. "
+        f"Connections: the {s['burst_connections'] - s['limit'] - s['queue_per_replica']} that "
+        "section 3's flood keeps free to be refused, plus one for every task the setup should "
+        f"admit. {s['bursts']} burst(s) per setup in rotating rounds, on the same processes: "
+        "a row is the burst with the median refusal p99 (every burst's p99 in brackets), or "
+        "one that broke a check. Leases left: what the replicas' /stats still hold once the "
+        "admitted tasks drained.",
+        "",
+        *_table(
+            [
+                "setup",
+                "replicas",
+                "Redis",
+                "connections",
+                "admitted / expected",
+                "refused",
+                "refusal rate",
+                "max in flight at upstream / limit",
+                "leases left",
+                "refusal p50 ms",
+                "refusal p99 ms",
+                "refusals/s",
+            ],
+            [_replicas_flood_row(key, r) for key, r in data["flood"].items()],
+        ),
+    ]
+    return lines
+
+
 _RENDERERS: list[tuple[str, Callable[[JsonDict], list[str]]]] = [
     ("overhead", _overhead),
     ("uploads", _uploads),
@@ -1397,6 +1643,7 @@ _RENDERERS: list[tuple[str, Callable[[JsonDict], list[str]]]] = [
     ("goodput", _goodput),
     ("pool", _pool),
     ("memory", _memory),
+    ("replicas", _replicas),
 ]
 
 

@@ -1,1 +1,1 @@
-"""The four scenarios; each takes a `Ctx` and returns a JSON-ready dict."""
+"""The scenarios; each takes a `Ctx` and returns a JSON-ready dict."""

@@ -28,12 +28,13 @@ import pytest
 from bench import report
 from bench.procs import Procs, free_port
 from bench.scenarios import memory as memory_scenario
+from bench.scenarios import replicas as replicas_scenario
 from bench.workload import schedule
 
 pytestmark = [pytest.mark.e2e, pytest.mark.bench]
 
 REPO = Path(__file__).resolve().parents[2]
-TOOLS = {"haproxy": "haproxy", "nginx": "nginx", "wrk": "wrk"}
+TOOLS = {"haproxy": "haproxy", "nginx": "nginx", "wrk": "wrk", "redis-server": "redis-server"}
 # As shipped (on uvloop, a dependency), and on Python's own loop (ASR_EVENT_LOOP=asyncio).
 GATEKEEPERS = ["gatekeeper", "gatekeeper_asyncio"]
 _RUN_LIMIT = 240  # seconds; the quick run itself takes well under two minutes
@@ -149,7 +150,15 @@ def test_quick_run_covers_every_scenario_and_reference(bench_out: Path) -> None:
     assert data["mode"] == "quick"
     assert data["errors"] == {}
     scenarios = data["scenarios"]
-    assert set(scenarios) == {"overhead", "uploads", "overload", "goodput", "pool", "memory"}
+    assert set(scenarios) == {
+        "overhead",
+        "uploads",
+        "overload",
+        "goodput",
+        "pool",
+        "memory",
+        "replicas",
+    }
     assert set(scenarios["overhead"]["references"]) == {
         "direct",
         "haproxy",
@@ -348,6 +357,79 @@ def test_memory_rows_read_the_files_and_the_true_figures_never_oversubscribe(
             assert path["ended_at"]["learning"] is not None, path
 
 
+def test_replicas_share_one_limit_and_time_every_acquisition(bench_out: Path) -> None:
+    """The replicas scenario (#17): every setup timed without a failed request, and the
+    replicas' acquire histogram timed at least one call to Redis for each timed task; in the
+    flood, replicas sharing through Redis never put more than the limit on the upstream and
+    give every lease back, while three replicas without Redis put three limits there (the
+    flood would see an oversubscription)."""
+    data, _, _ = _run(bench_out)
+    replicas = data["scenarios"]["replicas"]
+    setup = replicas["setup"]
+    limit, queue = setup["limit"], setup["queue_per_replica"]
+    keys = {"single", "three", "single_redis", "three_redis"}
+    assert set(replicas["latency"]) == {"direct", "nginx", *keys}
+    assert setup["redis_ping"]["n"] > 0
+    for name, row in replicas["latency"].items():
+        assert row["bad_answers"] == 0, name
+        assert row["requests_timed"] == setup["latency_requests_per_round"], name
+        assert row["latency_p99_ms"] >= row["latency_p50_ms"] > 0, name
+        if row.get("redis"):
+            assert row["cluster_metrics"] is True, name
+            assert row["acquire"]["acquisitions"] >= row["requests_timed"], name
+            assert row["acquire"]["p50_ms"] is not None, name
+            assert row["redis_errors"] == 0, name
+            assert row["leases_lost"] == 0, name
+        elif name in keys:
+            assert row["cluster_metrics"] is False, name
+    flood = replicas["flood"]
+    assert set(flood) == keys
+    for name, row in flood.items():
+        assert row["sent"] == row["tasks"] == setup["burst_tasks"], name
+        assert row["other_statuses"] == {}, name
+        assert row["client_errors"] == 0, name
+        assert set(row["refusal_reasons"]) == {"queue_full"}, name
+        assert row["admitted"] + row["refused"] == row["tasks"], name
+        if row["redis"]:
+            assert row["max_in_flight_at_upstream"] == limit, name
+            assert row["leases_left_after_drain"] == 0, name
+        else:
+            assert row["max_in_flight_at_upstream"] == row["replicas"] * limit, name
+            assert row["admitted"] == row["replicas"] * (limit + queue), name
+            assert row["leases_left_after_drain"] is None, name
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="gate (#17): a replica whose leases are all held elsewhere still counts its free "
+    "local slots as room, so it queues limit + queue tasks (22/20) and three replicas admit 66",
+)
+def test_replicas_sharing_a_limit_admit_it_once_and_a_queue_each(bench_out: Path) -> None:
+    """Replicas sharing through Redis admit the limit once and ASR_MAX_QUEUE each: a slot
+    free on a replica while its tasks wait for a lease is no room for arrivals."""
+    data, _, _ = _run(bench_out)
+    replicas = data["scenarios"]["replicas"]
+    limit, queue = replicas["setup"]["limit"], replicas["setup"]["queue_per_replica"]
+    for name, row in replicas["flood"].items():
+        if row["redis"]:
+            assert row["admitted"] == limit + row["replicas"] * queue, name
+            assert row["admitted_as_expected"] is True, name
+
+
+def test_histogram_quantiles_from_buckets_as_prometheus_estimates_them() -> None:
+    """The acquire histogram's p50/p99 are estimated as `histogram_quantile` does: linear
+    within the bucket the rank falls in, the top finite bound in the +Inf bucket."""
+    inf = float("inf")
+    buckets = [(0.001, 50.0), (0.002, 90.0), (0.005, 100.0), (inf, 100.0)]
+    assert replicas_scenario.bucket_quantile(buckets, 0.5) == pytest.approx(0.001)
+    assert replicas_scenario.bucket_quantile(buckets, 0.25) == pytest.approx(0.0005)
+    assert replicas_scenario.bucket_quantile(buckets, 0.7) == pytest.approx(0.0015)
+    assert replicas_scenario.bucket_quantile(buckets, 0.99) == pytest.approx(0.0047)
+    slow = [(0.001, 0.0), (0.002, 1.0), (inf, 3.0)]
+    assert replicas_scenario.bucket_quantile(slow, 0.99) == pytest.approx(0.002)
+    assert replicas_scenario.bucket_quantile([(0.001, 0.0), (inf, 0.0)], 0.5) is None
+
+
 def test_the_backfill_check_finds_an_unbounded_pass() -> None:
     """The bound check against the simulator's model: the clairvoyant first fit (it passes
     without bound) breaks a 120 s bound somewhere in an hour, the bounded policy never does."""
@@ -410,6 +492,7 @@ def test_markdown_shows_tables_machine_and_targets(bench_out: Path) -> None:
         "## 4. GPU goodput",
         "## 5. A pool of cards",
         "## 6. Admission by GPU memory",
+        "## 7. Replicas",
     ):
         assert heading in markdown, heading
     ids = {target["id"] for target in data["targets"]}
@@ -429,6 +512,9 @@ def test_markdown_shows_tables_machine_and_targets(bench_out: Path) -> None:
         "memory_learned_vs_oracle",
         "memory_short_wait",
         "memory_backfill_bound",
+        "replicas_coordination_latency",
+        "replicas_refusal_rate",
+        "replicas_limit_held",
     }
     for target in data["targets"]:
         assert target["target"] in markdown
