@@ -244,11 +244,13 @@ class Coordinator:
         """`/stats` `cluster`: this replica's books and, from Redis, every replica's slots (the
         last view read when Redis cannot answer now, marked `stale`)."""
         snap = self.snapshot()
-        stale = False
-        try:
-            self._view = await self.leases.cluster_view()
-        except CoordinationUnavailable:
-            stale = True
+        stale = True
+        if snap.redis_up is not False:  # Redis unreachable: /stats does not wait for it
+            try:
+                self._view = await self.leases.cluster_view()
+                stale = False
+            except CoordinationUnavailable:
+                pass
         view = self._view
         counters = snap.counters
         return {

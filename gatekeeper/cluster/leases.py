@@ -92,17 +92,34 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
+# Redis that starts empty (restarted without its data, flushed, or new) has forgotten the leases
+# of tasks still on the GPUs: no slot is granted for one lease after that, while the replicas
+# put their running tasks back on the books (their renewals find them gone). Redlock's "delayed
+# restarts", done by the scripts: the marker is set (to the end of that quiet time) by the first
+# script that finds it missing, and never expires.
+_QUIET = """
+local quiet = redis.call('GET', KEYS[QUIET])
+if not quiet then
+  quiet = now + tonumber(ARGV[LEASE_MS])
+  redis.call('SET', KEYS[QUIET], quiet)
+end
+quiet = tonumber(quiet)
+"""
+
 # KEYS: the server's leases, the servers seen, the tombstones, the leases' facts, the replicas'
-#   waiting heads
+#   waiting heads, the quiet-time marker
 # ARGV: lease id, limit, lease ms, server, force ('1': add even if full), weight (GiB), budget
 #   ('' none), audio seconds ('-' unknown), replica, how long its head has waited (ms), how long
 #   its head's place is kept without a new attempt (ms)
 # -> {1, count, audio of every live lease} granted, {0, count} full, {-1, 0} given up on by its
-#   caller already
+#   caller already, {-2, count, ms left} Redis started empty a moment ago (quiet time)
 _ACQUIRE = (
     _NOW
     + """
 local ms = tonumber(ARGV[3])
+"""
+    + _QUIET.replace("QUIET", "6").replace("LEASE_MS", "3")
+    + """
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 if redis.call('ZSCORE', KEYS[3], ARGV[1]) then
   return {-1, 0}
@@ -145,9 +162,12 @@ if ARGV[5] ~= '1' then
       older = older + 1
     end
   end
-  if count + older >= tonumber(ARGV[2]) or not fits(weight) then
+  if quiet > now or count + older >= tonumber(ARGV[2]) or not fits(weight) then
     redis.call('HSET', KEYS[5], me, since .. ',' .. (now + tonumber(ARGV[11])) .. ',' .. ARGV[6])
     redis.call('PEXPIRE', KEYS[5], 3 * ms)
+    if quiet > now then
+      return {-2, count, quiet - now}
+    end
     return {0, count}
   end
   redis.call('HDEL', KEYS[5], me)
@@ -163,12 +183,15 @@ return {1, count + 1, audio}
 """
 )
 
-# KEYS: the replicas' heartbeats, the servers seen, the shared records, then the leases of each
-#   server renewed
+# KEYS: the replicas' heartbeats, the servers seen, the shared records, the quiet-time marker,
+#   then the leases of each server renewed
 # ARGV: lease ms, replica, then (index into KEYS, lease id) pairs
 # -> {the ids of the leases that were gone (expired, or removed), the shared records, now}
 _RENEW = (
     _NOW
+    + """
+"""
+    + _QUIET.replace("QUIET", "4").replace("LEASE_MS", "1")
     + """
 local ms = tonumber(ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -305,6 +328,12 @@ class Keys:
         """Hash: replica -> "since,until,GiB": when its head began waiting for `server` (ms,
         Redis's clock), until when that place is kept, and what the head would hold."""
         return f"{self._prefix}:heads:{server}"
+
+    @property
+    def quiet(self) -> str:
+        """String: until when (ms, Redis's clock) no slot is granted after Redis started empty;
+        it never expires, so its absence means Redis lost its data."""
+        return f"{self._prefix}:quiet-until"
 
     @property
     def shared(self) -> str:
@@ -469,6 +498,7 @@ class Leases:
         # Told each shared record another replica wrote: field, value, age in seconds.
         self._on_shared = on_shared
         self._shared_seen: dict[str, str] = {}
+        self._quiet_logged = False
         self.keys = Keys(config.cluster)
         self._clock: Clock = clock or SystemClock()
         self._rng = rng or random.Random()
@@ -758,6 +788,7 @@ class Leases:
             self.keys.revoked,
             self.keys.weights(server),
             self.keys.heads(server),
+            self.keys.quiet,
         ]
         args: list[str | int] = [
             lease.id,
@@ -782,7 +813,16 @@ class Leases:
             raise
         if granted != 1:
             self._refused += 1
+            if granted == -2 and not self._quiet_logged:
+                self._quiet_logged = True
+                _log.warning(
+                    "Redis has started empty (restarted without its data, or new): no new task "
+                    "starts for %.1f s, one lease, while every replica puts its running tasks "
+                    "back on the books",
+                    int(facts[0]) / 1000 if facts else 0.0,
+                )
             return None
+        self._quiet_logged = False
         self._acquired += 1
         running = tuple(None if a == "-" else float(a) for a in (facts[0] if facts else ()))
         lease = Lease(lease.id, lease.server, int(count), running)
@@ -838,9 +878,10 @@ class Leases:
             self.keys.replicas,
             self.keys.servers,
             self.keys.shared,
+            self.keys.quiet,
             *map(self.keys.leases, servers),
         ]
-        index = {server: i + 4 for i, server in enumerate(servers)}  # Lua's KEYS count from 1
+        index = {server: i + 5 for i, server in enumerate(servers)}  # Lua's KEYS count from 1
         args: list[str | int] = [self._lease_ms, self.replica]
         for h in held:
             args += [index[h.lease.server], h.lease.id]

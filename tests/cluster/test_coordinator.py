@@ -249,3 +249,41 @@ async def _queued(session: aiohttp.ClientSession, *urls: str) -> int:
         _, stats = await _get(session, url + "/stats")
         total += stats["queued_tasks"]
     return total
+
+
+async def test_redis_restarted_empty_never_lets_a_running_task_be_forgotten(
+    upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory, own_redis: RedisServer
+) -> None:
+    """Redis killed and started again without its data, while replica A's task runs and B's
+    waits: B must not start (the card would run two at limit 1) — nothing is granted for one
+    lease, while A puts its running task back on the books; then B runs after A."""
+    cluster = _cluster()
+    a, b = [
+        (
+            await start_gatekeeper(
+                upstream.url, max_concurrent=1, redis_url=own_redis.url, cluster=cluster, **_LEASE
+            )
+        )[0]
+        for _ in range(2)
+    ]
+    server = upstream.url.removeprefix("http://")
+    async with aiohttp.ClientSession() as session:
+        first = asyncio.create_task(_post(session, a, "first"))
+        await until(lambda: upstream.active == 1)
+        second = asyncio.create_task(_post(session, b, "second"))
+        await until(lambda: _equals(_queued(session, b), 1), every=0.01)
+        own_redis.kill()
+        own_redis.start()
+        # A's lease is back on the books, as a lost one put back; B still waits.
+        await until(lambda: _equals(_leases(own_redis, cluster, server), 1), every=0.01)
+        _, stats = await _get(session, a + "/stats")
+        assert stats["cluster"]["leases_lost"] == 1
+        await asyncio.sleep(2 * _LEASE["redis_lease"])  # past the quiet time
+        assert upstream.active == 1
+        assert upstream.max_active == 1
+        upstream.release("first")
+        assert (await first)[0] == 200
+        await until(lambda: upstream.active == 1)  # now B's
+        upstream.release("second")
+        assert (await second)[0] == 200
+    assert upstream.max_active == 1

@@ -76,7 +76,9 @@ async def _replicas(
     on_lost: Callable[[LostLease], None] | None = None,
     **config: float,
 ) -> AsyncIterator[list[Leases]]:
-    """`count` started replicas of one cluster, closed afterwards (`on_lost`: the first's)."""
+    """`count` started replicas of one cluster, closed afterwards (`on_lost`: the first's).
+    The cluster is an established one (see `_established`)."""
+    await _established(url, cluster)
     async with AsyncExitStack() as stack:
         replicas = [
             await stack.enter_async_context(
@@ -90,6 +92,14 @@ async def _replicas(
             for i in range(count)
         ]
         yield replicas
+
+
+async def _established(url: str, cluster: str) -> None:
+    """Mark the cluster as one Redis has known for a while: no quiet time (Redis that starts
+    empty grants nothing for one lease; a new cluster looks the same to it). The tests of the
+    quiet time itself restart Redis afterwards."""
+    async with _admin(url) as client:
+        await client.set(Keys(cluster).quiet, 0, nx=True)
 
 
 @asynccontextmanager
@@ -147,9 +157,11 @@ async def test_the_limit_holds_across_replicas_under_random_load(
             mine = random.Random(seed)
             for _ in range(5):
                 server = mine.choice(list(limits))
+                wanted = time.monotonic()  # a head's wait: first come, first served
                 while True:
                     mark = leases.epoch
-                    lease = await leases.acquire(server, limits[server])
+                    waited = time.monotonic() - wanted
+                    lease = await leases.acquire(server, limits[server], waited=waited)
                     if lease is not None:
                         break
                     await leases.changed(mark)
@@ -199,6 +211,7 @@ async def test_a_killed_replicas_slot_frees_after_one_lease_and_no_sooner(
     no release message is ever sent."""
     server = "gpu0:9000"
     url = redis_server.url
+    await _established(url, cluster)
     async with (
         replica_process(url, cluster, server, lease=LEASE, skew=7 * HOURS) as proc,
         _replicas(url, cluster, 1, clocks=[OffsetClock(-5 * HOURS)], poll_seconds=0.1) as (b,),
@@ -272,6 +285,7 @@ async def test_a_replica_paused_longer_than_its_lease_hears_it_lost(
     slot; woken with SIGCONT, the paused one reports its lease lost and does not revive it."""
     server = "gpu0:9000"
     url = redis_server.url
+    await _established(url, cluster)
     async with (
         replica_process(url, cluster, server, lease=LEASE) as proc,
         _replicas(url, cluster, 1, poll_seconds=0.1) as (b,),
