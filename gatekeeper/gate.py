@@ -281,8 +281,9 @@ class _Server:
     def cost(self, ticket: Ticket) -> float:
         return 0.0 if self.budget is None else self.model.cost(ticket.audio)
 
-    def fits(self, ticket: Ticket) -> bool:
-        if self.active >= self.limit:
+    def fits(self, ticket: Ticket, *, count: bool = True) -> bool:
+        """Whether `ticket` may start here now (`count`: the local count of slots too)."""
+        if count and self.active >= self.limit:
             return False
         if self.budget is None:
             return True
@@ -381,8 +382,9 @@ class Gate:
     # -- replicas: permits ------------------------------------------------------------------------
 
     def wants(self) -> tuple[Ticket, list[int]] | None:
-        """The waiter a permit should be acquired for, and the servers to try in order (where
-        it would start with one: usable, room, fits); None when no waiter could use one."""
+        """The waiter a permit should be acquired for, and the servers to try in order (usable,
+        and where it fits by memory; the slots are counted by the cluster, which refuses while
+        they are full); None when no waiter could use one."""
         head = self._first()
         if head is None:
             return None
@@ -396,7 +398,10 @@ class Gate:
         return None
 
     def _ranked(self, ticket: Ticket) -> list[int]:
-        room = sorted(self._room(ticket, proven=False), key=self._preference, reverse=True)
+        # Also where this replica's own tasks fill the slots: the head then keeps its place in
+        # the cluster's order, and the cluster's count refuses it until a slot is free.
+        room = self._room(ticket, proven=False, count=False)
+        room.sort(key=self._preference, reverse=True)
         avoid = ticket.last_server
         if avoid in room and len(room) > 1:
             room.remove(avoid)
@@ -628,15 +633,16 @@ class Gate:
             return room[0]
         return max(room, key=self._preference)
 
-    def _room(self, ticket: Ticket | None, *, proven: bool) -> list[int]:
+    def _room(self, ticket: Ticket | None, *, proven: bool, count: bool = True) -> list[int]:
         """The usable servers with room (for `ticket`, by memory); `proven`: with replicas,
-        only those holding a spare permit."""
+        only those holding a spare permit; `count`: with free slots here (else the cluster's
+        count decides)."""
         servers = self._servers
         usable = self._usable()
         if ticket is None:
             room = [i for i in usable if servers[i].active < servers[i].limit]
         else:
-            room = [i for i in usable if servers[i].fits(ticket)]
+            room = [i for i in usable if servers[i].fits(ticket, count=count)]
         if proven and self._permits:
             room = [i for i in room if servers[i].spare]
         return room

@@ -192,7 +192,6 @@ class Coordinator:
             return False
         ticket, servers = want
         limits = self._gate.counts().servers
-        waited = self._clock.monotonic() - ticket.since
         for server in servers:
             self._waiting_on.add(server)
             weight, budget = self._gate.permit_cost(ticket, server)
@@ -203,7 +202,7 @@ class Coordinator:
                 weight=weight,
                 budget=budget,
                 audio=ticket.audio,
-                waited=waited,
+                since=ticket.since,
             )
             self._acquire = self._acquire.observe(self._clock.monotonic() - began)
             if lease is not None:

@@ -584,7 +584,7 @@ class Leases:
         budget: float | None = None,
         force: bool = False,
         audio: float | None = None,
-        waited: float = 0.0,
+        since: float | None = None,
     ) -> Lease | None:
         """A lease on one of `server`'s `limit` slots, or None when all are taken. Never waits
         for a slot; raises CoordinationUnavailable when Redis cannot say.
@@ -595,8 +595,9 @@ class Leases:
         the task's audio seconds, kept with the lease (a granted lease tells every live lease's
         audio, for the memory learner).
 
-        Fair across replicas: `waited` is how long the caller's head has waited (seconds, on its
-        own clock: a duration, so skew does not matter). A slot goes to the head that has waited
+        Fair across replicas: `since` is when the caller's head began to wait (monotonic, on
+        this replica's clock; what is sent is how long ago, measured as the call goes out: a
+        duration, so skew does not matter; None: now). A slot goes to the head that has waited
         longest, in whichever replica: a refused caller keeps its head's place for a few poll
         intervals (each attempt renews it; `withdraw` gives it up), and a caller whose head is
         younger than others that would fit is refused while only their slots are free.
@@ -606,7 +607,7 @@ class Leases:
         """
         self._check_open()
         lease = Lease(f"{self.replica}/{next(self._ids)}", server)
-        attempt = self._spawn(self._acquire(lease, limit, weight, budget, force, audio, waited))
+        attempt = self._spawn(self._acquire(lease, limit, weight, budget, force, audio, since))
         try:
             return await asyncio.shield(attempt)
         except asyncio.CancelledError:
@@ -778,7 +779,7 @@ class Leases:
         budget: float | None,
         force: bool,
         audio: float | None,
-        waited: float,
+        since: float | None,
     ) -> Lease | None:
         sent = self._clock.monotonic()
         server = lease.server
@@ -800,7 +801,7 @@ class Leases:
             "" if budget is None else repr(budget),
             "-" if audio is None else repr(float(audio)),
             self.replica,
-            max(0, round(waited * 1000)),
+            0 if since is None else max(0, round((self._clock.monotonic() - since) * 1000)),
             round(3 * self.config.poll_seconds * 1000 + 2 * self.config.timeout_seconds * 1000),
         ]
         try:

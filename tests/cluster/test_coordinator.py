@@ -226,12 +226,16 @@ async def test_the_head_that_waited_longest_goes_first_in_whichever_replica(
             assert status == 200
             order.append(name)
 
+        server = upstream.url.removeprefix("http://")
         tasks = [asyncio.create_task(task(a, "a1"))]
         await until(lambda: upstream.active == 1)
         for url, name in ((b, "b1"), (a, "a2"), (b, "b2"), (a, "a3")):
             tasks.append(asyncio.create_task(task(url, name)))
             queued = len(tasks) - 1
             await until(lambda n=queued: _equals(_queued(session, a, b), n), every=0.01)
+            # Each replica's head has its place in Redis (b1, then a2) before the next comes.
+            heads = min(queued, 2)
+            await until(lambda n=heads: _equals(_places(redis_server, cluster, server), n))
         for k, name in enumerate(("a1", "b1", "a2", "b2", "a3")):
             await until(lambda k=k: len(upstream.seen) > k)
             started = [s.headers["X-Fake-Hold"] for s in upstream.seen]
@@ -241,6 +245,15 @@ async def test_the_head_that_waited_longest_goes_first_in_whichever_replica(
     started = [s.headers["X-Fake-Hold"] for s in upstream.seen]
     assert started == ["a1", "b1", "a2", "b2", "a3"]
     assert upstream.max_active == 1
+
+
+async def _places(redis: RedisServer, cluster: str, server: str) -> int:
+    """How many replicas' heads wait for `server` with a place in Redis."""
+    client = Redis.from_url(redis.url)
+    try:
+        return int(await client.hlen(f"gatekeeper:{{{cluster}}}:heads:{server}"))
+    finally:
+        await client.aclose()
 
 
 async def _queued(session: aiohttp.ClientSession, *urls: str) -> int:

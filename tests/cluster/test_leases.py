@@ -160,8 +160,7 @@ async def test_the_limit_holds_across_replicas_under_random_load(
                 wanted = time.monotonic()  # a head's wait: first come, first served
                 while True:
                     mark = leases.epoch
-                    waited = time.monotonic() - wanted
-                    lease = await leases.acquire(server, limits[server], waited=waited)
+                    lease = await leases.acquire(server, limits[server], since=wanted)
                     if lease is not None:
                         break
                     await leases.changed(mark)
