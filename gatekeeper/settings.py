@@ -699,8 +699,16 @@ def _problems(exc: ValidationError, flags: dict[str, str]) -> list[str]:
             continue
         if field in ("stats_token", "admin_token"):
             shown = ""
+        elif field == "redis_url" and isinstance(given, str):
+            shown = f"={_mask_password(given)}"
         lines.append(f"{_describe(field, flags)}{shown} is invalid: {_message(dict(error))}")
     return lines
+
+
+def _mask_password(url: str) -> str:
+    """A URL as it may be shown: its password (user part, or `password=` query) as ***."""
+    masked = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", masked)
 
 
 def validate_settings(data: dict[str, Any]) -> Settings:

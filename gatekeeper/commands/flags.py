@@ -27,7 +27,8 @@ __all__ = [
 BAD_INPUT: Final = 2
 """The exit status for bad settings, flags or input (argparse's own for a usage error)."""
 
-_UNSET: Final = ("oom_patterns", "stats_token", "spool_dir")  # no default worth showing
+# No default worth showing:
+_UNSET: Final = ("oom_patterns", "stats_token", "spool_dir", "redis_url")
 
 
 def flag_name(field: str) -> str:

@@ -164,6 +164,19 @@ def test_every_bad_value_is_refused_with_its_name(field: str, value: object) -> 
     assert "is invalid" in line
 
 
+def test_a_bad_redis_url_never_shows_its_password() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(
+            {"upstream_url": "http://w:9000", "redis_url": "http://:s3cret@redis:6379?password=x"},
+            env_file=None,
+        )
+    line = info.value.lines[0]
+    assert "ASR_REDIS_URL" in line
+    assert "s3cret" not in line
+    assert "password=x" not in line
+    assert ":***@redis" in line
+
+
 @pytest.mark.parametrize(("lease", "timeout"), [(1.2, 0.5), (15, 5)])
 def test_the_redis_timeout_must_be_under_a_third_of_the_lease(lease: float, timeout: float) -> None:
     """A Redis call may not take as long as the renewal interval: one line names both."""
