@@ -12,7 +12,8 @@ cost is a Redis row's percentile minus the percentile of the same number of repl
 Redis. Beside it, each replica's own `asr_gatekeeper_cluster_acquire_seconds` histogram (the
 Redis round trip of every lease acquisition) over the timed requests, summed over the
 replicas, its p50/p99 estimated from the buckets as Prometheus's `histogram_quantile` does;
-and the floor, a PING from the bench to the same Redis.
+and two floors from the bench to the same Redis: a PING, and the gatekeeper's own `Leases`
+acquiring and releasing on the bench's idle event loop.
 
 Refusal under a flood: as the overload scenario, a burst far above limit + queue over
 keep-alive connections, while the upstream holds every task it receives; the upstream's count
@@ -39,6 +40,7 @@ from bench.httpclient import Connection, HttpError, fetch
 from bench.procs import Proc, find_tool, redis_url
 from bench.scenarios.common import CONTENT_TYPE, SMALL_BODY, Ctx, JsonDict, closed_loop, rotated
 from bench.stats import ms, summarize
+from gatekeeper.cluster.leases import LeaseConfig, Leases
 from gatekeeper.policy.quantiles import percentile
 
 __all__ = ["SETUPS", "Setup", "bucket_quantile", "run"]
@@ -53,7 +55,10 @@ _SILENT = 5.0  # seconds without any answer that end it anyway (every connection
 _BURST_LIMIT = 180.0  # the whole burst, seconds
 _POLL = 0.01  # seconds between two reads of the upstream's held count during a burst
 _LEASES_BACK_WITHIN = 10.0  # seconds for every lease to be released after a drain
-_PINGS = 2000  # Redis round trips timed from the bench: the floor of an acquisition
+_PINGS = 2000  # floors' Redis round trips (a quarter in the quick run)
+_FLOOR_LEASE = 2.0  # seconds: the floor's lease (its cluster's quiet time when new)
+_FLOOR_SERVER = "127.0.0.1:1"  # the floor's leases name a server nobody uses
+_QUICK_LEASE = 2.0  # ASR_REDIS_LEASE in the quick run: a new cluster's quiet time is one lease
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +198,9 @@ async def _start(ctx: Ctx, setup: Setup, upstream: Proc, redis: Proc) -> _Runnin
     if setup.redis:
         # A cluster of its own per setup: the two Redis setups share the redis-server only.
         settings |= {"redis_url": redis_url(redis), "cluster": f"bench-{setup.key}"}
+        lease = _redis_lease(cfg)
+        if lease is not None:
+            settings["redis_lease"] = lease
     gatekeepers = list(
         await asyncio.gather(
             *(ctx.procs.gatekeeper(upstream.url, settings) for _ in range(setup.replicas))
@@ -217,6 +225,45 @@ async def _redis_round_trips(redis: Proc, count: int) -> tuple[JsonDict, str | N
         await client.aclose()
     version = info.get("redis_version")
     return summarize(times), None if version is None else str(version)
+
+
+def _floor_config(redis: Proc) -> LeaseConfig:
+    return LeaseConfig(
+        redis_url(redis), "bench-floor", lease_seconds=_FLOOR_LEASE, timeout_seconds=0.5
+    )
+
+
+async def _begin_floor_quiet_time(redis: Proc) -> None:
+    """A cluster new to Redis grants nothing for one lease (Redis that starts empty), counted
+    from its first call: make that call now, so the quiet time has passed when it is timed."""
+    async with Leases(_floor_config(redis)) as leases:
+        lease = await leases.acquire(_FLOOR_SERVER, 1)
+        if lease is not None:
+            await leases.release(lease)
+
+
+async def _lease_round_trips(redis: Proc, count: int) -> JsonDict:
+    """The gatekeeper's own `Leases` from the bench's idle loop: acquire, then release, one at a
+    time on a cluster of their own. What an acquisition costs with nothing else on the loop."""
+    acquires, releases = [], []
+    async with Leases(_floor_config(redis)) as leases:
+        # Until its quiet time is over (see `_begin_floor_quiet_time`).
+        deadline = time.monotonic() + 3 * _FLOOR_LEASE
+        while (first := await leases.acquire(_FLOOR_SERVER, 1)) is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the floor's cluster granted no lease after its quiet time")
+            await asyncio.sleep(0.05)
+        await leases.release(first)
+        for _ in range(count):
+            began = time.perf_counter()
+            lease = await leases.acquire(_FLOOR_SERVER, 1)
+            acquired = time.perf_counter()
+            if lease is None:
+                raise RuntimeError("the floor's lease was refused: is the cluster's slot leaked?")
+            await leases.release(lease)
+            acquires.append(acquired - began)
+            releases.append(time.perf_counter() - acquired)
+    return {"acquire": summarize(acquires), "release": summarize(releases)}
 
 
 async def _leases_held(gatekeepers: Iterable[Proc]) -> int | None:
@@ -398,6 +445,13 @@ def _median_flood(runs: list[JsonDict]) -> JsonDict:
 # -- the scenario ---------------------------------------------------------------------------
 
 
+def _redis_lease(cfg: BenchConfig) -> float | None:
+    """ASR_REDIS_LEASE of the Redis setups: the default (None) in the full run. A cluster new to
+    Redis starts no task for one lease (Redis that starts empty), which the Redis setups' first
+    warm-up request waits out; the quick run (CI) shortens it to keep within its budget."""
+    return _QUICK_LEASE if cfg.name == QUICK.name else None
+
+
 def _latency_sizes(cfg: BenchConfig) -> tuple[int, int]:
     """(warm-up, timed requests a round) for every setup: the overhead scenario's, halved in
     the quick run (CI), where six setups at once would be its longest step and only the
@@ -427,10 +481,12 @@ async def run(ctx: Ctx) -> JsonDict:
     cfg = ctx.cfg
     procs = ctx.procs
     find_tool("redis-server")  # ToolMissing says which Debian package, before anything starts
+    ctx.say("replicas: starting redis-server")
     redis = await procs.redis_server()
+    await _begin_floor_quiet_time(redis)
     upstream = await procs.upstream()
     nginx_floor = await procs.nginx(upstream.port)
-    ctx.say("replicas: starting 8 gatekeepers (4 setups) behind nginx, and redis-server")
+    ctx.say("replicas: starting 8 gatekeepers (4 setups) behind nginx")
     started = await asyncio.gather(*(_start(ctx, s, upstream, redis) for s in SETUPS))
     running = {r.setup.key: r for r in started}
     ports = {"direct": upstream.port, "nginx": nginx_floor.port}
@@ -441,7 +497,10 @@ async def run(ctx: Ctx) -> JsonDict:
     ctx.say(f"replicas: warm-up ({warmup} requests each)")
     for port in ports.values():
         await closed_loop(port, warmup, cfg.latency_concurrency)
-    ping, version = await _redis_round_trips(redis, _PINGS)
+    floor_calls = _PINGS // 4 if cfg.name == QUICK.name else _PINGS
+    ctx.say(f"replicas: the floors ({floor_calls} Redis PINGs, lease acquisitions and releases)")
+    ping, version = await _redis_round_trips(redis, floor_calls)
+    bare = await _lease_round_trips(redis, floor_calls)
     before = {key: await _scrape(r.gatekeepers) for key, r in running.items()}
     latencies: dict[str, list[float]] = {name: [] for name in names}
     bad: dict[str, int] = dict.fromkeys(names, 0)
@@ -516,7 +575,12 @@ async def run(ctx: Ctx) -> JsonDict:
             "queue_per_replica": cfg.burst_queue,
             "front": "nginx, round robin over the setup's gatekeepers (keepalive 64)",
             "redis": "redis-server on loopback, no persistence; one cluster name per setup; "
-            "ASR_REDIS_LEASE and ASR_REDIS_TIMEOUT at their defaults",
+            + (
+                "ASR_REDIS_LEASE and ASR_REDIS_TIMEOUT at their defaults"
+                if _redis_lease(cfg) is None
+                else f"ASR_REDIS_LEASE={_redis_lease(cfg):g}, ASR_REDIS_TIMEOUT at its default"
+            )
+            + "; a new cluster starts no task for one lease, which the warm-up waits out",
             "latency_concurrency": cfg.latency_concurrency,
             "latency_requests_per_round": requests,
             "latency_rounds": cfg.latency_rounds,
@@ -524,6 +588,7 @@ async def run(ctx: Ctx) -> JsonDict:
             "burst_connections": cfg.burst_connections,
             "bursts": cfg.burst_rounds,
             "redis_ping": ping,
+            "bare_leases": bare,
             "redis_version": version,
         },
         "latency": latency,

@@ -370,6 +370,7 @@ def test_replicas_share_one_limit_and_time_every_acquisition(bench_out: Path) ->
     keys = {"single", "three", "single_redis", "three_redis"}
     assert set(replicas["latency"]) == {"direct", "nginx", *keys}
     assert setup["redis_ping"]["n"] > 0
+    assert setup["bare_leases"]["acquire"]["n"] == setup["bare_leases"]["release"]["n"] > 0
     for name, row in replicas["latency"].items():
         assert row["bad_answers"] == 0, name
         assert row["requests_timed"] == setup["latency_requests_per_round"], name
