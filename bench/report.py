@@ -778,12 +778,8 @@ LIMITS: dict[str, str] = {
     ),
     "replicas_limit_held": (
         "The shared limit held in every burst (2 in flight at the upstream, exact while it "
-        "holds) and every lease came back after the drain. The admitted count is the gate's: "
-        "a replica whose leases are all held by the others still counts its free local slots "
-        "as room, so each replica queues limit + queue (22 waiting against an ASR_MAX_QUEUE of "
-        "20; its /stats says queue_usage 22/20) and three replicas admit 66, not 2 + 3 × 20 = "
-        "62. Reported to the gate's owner; a strict xfail in tests/e2e/test_bench_quick.py "
-        "pins it."
+        "holds) and every lease came back after the drain. Each replica has a queue of its own "
+        "(ASR_MAX_QUEUE each), so three replicas admit the limit once and three queues."
     ),
     "pool_vs_ceiling": (
         "Judged on the gatekeeper's best pool row against each card's best single-card row; "

@@ -357,10 +357,12 @@ class Gate:
         servers a task may go to (a server found down has no room to offer)."""
         if not self._coordinated:
             return self._limit  # replicas: no free slot can be proven without Redis
-        if (self._waiters or self._retry_waiters) and any(
-            s.budget is not None for s in self._servers
+        if (self._waiters or self._retry_waiters) and (
+            self._permits or any(s.budget is not None for s in self._servers)
         ):
-            return self._limit  # by memory, slots free while tasks wait are no room to offer
+            # By memory, or with replicas (other replicas may hold the slots free here), slots
+            # free while tasks wait are no room to offer.
+            return self._limit
         free = sum(max(0, self._servers[i].limit - self._servers[i].active) for i in self._usable())
         return self._limit - free
 

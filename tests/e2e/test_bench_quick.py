@@ -400,11 +400,6 @@ def test_replicas_share_one_limit_and_time_every_acquisition(bench_out: Path) ->
             assert row["leases_left_after_drain"] is None, name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gate (#17): a replica whose leases are all held elsewhere still counts its free "
-    "local slots as room, so it queues limit + queue tasks (22/20) and three replicas admit 66",
-)
 def test_replicas_sharing_a_limit_admit_it_once_and_a_queue_each(bench_out: Path) -> None:
     """Replicas sharing through Redis admit the limit once and ASR_MAX_QUEUE each: a slot
     free on a replica while its tasks wait for a lease is no room for arrivals."""
