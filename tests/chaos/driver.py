@@ -26,6 +26,14 @@ Pool mode (issue #15, `ChaosConfig.pool`): several chaos upstreams behind one ga
 with its own limit (`ChaosPool`), the same clients and faults, and `Kill`: one server crashes
 mid-run (listener closed, every connection cut) and restarts later on its port. Every check
 above holds at each server, against that server's own limit.
+
+Replicas mode (issue #17, tests/chaos/test_chaos_replicas.py): several gatekeeper processes
+behind nginx share the upstream's limit through Redis. The checks above are the same, with three
+hooks of `Verdict` for what replicas add: `extra_refusals` (coordination_unavailable), a
+client's answer from nginx itself when its replica was killed (`gateway_error_allowed`), and a
+replica frozen with SIGSTOP whose timers all fire when it wakes (`frozen`). `Monitor` can leave
+the upstream to a check after the run (`check_upstream`), and `Verdict.agree_with_metrics`
+checks one replica's pages.
 """
 
 import asyncio
@@ -768,6 +776,10 @@ class Monitor:
     max_active: int = 0
     max_queued: int = 0
     problems: list[str] = field(default_factory=list)
+    # Compare the upstream's in-flight count with its limit at every reading. Replicas mode
+    # checks the upstream afterwards instead, from every request's start and end
+    # (tests/chaos/test_chaos_replicas.py: work a frozen replica left on the GPU past its lease).
+    check_upstream: bool = True
     _task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -793,7 +805,7 @@ class Monitor:
                 self.max_queued = max(self.max_queued, doc["queued_tasks"])
                 if len(self.problems) < 1000:
                     self.problems.extend(books_problems(doc, self.cfg))
-                    for member in self.upstream.members:
+                    for member in self.upstream.members if self.check_upstream else ():
                         if member.in_flight > member.limit:
                             self.problems.append(
                                 f"upstream {member.name} in flight {member.in_flight} > limit "
@@ -968,6 +980,15 @@ class Verdict:
     upstream: Upstreams
     events: EventLog
     shutting_down_allowed: Callable[[ClientResult], bool] = lambda _r: False
+    # Replicas mode (issue #17). Refusal reasons allowed beside queue_full and queue_timeout
+    # (coordination_unavailable while Redis is down).
+    extra_refusals: frozenset[str] = frozenset()
+    # A client whose request was at a replica that was killed: nginx answers 502 itself (or
+    # the answer breaks off). Such answers are tallied `gateway_error`, nothing more is judged.
+    gateway_error_allowed: Callable[[ClientResult], bool] = lambda _r: False
+    # A client whose request may have been at a replica frozen with SIGSTOP: when it wakes, its
+    # timers fire at once, so a 504 or 408 need not match what the upstream did meanwhile.
+    frozen: Callable[[ClientResult], bool] = lambda _r: False
     violations: list[str] = field(default_factory=list)
     tally: Counter[str] = field(default_factory=Counter)
     step_tally: Counter[str] = field(default_factory=Counter)
@@ -998,6 +1019,9 @@ class Verdict:
         self.kinds[spec.kind] += 1
         arrivals = self.upstream.by_id.get(spec.request_id, [])
         self._check_attempt_sequence(result, arrivals)
+        if self._gateway_error(result):
+            self.tally["gateway_error"] += 1
+            return
         if result.left:
             self.tally["left"] += 1
             self.kinds[f"left_mid_{spec.kind.removeprefix('leave_')}"] += 1
@@ -1015,6 +1039,15 @@ class Verdict:
             self._judge_own(result, arrivals)
         else:
             self._judge_relayed(result, arrivals)
+
+    def _gateway_error(self, result: ClientResult) -> bool:
+        """nginx's own answer (no gatekeeper reason, nginx's Server header) or a broken one, for
+        a client `gateway_error_allowed` names."""
+        if result.left or not self.gateway_error_allowed(result):
+            return False
+        nginx = result.headers.get("Server", "").startswith("nginx")
+        own = "X-Gatekeeper-Reason" in result.headers
+        return result.error is not None or (result.status == 502 and nginx and not own)
 
     def _attempts(self, result: ClientResult) -> int:
         try:
@@ -1068,7 +1101,7 @@ class Verdict:
         attempts = self._attempts(result)
         if status == 503:
             self.tally[f"503_{reason}"] += 1
-            allowed = {"queue_full", "queue_timeout"}
+            allowed = {"queue_full", "queue_timeout", *self.extra_refusals}
             if self.shutting_down_allowed(result):
                 allowed.add("shutting_down")
             if reason not in allowed:
@@ -1105,14 +1138,14 @@ class Verdict:
                 or last.ended - last.started >= 0.5 * self.cfg.request_timeout
                 or self._crashed(last)
             )
-            if not slow:
+            if not slow and not self.frozen(result):
                 self.fail(result, f"504 but the upstream's last attempt was {last}")
             if doc.get("attempts") != attempts:
                 self.fail(result, "504 attempts in body and header differ")
             return
         if status == 408 and reason == "client_body_timeout":
             self.tally["408_body_timeout"] += 1
-            if spec.kind != "stall_upload":
+            if spec.kind != "stall_upload" and not self.frozen(result):
                 self.fail(result, "408 for a client that never stalled")
             if arrivals:
                 self.fail(result, "408 but the task reached the upstream")
@@ -1269,6 +1302,10 @@ class Verdict:
                 f"successful answers: clients got {self.ok_bytes_client} bytes, upstream sent "
                 f"{self.ok_bytes_upstream}",
             )
+
+    def agree_with_metrics(self, stats: dict[str, Any], metrics: str) -> None:
+        """/metrics says what /stats says (one gatekeeper's pages, read at rest)."""
+        self._agree_with_metrics(stats, metrics)
 
     def _agree_with_metrics(self, stats: dict[str, Any], metrics: str) -> None:
         metric = _metric_reader(metrics)

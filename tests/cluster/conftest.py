@@ -1,4 +1,4 @@
-"""A real redis-server for the cluster tests, and replicas as real processes.
+"""A real redis-server for the cluster tests (tests/redis_server.py), replicas as processes.
 
 redis-server comes from Debian's packages (`./scripts/setup --test-tools`); without it these
 tests fail, saying what to install, as the end-to-end tests do: they never skip.
@@ -6,94 +6,24 @@ tests fail, saying what to install, as the end-to-end tests do: they never skip.
 
 import asyncio
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.tools import ROOT, require_tool
-from tests.processes import free_port
+from tests import redis_server as _redis
+from tests.e2e.tools import ROOT
+from tests.redis_server import RedisServer
 
 ReplicaProcess = Callable[..., AbstractAsyncContextManager[asyncio.subprocess.Process]]
-
-
-class RedisServer:
-    """One redis-server on a loopback port, no persistence: started, killed (SIGKILL), paused
-    (SIGSTOP) and started again on the same port, as the tests need."""
-
-    def __init__(self, binary: str, workdir: Path) -> None:
-        self.binary = binary
-        self.workdir = workdir
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, within: float = 10.0) -> None:
-        """Start it (again, on the same port) and return once it answers PING."""
-        assert self.process is None or self.process.poll() is not None, "already running"
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.workdir),
-                "--logfile", str(self.workdir / "redis.log"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + within
-        while not self._answers():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                log = (self.workdir / "redis.log").read_text(errors="replace")[-2000:]
-                self.stop()
-                pytest.fail(f"redis-server did not start on port {self.port}:\n{log}")
-            time.sleep(0.005)
-
-    def _answers(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        """SIGKILL: every connection drops, every lease is forgotten."""
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait()
-
-    def pause(self) -> None:
-        """SIGSTOP: connections stay open and nothing answers (Redis "slow")."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGCONT)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()  # no data to keep; works on a paused process too
-            self.process.wait()
 
 
 @pytest.fixture(scope="session")
 def redis_binary() -> str:
     """redis-server (Debian package `redis-server`)."""
-    return require_tool("redis-server", "redis-server")
+    return _redis.redis_binary()
 
 
 @pytest.fixture(scope="session")
