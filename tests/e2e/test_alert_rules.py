@@ -4,6 +4,7 @@ promtool is a required tool here, like nginx for the other e2e tests: when it is
 tests fail and say how to install it, they never skip.
 """
 
+import asyncio
 import json
 import re
 import subprocess
@@ -26,6 +27,7 @@ from tests.e2e.tools import (
     run_promtool,
 )
 from tests.fakes import FakeUpstream
+from tests.redis_server import RedisServer, admin_client, quiet_key, redis_binary, redis_now_ms
 
 pytestmark = pytest.mark.e2e
 
@@ -270,6 +272,67 @@ async def test_the_metric_contract_is_what_a_pool_gatekeeper_exports(
     exported.assert_contract(EXPORTED_METRICS, names)
     assert set(EXPORTED_METRICS) | set(CLUSTER_METRICS) >= HISTOGRAMS
     assert not [name for name in exported.labels if name.startswith("asr_gatekeeper_cluster_")]
+
+
+async def test_the_replica_metric_contract_is_what_a_replica_with_redis_exports(
+    upstream: FakeUpstream, start_gatekeeper: GatekeeperFactory, tmp_path: Path
+) -> None:
+    """A replica (ASR_REDIS_URL, a real redis-server) exports each replica metric of the contract.
+
+    Exactly its labels, leases held per server as Redis counts them while tasks run on both
+    servers, and no replica metric the contract (so the alerts and the dashboard) does not know.
+    """
+    cluster = "alert-rules-contract"
+    redis = RedisServer(redis_binary(), tmp_path)
+    redis.start()
+    second = FakeUpstream()
+    await second.start()
+    try:
+        # A Redis the cluster has used before: no quiet time after an empty start to wait out.
+        admin = admin_client(redis.url)
+        try:
+            await admin.set(quiet_key(cluster), await redis_now_ms(admin))
+        finally:
+            await admin.aclose()
+        base, _ = await start_gatekeeper(
+            f"{upstream.url},{second.url}",
+            max_concurrent="2,1",
+            redis_url=redis.url,
+            cluster=cluster,
+        )
+        async with aiohttp.ClientSession() as session:
+            # Three tasks fill both servers (2 + 1 slots), each holding its lease until released.
+            tasks = [
+                asyncio.create_task(_post_held(session, f"{base}/asr", str(n))) for n in range(3)
+            ]
+            try:
+                await upstream.wait_active(2)
+                await second.wait_active(1)
+                async with session.get(f"{base}/metrics") as response:
+                    text = await response.text()
+            finally:
+                upstream.release()
+                second.release()
+            assert await asyncio.gather(*tasks) == [200, 200, 200]
+    finally:
+        await second.stop()
+        redis.stop()
+    exported = _Exported(text)
+    first_name, second_name = f"127.0.0.1:{upstream.port}", f"127.0.0.1:{second.port}"
+    exported.assert_contract(CLUSTER_METRICS, {first_name, second_name})
+    replica_metrics = {n for n in exported.labels if n.startswith("asr_gatekeeper_cluster_")}
+    assert replica_metrics == set(CLUSTER_METRICS), "replica metrics the contract does not know"
+    held = exported.values["asr_gatekeeper_cluster_leases_held"]
+    assert held == {(("upstream", first_name),): 2.0, (("upstream", second_name),): 1.0}
+    assert exported.values["asr_gatekeeper_cluster_redis_up"] == {(): 1.0}
+    assert exported.values["asr_gatekeeper_cluster_acquire_seconds_count"][()] >= 3
+
+
+async def _post_held(session: aiohttp.ClientSession, url: str, request_id: str) -> int:
+    headers = {"X-Fake-Hold": "hold", "X-Request-ID": request_id}
+    async with session.post(url, data=b"x", headers=headers) as response:
+        await response.read()
+        return response.status
 
 
 class _Exported:
