@@ -839,7 +839,7 @@ class Leases:
 
     async def _release(self, lease: Lease) -> None:
         try:
-            await self._release_call(lease)
+            removed = await self._release_call(lease)
         except CoordinationUnavailable:
             self._orphans[lease.id] = lease
             return
@@ -847,11 +847,17 @@ class Leases:
             self._orphans[lease.id] = lease
             raise
         self._released += 1
+        if not removed:
+            # Redis had let it go before its task ended (this replica was paused past its
+            # lease, or Redis lost it) and no renewal round told so in time: said now.
+            self._report(LostLease(lease, "expired"))
 
-    async def _release_call(self, lease: Lease) -> None:
+    async def _release_call(self, lease: Lease) -> bool:
+        """Remove the lease in Redis; False when it was not there any more."""
         keys = [self.keys.leases(lease.server), self.keys.revoked]
         args: list[str | int] = [lease.id, self._lease_ms, self.keys.channel, lease.server]
-        await self._call("release", lambda: self._release_script(keys=keys, args=args))
+        removed = await self._call("release", lambda: self._release_script(keys=keys, args=args))
+        return bool(removed)
 
     async def _sweep_orphans(self) -> None:
         """Remove every orphan from Redis; stop at the first failure (the next round retries)."""
@@ -905,7 +911,7 @@ class Leases:
             self._heard(name, record, now_ms=int(now_ms))
         for h in held:
             if self._held.get(h.lease.id) is not h:
-                continue  # released during the round
+                continue  # released during the round (the release says if it was gone)
             if h.lease.id in gone:
                 del self._held[h.lease.id]
                 self._report(LostLease(h.lease, "expired"))

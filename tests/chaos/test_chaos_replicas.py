@@ -24,9 +24,8 @@ lost leases; in phase A, where no books are lost, the replicas' books together r
 what the clients saw and with what the upstream did; afterwards no live lease is left in Redis,
 no process of the cluster is left, and the spool is empty.
 
-One promise is held back while the bug an e2e test pins as a strict xfail stands
-(`_LOSS_ALWAYS_SAID`). The seed is printed first; `CHAOS_SEED=<seed>`
-replays a run, `CHAOS_TASKS` / `CHAOS_SECONDS` make it a soak.
+The seed is printed first; `CHAOS_SEED=<seed>` replays a run, `CHAOS_TASKS` / `CHAOS_SECONDS`
+make it a soak.
 """
 
 import asyncio
@@ -61,11 +60,10 @@ from tests.waiting import until
 pytestmark = pytest.mark.chaos
 
 _LEASE = 2.0
-# A replica woken after a pause past its lease does not always say it lost the lease: not when
-# its task ends before the first renewal answers (the strict xfail
-# test_a_paused_replica_whose_task_ended_meanwhile_still_says_its_lease_was_lost in
-# tests/e2e/test_replicas.py). Until that is fixed the run does not insist; then True.
-_LOSS_ALWAYS_SAID = False
+# A replica woken after a pause past its lease always says it lost the lease, also when its task
+# ended before the first renewal answered (the release finds it gone: fixed after a60c08a,
+# test_a_paused_replica_whose_task_ended_meanwhile_still_says_its_lease_was_lost).
+_LOSS_ALWAYS_SAID = True
 _PHASE_A = 0.6  # the share of the run before the kill
 _MARGIN = 0.05  # seconds: timing slack where a bound is computed from a fault's moment
 _REFUSALS = frozenset({"coordination_unavailable"})

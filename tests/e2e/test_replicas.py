@@ -9,9 +9,6 @@ stops it all; where a fault needs one replica to hold the slot, the test sends i
 replica directly). Redis is read directly: `gatekeeper:{<cluster>}:leases:<host:port>`, scored
 by deadline on Redis's own clock, so "after one lease and no sooner" is measured on the clock
 that decides it.
-
-Strict xfails pin what the wiring does not do yet (each says how, and the chaos run in
-tests/chaos/test_chaos_replicas.py holds back the same promise until it is fixed).
 """
 
 import asyncio
@@ -433,14 +430,6 @@ async def test_a_replica_paused_past_its_lease_loses_it_and_says_so(
     assert all(d["active_tasks"] == 0 for d in stats)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug (#17, as of a60c08a): a replica woken after a pause past its lease says "
-    "nothing of the lost lease when its task ends before its first renewal answers (the "
-    "renewal skips a lease released during the round; a release that finds its lease gone is "
-    "not reported): no `lease lost` line, leases_lost 0",
-)
 async def test_a_paused_replica_whose_task_ended_meanwhile_still_says_its_lease_was_lost(
     start_sim: StartSim, tmp_path: Path
 ) -> None:
