@@ -47,7 +47,21 @@ __all__ = ["ACQUIRE_BUCKETS", "ClusterSnapshot", "Coordinator"]
 
 _log = logging.getLogger(__name__)
 
-ACQUIRE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+ACQUIRE_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
 """Seconds: one acquisition's round trip to Redis (a LAN's is about a millisecond)."""
 
 
