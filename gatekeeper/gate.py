@@ -59,6 +59,10 @@ class Permit(Protocol):
     def audio(self) -> tuple[float | None, ...]:
         """The audio seconds of those tasks (None: unknown)."""
 
+    @property
+    def weight(self) -> float:
+        """GiB of the card's memory budget it holds (admission by memory; else 0)."""
+
 
 class Refused(Exception):
     """A task may not run: it was refused at arrival, timed out in the queue, or we shut down."""
@@ -280,6 +284,13 @@ class _Server:
 
     def cost(self, ticket: Ticket) -> float:
         return 0.0 if self.budget is None else self.model.cost(ticket.audio)
+
+    def permit_for(self, ticket: Ticket) -> int | None:
+        """Replicas: the index of a spare permit that covers `ticket` (by memory, one weighed
+        for at least its cost: the cluster's books must not undercount the card), or None."""
+        cost = self.cost(ticket) - 1e-9
+        covering = [(p.weight, i) for i, p in enumerate(self.spare) if p.weight >= cost]
+        return min(covering)[1] if covering else None
 
     def fits(self, ticket: Ticket, *, count: bool = True) -> bool:
         """Whether `ticket` may start here now (`count`: the local count of slots too)."""
@@ -646,7 +657,8 @@ class Gate:
         else:
             room = [i for i in usable if servers[i].fits(ticket, count=count)]
         if proven and self._permits:
-            room = [i for i in room if servers[i].spare]
+            assert ticket is not None, "with replicas a slot is always picked for a ticket"
+            room = [i for i in room if servers[i].permit_for(ticket) is not None]
         return room
 
     def _preference(self, i: int) -> tuple[bool, float, int, int]:
@@ -658,7 +670,7 @@ class Gate:
         if ticket._grant(server):
             slots = self._servers[server]
             if self._permits:
-                ticket.permit = slots.spare.pop()
+                ticket.permit = slots.spare.pop(_covering(slots, ticket))
             slots.active += 1
             ticket.charged = slots.cost(ticket)
             slots.used += ticket.charged
@@ -718,7 +730,7 @@ class Gate:
         slots = self._servers[server]
         ticket.server = ticket.last_server = server
         if self._permits:
-            ticket.permit = slots.spare.pop()
+            ticket.permit = slots.spare.pop(_covering(slots, ticket))
         slots.active += 1
         ticket.charged = slots.cost(ticket)
         slots.used += ticket.charged
@@ -808,3 +820,9 @@ class Gate:
     def _check_idle(self) -> None:
         if self._active == 0 and not self._waiters and self._paused == 0 and not self._uploading:
             self._idle.set()
+
+
+def _covering(slots: _Server, ticket: Ticket) -> int:
+    index = slots.permit_for(ticket)
+    assert index is not None, "a slot was picked without a permit that covers the ticket"
+    return index

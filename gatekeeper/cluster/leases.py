@@ -378,6 +378,8 @@ class Lease:
     ran at the start, all replicas together."""
     audio: tuple[float | None, ...] = field(default=(), compare=False)
     """The audio seconds of those leases' tasks (None: unknown), this one's last."""
+    weight: float = field(default=0.0, compare=False)
+    """GiB of the card's memory budget it holds (admission by memory; else 0)."""
 
     @property
     def replica(self) -> str:
@@ -826,7 +828,7 @@ class Leases:
         self._quiet_logged = False
         self._acquired += 1
         running = tuple(None if a == "-" else float(a) for a in (facts[0] if facts else ()))
-        lease = Lease(lease.id, lease.server, int(count), running)
+        lease = Lease(lease.id, lease.server, int(count), running, max(0.0, weight))
         self._held[lease.id] = _Held(lease, sent + self.config.lease_seconds)
         return lease
 

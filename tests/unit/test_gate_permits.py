@@ -350,18 +350,12 @@ async def test_wants_is_none_when_nobody_fits_by_memory() -> None:
     assert gate.wants() is None
 
 
-# Found while writing this file (open): `add_permit` starts whoever the hand-over picks, with a
-# permit acquired for the ticket `wants()` named, and a lease's weight is that ticket's estimate.
-# When the waiter changed during the round trip (the head left, a retry came first, a running
-# task ended so the head fits now and no longer needs the passer) a heavier task runs on a
-# lighter lease, and the other replicas see memory free on the card that it uses.
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "gate.add_permit starts another, heavier ticket on a lease weighed for the ticket "
-        "wants() named (the cluster's memory books undercount the card)"
-    ),
-)
+# Found while writing this file, fixed: `add_permit` started whoever the hand-over picked, with
+# a permit acquired for the ticket `wants()` named, and a lease's weight is that ticket's
+# estimate. When the waiter changed during the round trip (the head left, a retry came first, a
+# running task ended so the head fits now and no longer needs the passer) a heavier task ran on
+# a lighter lease, and the other replicas saw memory free on the card that it used. Now a permit
+# starts only a ticket it covers (`_Server.permit_for`).
 async def test_a_permit_never_starts_a_task_heavier_than_it_was_weighed_for() -> None:
     """A lease weighed for a 10 s file (2.13 GiB) must not start a 10-minute one (10 GiB)."""
     gate, _, released = _memory_gate(backfill=0.0)
@@ -392,6 +386,7 @@ class _Permit:
     forced: bool
     count: int = 1
     audio: tuple[float | None, ...] = ()
+    weight: float = 0.0  # the machine's gates admit by count
 
     def __repr__(self) -> str:
         forced = " forced" if self.forced else ""
