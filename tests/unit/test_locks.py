@@ -145,8 +145,8 @@ DOCTORINGS = {
     "test-tool-not-locked": (
         PYPROJECT,
         r"test = \[\n",
-        'test = [\n    "pytest-xdist>=3",\n',
-        "pyproject.toml's test extra names pytest-xdist",
+        'test = [\n    "pytest-timeout>=2",\n',
+        "pyproject.toml's test extra names pytest-timeout",
     ),
     "test-tool-outside-range": (
         PYPROJECT,
