@@ -624,9 +624,13 @@ class Leases:
 
         Shielded: a cancelled caller's release completes anyway.
         """
-        if self._held.pop(lease.id, None) is None:
+        held = self._held.pop(lease.id, None)
+        if held is None:
             return False
-        await asyncio.shield(self._spawn(self._release(lease)))
+        # Unrenewed for a whole lease while held (this replica was paused, or Redis was out of
+        # reach): if Redis cannot say now whether it let the lease go, it counts as lost.
+        overdue = self._clock.monotonic() >= held.deadline
+        await asyncio.shield(self._spawn(self._release(lease, overdue=overdue)))
         return True
 
     async def share(self, name: str, value: str, *, keep_seconds: float = 86400.0) -> None:
@@ -839,11 +843,13 @@ class Leases:
         if attempt.result() is not None and self._held.pop(lease.id, None) is not None:
             self._spawn(self._release(lease))
 
-    async def _release(self, lease: Lease) -> None:
+    async def _release(self, lease: Lease, *, overdue: bool = False) -> None:
         try:
             removed = await self._release_call(lease)
         except CoordinationUnavailable:
             self._orphans[lease.id] = lease
+            if overdue:
+                self._report(LostLease(lease, "unconfirmed"))
             return
         except asyncio.CancelledError:  # only aclose() cancels it
             self._orphans[lease.id] = lease

@@ -355,6 +355,24 @@ async def test_a_lease_unconfirmed_for_a_whole_lease_is_lost_when_redis_is_gone(
         assert await waiter is True
 
 
+async def test_a_lease_released_overdue_while_redis_is_gone_counts_as_lost(
+    own_redis: RedisServer, cluster: str
+) -> None:
+    """A replica frozen past its lease (no renewal ran) whose task ends as it wakes, while
+    Redis cannot be reached: Redis may have let the lease go while the task held it, and nobody
+    can say otherwise now, so it counts as lost (unconfirmed) — not silently forgotten."""
+    clock = OffsetClock(0.0)
+    lost: list[LostLease] = []
+    async with _replicas(own_redis.url, cluster, 1, clocks=[clock], on_lost=lost.append) as (a,):
+        lease = await a.acquire("gpu0:9000", 1)
+        assert lease is not None
+        own_redis.kill()
+        clock.offset += 2 * LEASE  # woken: the renewal loop has not run since
+        assert await a.release(lease)
+        assert [(event.lease.id, event.reason) for event in lost] == [(lease.id, "unconfirmed")]
+        assert a.counters().lost == 1
+
+
 async def test_a_stalled_redis_is_refused_promptly_and_leaks_nothing(
     own_redis: RedisServer,
 ) -> None:
