@@ -110,7 +110,7 @@ quiet = tonumber(quiet)
 #   waiting heads, the quiet-time marker
 # ARGV: lease id, limit, lease ms, server, force ('1': add even if full), weight (GiB), budget
 #   ('' none), audio seconds ('-' unknown), replica, how long its head has waited (ms), how long
-#   its head's place is kept without a new attempt (ms)
+#   its head's place is kept without a new attempt (ms), the head (a token of the caller's)
 # -> {1, count, audio of every live lease} granted, {0, count} full, {-1, 0} given up on by its
 #   caller already, {-2, count, ms left} Redis started empty a moment ago (quiet time)
 _ACQUIRE = (
@@ -151,11 +151,20 @@ end
 if ARGV[5] ~= '1' then
   -- Fair across replicas: the heads of other replicas that have waited longer, and would fit,
   -- go first (a head's place: "since,until,weight"; a place not renewed is dropped).
-  local me, since = ARGV[9], now - tonumber(ARGV[10])
+  local me, since, head = ARGV[9], now - tonumber(ARGV[10]), ARGV[12]
+  -- The same head asking again keeps the earliest time it was seen waiting: each attempt's
+  -- measure is late by its own trip to Redis, and a late one must not let a younger head by.
+  local mine = redis.call('HGET', KEYS[5], me)
+  if mine then
+    local s, h = string.match(mine, '^([^,]*),[^,]*,[^,]*,(.*)$')
+    if h == head and tonumber(s) < since then
+      since = tonumber(s)
+    end
+  end
   local older = 0
   local heads = redis.call('HGETALL', KEYS[5])
   for i = 1, #heads, 2 do
-    local s, u, w = string.match(heads[i + 1], '^([^,]*),([^,]*),(.*)$')
+    local s, u, w = string.match(heads[i + 1], '^([^,]*),([^,]*),([^,]*)')
     if tonumber(u) <= now then
       redis.call('HDEL', KEYS[5], heads[i])
     elseif heads[i] ~= me and tonumber(s) < since and fits(tonumber(w)) then
@@ -163,7 +172,8 @@ if ARGV[5] ~= '1' then
     end
   end
   if quiet > now or count + older >= tonumber(ARGV[2]) or not fits(weight) then
-    redis.call('HSET', KEYS[5], me, since .. ',' .. (now + tonumber(ARGV[11])) .. ',' .. ARGV[6])
+    local place = since .. ',' .. (now + tonumber(ARGV[11])) .. ',' .. ARGV[6] .. ',' .. head
+    redis.call('HSET', KEYS[5], me, place)
     redis.call('PEXPIRE', KEYS[5], 3 * ms)
     if quiet > now then
       return {-2, count, quiet - now}
@@ -325,8 +335,9 @@ class Keys:
         return f"{self._prefix}:weights:{server}"
 
     def heads(self, server: str) -> str:
-        """Hash: replica -> "since,until,GiB": when its head began waiting for `server` (ms,
-        Redis's clock), until when that place is kept, and what the head would hold."""
+        """Hash: replica -> "since,until,GiB,head": when its head began waiting for `server`
+        (ms, Redis's clock), until when that place is kept, what the head would hold, and
+        which head it is (the caller's token: its `since`)."""
         return f"{self._prefix}:heads:{server}"
 
     @property
@@ -809,6 +820,7 @@ class Leases:
             self.replica,
             0 if since is None else max(0, round((self._clock.monotonic() - since) * 1000)),
             round(3 * self.config.poll_seconds * 1000 + 2 * self.config.timeout_seconds * 1000),
+            "-" if since is None else repr(since),
         ]
         try:
             granted, count, *facts = await self._call(
