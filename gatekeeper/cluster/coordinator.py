@@ -106,7 +106,7 @@ class Coordinator:
         # Told each record another replica shared: (field, value, age in seconds).
         self.on_shared: Callable[[str, str, float], None] = lambda name, value, age: None
         gate.release_permit = self._release
-        self._releases: set[asyncio.Task[Any]] = set()
+        self._background_tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.Task[None] | None = None
         self._acquire = HistogramData.empty(ACQUIRE_BUCKETS)
         self._lost_by: dict[str, int] = {"expired": 0, "unconfirmed": 0}
@@ -124,8 +124,8 @@ class Coordinator:
             self._loop.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop
-        if self._releases:
-            await asyncio.wait(set(self._releases), timeout=2 * self.config.timeout_seconds)
+        if self._background_tasks:
+            await asyncio.wait(set(self._background_tasks), timeout=2 * self.config.timeout_seconds)
         await self.leases.aclose()
 
     # -- what the gate and the leases tell -------------------------------------------------------
@@ -152,8 +152,8 @@ class Coordinator:
 
     def _background(self, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(work)
-        self._releases.add(task)
-        task.add_done_callback(self._releases.discard)
+        self._background_tasks.add(task)
+        task.add_done_callback(self._background_tasks.discard)
 
     def _lost(self, lost: LostLease) -> None:
         self._lost_by[lost.reason] = self._lost_by.get(lost.reason, 0) + 1
